@@ -1,0 +1,65 @@
+# Every target works on a fresh clone: the first use creates .venv and installs what it
+# needs; later uses reuse it. Pass Hydra overrides with ARGS, e.g.
+#   make pretrain ARGS="model=small device=cuda max_minutes=30"
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+TORCH_VERSION := 2.13.0
+ARGS ?=
+
+.PHONY: install install-dev pretrain sft sample bench test lint format clean
+
+# torch first, chosen by machine: with an NVIDIA GPU, PyPI's default (CUDA) build; without
+# one, the CPU build (a local wheel when the machine has one, else PyTorch's CPU index),
+# so a CPU-only machine never downloads gigabytes of CUDA libraries.
+$(VENV)/.torch:
+	$(PYTHON) -m venv $(VENV)
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
+		echo "installing torch $(TORCH_VERSION) (CUDA build)"; \
+		$(PIP) install "torch==$(TORCH_VERSION)"; \
+	else \
+		echo "installing torch $(TORCH_VERSION) (CPU build)"; \
+		$(PIP) install "torch==$(TORCH_VERSION)+cpu" 2>/dev/null || \
+		$(PIP) install "torch==$(TORCH_VERSION)" --index-url https://download.pytorch.org/whl/cpu \
+			--extra-index-url https://pypi.org/simple; \
+	fi
+	@touch $@
+
+$(VENV)/.runtime: $(VENV)/.torch pyproject.toml
+	$(PIP) install -e .
+	@touch $@
+
+$(VENV)/.dev: $(VENV)/.runtime pyproject.toml
+	$(PIP) install -e '.[dev,hf]'
+	@touch $@
+
+install: $(VENV)/.runtime
+install-dev: $(VENV)/.dev
+
+pretrain: $(VENV)/.runtime
+	$(PY) -m train.pretrain $(ARGS)
+
+sft: $(VENV)/.runtime
+	$(PY) -m train.sft $(ARGS)
+
+sample: $(VENV)/.runtime
+	$(PY) -m train.sample $(ARGS)
+
+bench: $(VENV)/.dev
+	$(PY) -m train.bench $(ARGS)
+
+test: $(VENV)/.dev
+	$(PY) -m pytest $(ARGS)
+
+lint: $(VENV)/.dev
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(VENV)/.dev
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Bytes on disk to batches: corpus sources, data preparation, loaders, instruction data."""

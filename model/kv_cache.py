@@ -1,0 +1,55 @@
+"""KVCache: the keys and values of positions already seen, for incremental decoding.
+
+Without a cache, generating token t+1 reruns the model over all t previous tokens.
+With one, the prompt is run once (the "prefill"), every layer's keys and values are
+kept, and each new token then only computes its own query, key and value and attends
+to the stored ones: one position's work per token.
+
+Layout: one preallocated tensor for keys and one for values,
+    k, v: (n_layer, B, n_head, max_len, head_dim)
+and `pos`, the number of positions filled so far (the same for every layer).
+"""
+
+import torch
+
+
+class KVCache:
+    def __init__(
+        self,
+        n_layer: int,
+        batch_size: int,
+        n_head: int,
+        head_dim: int,
+        max_len: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        shape = (n_layer, batch_size, n_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.pos = 0  # positions 0 .. pos-1 are filled
+
+    def append(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one layer's new keys/values and return all of that layer's so far.
+
+        k, v: (B, n_head, T, head_dim) for the T new positions pos .. pos+T-1.
+        Returns keys and values of positions 0 .. pos+T-1: (B, n_head, pos+T, head_dim).
+        `pos` itself moves on only in `advance`, once every layer has appended.
+        """
+        end = self.pos + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; cannot append up to {end}")
+        self.k[layer, :, :, self.pos : end] = k
+        self.v[layer, :, :, self.pos : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        """Mark n more positions as filled (called by the model after its last layer)."""
+        self.pos += n
+
+    def reset(self) -> None:
+        """Forget everything; the buffers are reused."""
+        self.pos = 0

@@ -1,0 +1,1 @@
+"""Entry points and the machinery they share: runtime, optimizer, loop, checkpoints, logging."""
