@@ -14,6 +14,7 @@ cuda:LOCAL_RANK. Nothing here is specific to one node, so several nodes work the
 
 import contextlib
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -150,3 +151,51 @@ def teardown_runtime(runtime: Runtime) -> None:
     """Leave the process group (a no-op on a single process)."""
     if runtime.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# Dense bf16/fp16 tensor-core peaks (TFLOP/s) of common GPUs, for MFU. Matched by substring
+# of torch.cuda.get_device_name(); the first match wins, so longer names come first.
+GPU_PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "A6000": 155.0,
+    "L40": 181.0,
+    "L4": 121.0,
+    "A10": 125.0,
+    "4090": 165.0,
+    "3090": 71.0,
+    "V100": 125.0,
+    "T4": 65.0,
+}
+
+
+def measured_matmul_flops(device: torch.device, dtype: torch.dtype, seconds: float = 0.3) -> float:
+    """FLOP/s of a 2048 x 2048 matmul on `device` in `dtype`: a practical peak."""
+    n = 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * n**3 * count / (time.perf_counter() - start)
+
+
+def peak_flops(runtime: Runtime, override_tflops: float | None = None) -> float:
+    """Peak FLOP/s of one device, the denominator of MFU.
+
+    An explicit override wins; known GPUs use their datasheet bf16 peak; anything else
+    (CPUs, unknown GPUs) is measured with a short matmul in the run's precision.
+    """
+    if override_tflops:
+        return float(override_tflops) * 1e12
+    if runtime.device.type == "cuda":
+        name = torch.cuda.get_device_name(runtime.device)
+        for key, tflops in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12
+    return measured_matmul_flops(runtime.device, runtime.dtype)
