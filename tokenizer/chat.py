@@ -1,0 +1,131 @@
+"""The chat format: one conversation -> token ids and a loss mask.
+
+SFT training, evaluation and the chat CLI all render conversations with these functions,
+so the model is always asked in exactly the format it was taught in.
+
+A conversation is a list of messages, each {"role": ..., "content": ...}:
+
+    [{"role": "system", "content": "Be brief."},        # optional, first only
+     {"role": "user", "content": "Who is Polonius?"},
+     {"role": "assistant", "content": "A lord."}, ...]
+
+It is rendered with the tokenizer's control tokens, which no text can produce (encode()
+never emits them), so a message cannot forge a turn:
+
+    <bos> <system> enc(system text) <end> <user> enc(question) <end> <assistant> enc(reply) <end>
+      0      0           0            0     0         0          0        0          1       1
+
+The second row is the loss mask: 1 exactly on the assistant's content tokens and the <end>
+that closes its turn (the model must learn when to stop), 0 on everything else. For
+training, targets where the mask is 0 become -100 (see data/instruct.py).
+
+To ask for a reply, render_prompt renders the history and appends <assistant>; the model
+writes the reply and ends it with <end> (the stop id for generation).
+"""
+
+from collections.abc import Sequence
+
+ROLES = ("system", "user", "assistant")
+
+
+class ChatFormatError(ValueError):
+    """A conversation that cannot be rendered: not a list of messages, an unknown role,
+    a system message that is not first, or content that is not a string. The message says
+    which message is wrong; callers turn it into a UserError or skip the record."""
+
+
+def _role_id(tok, role: str) -> int:
+    return {"system": tok.system_id, "user": tok.user_id, "assistant": tok.assistant_id}[role]
+
+
+def validate_messages(messages) -> None:
+    """Raise ChatFormatError unless `messages` is a list of well-formed messages.
+
+    Rules: a list of dicts, each with "role" in ROLES and "content" a string; "system"
+    may only be the first message. Other keys in a message are ignored.
+    """
+    if not isinstance(messages, (list, tuple)):
+        raise ChatFormatError(f"a conversation must be a list of messages, got {type(messages)}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ChatFormatError(f"message {i} must be an object with role and content")
+        role = m.get("role")
+        if role not in ROLES:
+            raise ChatFormatError(f"message {i} has role {role!r}; use one of {', '.join(ROLES)}")
+        if role == "system" and i != 0:
+            raise ChatFormatError(f"message {i} is a system message; only the first may be")
+        if not isinstance(m.get("content"), str):
+            raise ChatFormatError(f"message {i} ({role}) must have a string 'content'")
+
+
+def render_conversation(tok, messages: Sequence[dict]) -> tuple[list[int], list[int]]:
+    """Token ids and a 0/1 loss mask (same length) for a whole conversation.
+
+    ids:  bos, then per message: role id, encode(content), end id.
+    mask: 1 on each assistant message's content tokens and its end id, 0 elsewhere.
+    Raises ChatFormatError for an empty or malformed conversation.
+    """
+    validate_messages(messages)
+    if not messages:
+        raise ChatFormatError("a conversation needs at least one message")
+    ids, mask = [tok.bos_id], [0]
+    for m in messages:
+        body = tok.encode(m["content"]) + [tok.end_id]  # the content and the end of turn
+        trained = 1 if m["role"] == "assistant" else 0
+        ids += [_role_id(tok, m["role"])] + body
+        mask += [0] + [trained] * len(body)
+    return ids, mask
+
+
+def render_prompt(tok, messages: Sequence[dict]) -> list[int]:
+    """Ids that prime the model for the next assistant reply.
+
+    The history rendered exactly as render_conversation does, then the assistant role id.
+    Generation should stop at tok.end_id. An empty history gives [bos, assistant].
+    """
+    validate_messages(messages)
+    ids = [tok.bos_id]
+    for m in messages:
+        ids += [_role_id(tok, m["role"])] + tok.encode(m["content"]) + [tok.end_id]
+    return ids + [tok.assistant_id]
+
+
+def fit_to_context(
+    ids: Sequence[int], mask: Sequence[int], max_len: int
+) -> tuple[list[int], list[int]] | None:
+    """Make a rendered conversation at most max_len ids long, keeping its final reply.
+
+    - Fits already: returned unchanged (as lists).
+    - Too long: the first id (bos) is kept and the oldest ids after it are cut, so the
+      result is ids[0] + the last max_len - 1 ids. The final assistant reply (its role id,
+      content and end id) is always inside the kept tail. The history therefore starts
+      mid-message; if the cut removes an earlier assistant reply's role id, that reply's
+      remaining tokens are no longer trained (mask set to 0), since their start is gone.
+    - Even bos + the final reply do not fit: None, and the caller drops the conversation.
+
+    The final reply is the last run of mask-1 ids together with the role id just before it.
+    A conversation with no trained ids has no reply to keep: it is cut the same way.
+    For training, pass max_len = block_size + 1 (inputs are ids[:-1], targets ids[1:]).
+    """
+    if len(ids) != len(mask):
+        raise ValueError(f"ids and mask differ in length ({len(ids)} vs {len(mask)})")
+    if max_len < 2:
+        raise ValueError(f"max_len must be at least 2, got {max_len}")
+    ids, mask = list(ids), list(mask)
+    if len(ids) <= max_len:
+        return ids, mask
+    trained = [i for i, m in enumerate(mask) if m]
+    if trained:
+        start = trained[-1]  # walk back over the last run of trained ids to its role id
+        while start > 0 and mask[start - 1]:
+            start -= 1
+        reply_start = max(start - 1, 1)
+        if 1 + len(ids) - reply_start > max_len:
+            return None
+    cut = len(ids) - (max_len - 1)  # first kept id after bos
+    tail_ids, tail_mask = ids[cut:], mask[cut:]
+    j = 0  # a reply whose role id was cut off is no longer trained
+    while j < len(tail_mask) and tail_mask[j]:
+        tail_mask[j] = 0
+        j += 1
+    return [ids[0]] + tail_ids, [mask[0]] + tail_mask
