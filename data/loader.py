@@ -1,0 +1,131 @@
+"""Batches from a token file: random windows for training, sequential ones for evaluation.
+
+A token file (train.bin, val.bin) is one flat array of ids, memory-mapped so that a corpus
+larger than RAM costs nothing to open. A training example is a window of block_size + 1
+consecutive tokens: x is its first block_size tokens, y the last block_size, so y[t] is the
+token that follows x[..t] (the model predicts every position of the window at once).
+
+    loader = TokenLoader("out/data/shakespeare/train.bin", block_size=256, batch_size=32,
+                         seed=1337, rank=0, world_size=1)
+    x, y = loader.next_batch()          # two int64 tensors of shape (32, 256)
+
+Randomness is counter-based: batch number `step` of rank `rank` is drawn from a generator
+seeded with (seed, rank, step). So the whole position of the stream is one integer,
+`state_dict()` is {"seed", "step"}, a resumed run continues exactly where it stopped, and
+every rank draws its own windows. All ranks advance in step, so the state rank 0 saves
+restores every rank.
+"""
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from errors import UserError
+
+
+def open_tokens(path: str | Path, dtype=None) -> np.ndarray:
+    """Memory-map a token file. The dtype comes from meta.json beside it, else uint16."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"token file {path} does not exist; run `python -m data.prepare` first")
+    if dtype is None:
+        try:
+            dtype = json.loads((path.parent / "meta.json").read_text())["dtype"]
+        except (OSError, ValueError, KeyError, TypeError):
+            dtype = np.uint16
+    dtype = np.dtype(dtype)
+    size = path.stat().st_size
+    if size % dtype.itemsize:
+        raise UserError(
+            f"token file {path} is {size} bytes, not a whole number of {dtype.name} ids; "
+            "it is damaged: delete its folder and prepare the data again"
+        )
+    if size == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def _check_length(tokens: np.ndarray, block_size: int, path) -> None:
+    if len(tokens) < block_size + 1:
+        raise UserError(
+            f"{path} has {len(tokens)} tokens, fewer than one window of block_size + 1 = "
+            f"{block_size + 1}; give the corpus more text, lower data.val_fraction, "
+            "or use a model with a smaller block_size"
+        )
+
+
+class TokenLoader:
+    """Random contiguous windows, deterministic under (seed, rank), resumable."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        block_size: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        dtype=None,
+    ):
+        if block_size < 1 or batch_size < 1:
+            raise ValueError(
+                f"block_size and batch_size must be >= 1, got {block_size}, {batch_size}"
+            )
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.path = Path(path)
+        self.tokens = open_tokens(path, dtype)
+        _check_length(self.tokens, block_size, path)
+        self.block_size, self.batch_size = block_size, batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.step = 0  # batches drawn so far
+        self._offsets = np.arange(block_size + 1)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, y: int64 CPU tensors of shape (batch_size, block_size); y is x shifted by one."""
+        rng = np.random.default_rng([self.seed, self.rank, self.step])
+        # a window [s, s + block_size] needs s + block_size < len(tokens)
+        starts = rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size)
+        windows = self.tokens[starts[:, None] + self._offsets].astype(np.int64)  # (B, T+1)
+        self.step += 1
+        w = torch.from_numpy(windows)
+        return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+
+    def state_dict(self) -> dict:
+        """The stream's position: plain ints, safe for torch.load(weights_only=True)."""
+        return {"seed": int(self.seed), "step": int(self.step)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed, self.step = int(state["seed"]), int(state["step"])
+
+
+def eval_windows(
+    path: str | Path,
+    block_size: int,
+    batch_size: int,
+    max_tokens: int | None = None,
+    dtype=None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Sequential, non-overlapping windows over a split, in batches: the validation loss.
+
+    Window i is tokens[i*T : i*T + T + 1], so every token after the first is predicted
+    exactly once; the tail shorter than a window is left out. `max_tokens` limits how many
+    tokens are covered (at least one window). The last batch may be smaller.
+    """
+    tokens = open_tokens(path, dtype)
+    _check_length(tokens, block_size, path)  # now, not when the first batch is asked for
+    n_windows = (len(tokens) - 1) // block_size
+    if max_tokens is not None:
+        n_windows = max(1, min(n_windows, int(max_tokens) // block_size))
+    return _windows(tokens, block_size, batch_size, n_windows)
+
+
+def _windows(tokens, block_size, batch_size, n_windows):
+    offsets = np.arange(block_size + 1)
+    for first in range(0, n_windows, batch_size):
+        starts = np.arange(first, min(first + batch_size, n_windows)) * block_size
+        w = torch.from_numpy(tokens[starts[:, None] + offsets].astype(np.int64))
+        yield w[:, :-1].contiguous(), w[:, 1:].contiguous()
