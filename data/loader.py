@@ -9,11 +9,12 @@ token that follows x[..t] (the model predicts every position of the window at on
                          seed=1337, rank=0, world_size=1)
     x, y = loader.next_batch()          # two int64 tensors of shape (32, 256)
 
-Randomness is counter-based: batch number `step` of rank `rank` is drawn from a generator
-seeded with (seed, rank, step). So the whole position of the stream is one integer,
-`state_dict()` is {"seed", "step"}, a resumed run continues exactly where it stopped, and
-every rank draws its own windows. All ranks advance in step, so the state rank 0 saves
-restores every rank.
+Randomness is counter-based. There is one global stream of batches: batch number g is
+drawn from a generator seeded with (seed, g). Rank r of world_size W takes batches
+g = step * W + r, so every rank draws its own windows, and W processes together see
+exactly the batches that one process with W-step gradient accumulation would see (the
+distributed test relies on this). The whole position of the stream is one integer:
+`state_dict()` is {"seed", "step"}, and a resumed run continues exactly where it stopped.
 """
 
 import json
@@ -86,7 +87,8 @@ class TokenLoader:
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """x, y: int64 CPU tensors of shape (batch_size, block_size); y is x shifted by one."""
-        rng = np.random.default_rng([self.seed, self.rank, self.step])
+        g = self.step * self.world_size + self.rank  # this batch's number in the global stream
+        rng = np.random.default_rng([self.seed, g])
         # a window [s, s + block_size] needs s + block_size < len(tokens)
         starts = rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size)
         windows = self.tokens[starts[:, None] + self._offsets].astype(np.int64)  # (B, T+1)
