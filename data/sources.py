@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -209,10 +210,16 @@ def url_documents(url: str, sha256: str | None, cache_dir: str | Path) -> list[D
             f"data=url needs data.sha256=<the 64 hex digits of the file's SHA-256> for {url}; "
             "compute it with `sha256sum` on a copy you trust"
         )
-    name = Path(urllib.request.url2pathname(url.split("?")[0].rstrip("/"))).name or "download"
+    name = Path(urllib.parse.urlparse(url).path).name or "download.txt"
     path = Path(cache_dir) / f"url-{str(sha256).lower()[:16]}" / name
     cached_download(path, str(sha256), _url_fetcher(url), url)
     return [Document(name, decode_utf8(path.read_bytes(), url))]
+
+
+def _paths(data_cfg) -> list[str]:
+    """data.paths as a list, also when given as one string (data.paths=book.txt)."""
+    paths = data_cfg.get("paths") or []
+    return [str(paths)] if isinstance(paths, (str, os.PathLike)) else [str(p) for p in paths]
 
 
 def load_documents(data_cfg) -> list[Document]:
@@ -221,7 +228,7 @@ def load_documents(data_cfg) -> list[Document]:
     if source == "shakespeare":
         return shakespeare_documents(data_cfg.get("cache_dir"))
     if source == "text":
-        return text_documents(list(data_cfg.get("paths") or []))
+        return text_documents(_paths(data_cfg))
     if source == "url":
         return url_documents(data_cfg.get("url"), data_cfg.get("sha256"), data_cfg.get("cache_dir"))
     raise UserError(f"unknown data.source '{source}'; use shakespeare, text or url")
@@ -237,7 +244,7 @@ def input_hashes(data_cfg) -> dict[str, str]:
     if source == "shakespeare":
         return {SHAKESPEARE_ARCHIVE: SHAKESPEARE_SHA256}
     if source == "text":
-        return {str(p): sha256_file(p) for p in resolve_paths(list(data_cfg.get("paths") or []))}
+        return {str(p): sha256_file(p) for p in resolve_paths(_paths(data_cfg))}
     if source == "url":
         return {str(data_cfg.get("url")): str(data_cfg.get("sha256") or "").lower()}
     raise UserError(f"unknown data.source '{source}'; use shakespeare, text or url")
