@@ -315,6 +315,15 @@ def test_loader_is_deterministic_and_distinct_per_rank(ramp):
     assert not torch.equal(r0, r1)
 
 
+def test_ranks_interleave_one_global_stream(ramp):
+    """W ranks together draw the batches one process draws in W consecutive steps."""
+    single = TokenLoader(ramp, 16, 4, seed=5)
+    ranks = [TokenLoader(ramp, 16, 4, seed=5, rank=r, world_size=3) for r in range(3)]
+    for _ in range(4):
+        for r in ranks:
+            assert torch.equal(r.next_batch()[0], single.next_batch()[0])
+
+
 def test_loader_state_round_trip(ramp, tmp_path):
     loader = TokenLoader(ramp, 16, 4, seed=3)
     for _ in range(5):
