@@ -1,0 +1,160 @@
+"""Evaluation: how well a model predicts text, in units that compare across tokenizers.
+
+For a text of N_bytes UTF-8 bytes that the tokenizer turns into N_tok tokens, with
+nats = sum over tokens of -ln p(token | the tokens before it):
+
+    loss            = nats / N_tok                  (nats per token)
+    perplexity      = exp(loss)
+    bits per byte   = nats / (ln 2 * N_bytes)  =  loss / ln 2 * (N_tok / N_bytes)
+
+Bits per byte does not depend on how the text was cut into tokens, so a character-level
+model and a 4096-piece model, or two runs with different validation splits, can be
+compared on the same text file:
+
+    python -m train.evaluate checkpoint=out/pretrain text_file=some.txt
+"""
+
+import math
+from collections.abc import Iterable
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+
+from errors import UserError
+from model import GPT, IGNORE_INDEX
+from model.generate import generate
+
+from .checkpoint import load_model
+from .cli import report_user_errors
+from .runtime import Runtime, setup_runtime
+
+
+def language_model_metrics(
+    model: GPT,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    tokens_per_byte: float,
+    runtime: Runtime,
+) -> dict:
+    """Validation loss, perplexity and bits per byte over (x, y) batches.
+
+    Under DDP each rank scores every world_size-th batch and the sums are all-reduced.
+    The caller sets eval mode, no_grad and autocast (the training loop does).
+    """
+    nats = torch.zeros((), dtype=torch.float64, device=runtime.device)
+    count = torch.zeros((), dtype=torch.float64, device=runtime.device)
+    for i, (x, y) in enumerate(batches):
+        if i % runtime.world_size != runtime.rank:
+            continue
+        x, y = x.to(runtime.device), y.to(runtime.device)
+        _, loss = model(x, y)  # mean over the targets that count
+        n = (y != IGNORE_INDEX).sum()
+        nats += loss.double() * n
+        count += n
+    if runtime.distributed:
+        dist.all_reduce(nats)
+        dist.all_reduce(count)
+    if count.item() == 0:
+        raise UserError("evaluation saw no tokens; the validation split is empty")
+    loss = (nats / count).item()
+    return {
+        "val_loss": loss,
+        "val_ppl": math.exp(min(loss, 700.0)),
+        "val_bpb": loss / math.log(2) * tokens_per_byte,
+    }
+
+
+def text_windows(
+    ids: np.ndarray, block_size: int, batch_size: int
+) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    """Consecutive windows that predict every token of ids[1:] exactly once.
+
+    Window i reads ids[i*T : i*T+T] and predicts ids[i*T+1 : i*T+T+1]; the last window
+    is padded, its padding targets set to -100. Yields (x, y), each (b, T), b <= batch_size.
+    """
+    T = block_size
+    n_windows = math.ceil((len(ids) - 1) / T)
+    x = np.zeros((n_windows, T), dtype=np.int64)
+    y = np.full((n_windows, T), IGNORE_INDEX, dtype=np.int64)
+    for w in range(n_windows):
+        chunk = ids[w * T : w * T + T + 1]
+        x[w, : len(chunk) - 1] = chunk[:-1]
+        y[w, : len(chunk) - 1] = chunk[1:]
+    for start in range(0, n_windows, batch_size):
+        yield (
+            torch.from_numpy(x[start : start + batch_size]),
+            torch.from_numpy(y[start : start + batch_size]),
+        )
+
+
+def text_bits_per_byte(model: GPT, tok, text: str, runtime: Runtime, batch_size: int = 16) -> dict:
+    """Bits per byte of `text` under the model; the text starts after an end-of-text token."""
+    ids = np.array([tok.eos_id] + tok.encode(text), dtype=np.int64)
+    n_bytes = len(text.encode("utf-8"))
+    if len(ids) < 2 or n_bytes == 0:
+        raise UserError("the text to evaluate is empty; give a file with some text in it")
+    model.eval()
+    with torch.no_grad(), runtime.autocast():
+        windows = text_windows(ids, model.config.block_size, batch_size)
+        metrics = language_model_metrics(model, windows, (len(ids) - 1) / n_bytes, runtime)
+    return {"bytes": n_bytes, "tokens": len(ids) - 1, **metrics}
+
+
+def sample_text(
+    model: GPT,
+    tok,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    seed: int = 0,
+) -> str:
+    """A short sample for progress reports; its own RNG, so training's RNG is untouched."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    stop = [tok.eos_id, tok.end_id]
+    new = [
+        int(t[0])
+        for t in generate(
+            model, idx, max_new_tokens, temperature, top_k, None, stop, generator=generator
+        )
+    ]
+    return tok.decode(new)
+
+
+def run(cfg: DictConfig) -> dict:
+    rt = setup_runtime(cfg.device, cfg.precision, cfg.seed)
+    model, tok, ckpt = load_model(cfg.checkpoint)
+    model.to(rt.device)
+    results: dict = {"checkpoint": ckpt["path"]}
+    if cfg.text_file:
+        path = Path(cfg.text_file)
+        if not path.is_file():
+            raise UserError(f"text_file {path} does not exist; give the path of a UTF-8 text")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(
+                f"{path} is not UTF-8 (byte offset {e.start}); convert it to UTF-8"
+            ) from None
+        results["text"] = {"file": str(path), **text_bits_per_byte(model, tok, text, rt)}
+        r = results["text"]
+        print(
+            f"{path}: {r['bytes']} bytes, {r['tokens']} tokens, loss {r['val_loss']:.4f} "
+            f"nats/token, {r['val_bpb']:.4f} bits/byte"
+        )
+    return results
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="evaluate")
+@report_user_errors
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
