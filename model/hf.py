@@ -174,6 +174,7 @@ def load_pretrained(
     name_or_dir: a local directory written by `save_pretrained` (or by export_pretrained
     below), or a model name on the Hugging Face hub such as "gpt2", "gpt2-medium" or
     "openai-community/gpt2-xl" (downloaded once into HF's cache; needs the network).
+    An existing local directory wins over a hub name spelled the same.
     """
     transformers = _transformers()
     path = Path(name_or_dir).expanduser()
@@ -185,10 +186,11 @@ def load_pretrained(
     try:
         hf_config = transformers.AutoConfig.from_pretrained(source)
         config_from_hf(hf_config)  # refuse non-GPT-2 models before loading their weights
-        hf_model = transformers.GPT2LMHeadModel.from_pretrained(source, dtype=torch.float32)
+        hf_model = transformers.GPT2LMHeadModel.from_pretrained(source)
     except OSError as e:  # HF reports a missing directory, file or hub repo as OSError
         raise UserError(f"could not load Hugging Face model {source!r}: {e}") from e
-    return from_hf_model(hf_model, attention=attention, dropout=dropout)
+    # Recent transformers keep the dtype the weights were saved in; we train in float32.
+    return from_hf_model(hf_model.float(), attention=attention, dropout=dropout)
 
 
 def _looks_like_path(name: str) -> bool:

@@ -115,11 +115,12 @@ def test_import_copies_weights():
 
 
 def test_load_pretrained_from_local_directory(tmp_path):
-    theirs = random_hf_model(seed=3)
+    """Saved in float16 (as many hub checkpoints are), loaded as float32."""
+    theirs = random_hf_model(seed=3).half()
     theirs.save_pretrained(tmp_path)
     ours = convert.load_pretrained(tmp_path, attention="manual").eval()
     assert ours.embed.wte.weight.dtype == torch.float32
-    assert max_diff(ours, theirs, token_ids()) <= ATOL
+    assert max_diff(ours, theirs.float(), token_ids()) <= ATOL
     # A string works too.
     assert convert.load_pretrained(str(tmp_path)).config.n_layer == SMALL["n_layer"]
 
@@ -136,6 +137,14 @@ def test_load_pretrained_from_local_directory(tmp_path):
 def test_import_refuses_what_we_do_not_compute(override, field):
     with pytest.raises(UserError, match=field):
         convert.from_hf_model(random_hf_model(**override))
+
+
+def test_load_pretrained_refuses_other_architectures(tmp_path):
+    transformers.LlamaConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    ).save_pretrained(tmp_path)
+    with pytest.raises(UserError, match="model_type 'llama'"):
+        convert.load_pretrained(tmp_path)
 
 
 def test_load_pretrained_missing_directory_is_a_user_error(tmp_path):
