@@ -45,7 +45,7 @@ sft: $(VENV)/.runtime
 	$(PY) -m train.sft $(ARGS)
 
 sample: $(VENV)/.runtime
-	$(PY) -m train.sample $(ARGS)
+	$(PY) -m train.sample checkpoint=out/pretrain $(ARGS)
 
 bench: $(VENV)/.dev
 	$(PY) -m train.bench $(ARGS)

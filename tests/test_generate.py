@@ -19,6 +19,16 @@ from model.generate import filter_logits, generate, sample_next
 NEG_INF = float("-inf")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """A tiny model gains nothing from threads; on a busy machine each parallel region
+    would wait for a free core."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def model() -> GPT:
     torch.manual_seed(0)
@@ -104,15 +114,15 @@ def test_top_p_keeps_the_smallest_prefix_that_reaches_p():
     top_p=st.one_of(st.none(), st.floats(0.05, 1.0)),
 )
 def test_filtering_matches_brute_force(values, top_k, top_p):
-    logits = torch.tensor([values], dtype=torch.float64)
+    logits = torch.tensor([values], dtype=torch.float32)
     expected = brute_force_kept(values, top_k, top_p)
     out = filter_logits(logits, top_k, top_p)
     got = kept(out)
-    if got != expected:  # only a cumulative sum landing within rounding of top_p may differ
+    if got != expected:  # only a cumulative sum within float32 rounding of top_p may differ
         order = sorted(range(len(values)), key=lambda i: -values[i])[: top_k or None]
         z = sum(math.exp(values[i]) for i in order)
         sums = [sum(math.exp(values[i]) / z for i in order[: j + 1]) for j in range(len(order))]
-        assert top_p is not None and min(abs(s - top_p) for s in sums) < 1e-9, (got, expected)
+        assert top_p is not None and min(abs(s - top_p) for s in sums) < 1e-5, (got, expected)
     kept_ids = sorted(got)
     assert torch.equal(out[0, kept_ids], logits[0, kept_ids])  # survivors unchanged
 

@@ -1,0 +1,322 @@
+"""python -m train.sample: write text with a trained model, or chat with it.
+
+    python -m train.sample checkpoint=out/pretrain 'prompt="To be, or not"' num_samples=3
+    python -m train.sample prompt_file=opening.txt temperature=0
+    echo "To be" | python -m train.sample prompt=-
+    python -m train.sample mode=chat checkpoint=out/sft            # /reset, /exit
+    printf 'Hello\nWho is Hamlet?\n' | python -m train.sample mode=chat checkpoint=out/sft
+
+(Hydra reads a comma as a list of runs: quote a prompt that has one, as above.)
+
+Generate mode continues a prompt the way pretraining documents are laid out: every
+document follows an <|eos|>, so the model reads [eos] + encode(prompt), and without a
+prompt it starts a fresh document. It stops at <|eos|> (end of document) or <|end|>
+(end of a turn). Chat mode renders the history with tokenizer/chat.py, exactly as SFT
+trained on it, and asks for the next assistant turn.
+
+Text goes to stdout as it is produced; notes and warnings go to stderr, so a pipe gets
+only the text. The decoding itself lives in model/generate.py.
+"""
+
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from errors import UserError
+from model import GPT
+from model.generate import generate
+from tokenizer.chat import ChatFormatError, render_prompt
+
+from .checkpoint import CHECKPOINT_NAME, load_model
+from .cli import report_user_errors
+from .runtime import setup_runtime
+
+MODES = ("generate", "chat")
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def check_settings(cfg: DictConfig) -> dict:
+    """The decoding settings, validated, as plain Python values (else a UserError)."""
+
+    def number(name: str, kind: type):
+        value = cfg.get(name)
+        try:
+            if isinstance(value, bool) or value is None:
+                raise ValueError
+            return kind(value)
+        except (TypeError, ValueError):
+            raise UserError(f"{name}={value!r} is not a {kind.__name__}") from None
+
+    s = {
+        "max_new_tokens": number("max_new_tokens", int),
+        "num_samples": number("num_samples", int),
+        "temperature": number("temperature", float),
+        "top_k": number("top_k", int) if cfg.get("top_k") is not None else None,
+        "top_p": number("top_p", float) if cfg.get("top_p") is not None else None,
+    }
+    if s["max_new_tokens"] < 1:
+        raise UserError(f"max_new_tokens={s['max_new_tokens']} must be at least 1")
+    if s["num_samples"] < 1:
+        raise UserError(f"num_samples={s['num_samples']} must be at least 1")
+    if s["temperature"] < 0:
+        raise UserError(f"temperature={s['temperature']} must be >= 0 (0 means greedy)")
+    if s["top_k"] is not None and s["top_k"] < 0:
+        raise UserError(f"top_k={s['top_k']} must be >= 1 (or 0 / null for no top-k)")
+    if s["top_p"] is not None and not 0.0 < s["top_p"] <= 1.0:
+        raise UserError(f"top_p={s['top_p']} must be in (0, 1] (1 or null: no nucleus)")
+    if cfg.mode not in MODES:
+        raise UserError(f"mode={cfg.mode} is not known; use one of {', '.join(MODES)}")
+    return s
+
+
+def find_checkpoint(path: str | None, root: Path = Path("out")) -> str:
+    """The given path, or else the most recently written out/*/ckpt.pt."""
+    if path:
+        return str(path)
+    found = sorted(root.glob(f"*/{CHECKPOINT_NAME}"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise UserError(
+            f"no checkpoint found under {root}/ (looked for {root}/*/{CHECKPOINT_NAME}); "
+            "train one (make pretrain) or pass checkpoint=PATH"
+        )
+    return str(found[-1])
+
+
+def read_prompt(cfg: DictConfig) -> str | None:
+    """The prompt text from prompt=..., prompt=- (stdin) or prompt_file=...; None if none."""
+    if cfg.get("prompt") is not None and cfg.get("prompt_file"):
+        raise UserError("give either prompt or prompt_file, not both")
+    if cfg.get("prompt_file"):
+        path = Path(cfg.prompt_file)
+        if not path.is_file():
+            raise UserError(f"prompt_file {path} does not exist")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(
+                f"prompt_file {path} is not UTF-8 (byte {e.start}); convert it"
+            ) from None
+        source = f"prompt_file {path}"
+    elif cfg.get("prompt") is None:
+        return None
+    elif str(cfg.prompt) == "-":
+        text, source = sys.stdin.read(), "the prompt read from stdin"
+    else:
+        text, source = str(cfg.prompt), "prompt"
+    if not text.strip():
+        raise UserError(f"{source} is empty; give some text, or leave prompt out to start afresh")
+    return text
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+class TextStream:
+    """Token ids in, printable text out, never splitting a multi-byte character.
+
+    A character outside the vocabulary arrives as its UTF-8 bytes, one token each, and
+    decoding only some of them gives U+FFFD. So we decode everything so far, hold back a
+    trailing run of U+FFFD (bytes that may still complete a character) and hand out only
+    what was not printed yet. What comes out in total is exactly decode(all ids).
+    Decoding the whole reply per token is O(n) each, negligible next to the model.
+    """
+
+    def __init__(self, tok) -> None:
+        self.tok = tok
+        self.ids: list[int] = []
+        self.printed = 0  # characters of decode(ids) already handed out
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tok.decode(self.ids).rstrip("\ufffd")
+        new = text[self.printed :]
+        self.printed = max(self.printed, len(text))
+        return new
+
+    def flush(self) -> str:
+        """The rest, held-back bytes included (as U+FFFD if they never completed)."""
+        new = self.tok.decode(self.ids)[self.printed :]
+        self.printed += len(new)
+        return new
+
+
+def stream_reply(
+    model: GPT, tok, ids: list[int], settings: dict, generator: torch.Generator, use_cache: bool
+) -> list[int]:
+    """Generate after `ids`, print the text as it comes, return the new ids (no stop id)."""
+    device = model.embed.wte.weight.device
+    idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
+    stops = (tok.eos_id, tok.end_id)
+    out = TextStream(tok)
+    new: list[int] = []
+    tokens = generate(
+        model,
+        idx,
+        settings["max_new_tokens"],
+        settings["temperature"],
+        settings["top_k"] or None,
+        settings["top_p"],
+        stop_ids=stops,
+        use_cache=use_cache,
+        generator=generator,
+    )
+    for t in tokens:
+        token = int(t[0])
+        if token in stops:
+            break
+        new.append(token)
+        sys.stdout.write(out.push(token))
+        sys.stdout.flush()
+    sys.stdout.write(out.flush())
+    sys.stdout.flush()
+    return new
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def crop_to_context(ids: list[int], block_size: int, what: str) -> list[int]:
+    """The last block_size ids, with a warning when that cuts anything."""
+    if len(ids) <= block_size:
+        return ids
+    warn(
+        f"{what} is {len(ids)} tokens but the model's context is {block_size}; "
+        f"keeping its last {block_size} tokens"
+    )
+    return ids[-block_size:]
+
+
+# --------------------------------------------------------------------------- the two modes
+
+
+def sample(
+    model: GPT, tok, text: str | None, cfg: DictConfig, settings: dict, generator: torch.Generator
+) -> None:
+    """Generate mode: num_samples continuations of the prompt, streamed one after another."""
+    ids = [tok.eos_id] + (tok.encode(text) if text is not None else [])
+    ids = crop_to_context(ids, model.config.block_size, "the prompt")
+    for i in range(settings["num_samples"]):
+        if settings["num_samples"] > 1:
+            print(f"---------- sample {i + 1} of {settings['num_samples']}", flush=True)
+        sys.stdout.write(text or "")
+        stream_reply(model, tok, ids, settings, generator, cfg.use_cache)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+def user_messages(interactive: bool) -> Iterator[str]:
+    """One user message per line: typed at a prompt, or read from a pipe."""
+    if interactive:
+        while True:
+            try:
+                yield input("you> ")
+            except EOFError:
+                print(file=sys.stderr)
+                return
+    else:
+        for line in sys.stdin:
+            yield line.rstrip("\r\n")
+
+
+def fit_history(tok, history: list[dict], budget: int) -> list[int]:
+    """Render the history for the next reply, dropping the oldest turns to fit `budget`.
+
+    A system message (first) is kept; after it the oldest messages go, one exchange at a
+    time, until the prompt fits or only the newest user message is left (its start is then
+    cut by crop_to_context).
+    """
+    ids = render_prompt(tok, history)
+    first = 1 if history and history[0]["role"] == "system" else 0
+    dropped = 0
+    while len(ids) > budget and len(history) - first > 1:
+        del history[first]  # the oldest message after the system one
+        while len(history) - first > 1 and history[first]["role"] != "user":
+            del history[first]  # a conversation resumes with a user turn
+        dropped += 1
+        ids = render_prompt(tok, history)
+    if dropped:
+        print(f"(the context is full: dropped the {dropped} oldest turn(s))", file=sys.stderr)
+    return ids
+
+
+def chat(
+    model: GPT,
+    tok,
+    cfg: DictConfig,
+    settings: dict,
+    generator: torch.Generator,
+    messages: Iterable[str] | None = None,
+) -> None:
+    """Chat mode: a conversation loop with /reset and /exit."""
+    block_size = model.config.block_size
+    # Leave room for a reply: at most half the context, so that some history survives.
+    budget = block_size - min(settings["max_new_tokens"], block_size // 2)
+    opening = [{"role": "system", "content": str(cfg.system)}] if cfg.get("system") else []
+    history = list(opening)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("chat: type a message; /reset starts over, /exit (or Ctrl-D) quits", file=sys.stderr)
+    for line in messages if messages is not None else user_messages(interactive):
+        message = line.strip()
+        if not message:
+            continue
+        if message == "/exit":
+            break
+        if message == "/reset":
+            history = list(opening)
+            print("(conversation reset)", file=sys.stderr, flush=True)
+            continue
+        if not interactive:
+            print(f"you> {message}")
+        history.append({"role": "user", "content": message})
+        try:
+            ids = fit_history(tok, history, budget)
+        except ChatFormatError as e:
+            raise UserError(f"cannot render the conversation: {e}") from None
+        ids = crop_to_context(ids, block_size, "the conversation")
+        sys.stdout.write("assistant> ")
+        reply = stream_reply(model, tok, ids, settings, generator, cfg.use_cache)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        history.append({"role": "assistant", "content": tok.decode(reply)})
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def run(cfg: DictConfig) -> None:
+    settings = check_settings(cfg)
+    text = read_prompt(cfg) if cfg.mode == "generate" else None  # bad input fails before loading
+    rt = setup_runtime(cfg.device, cfg.precision, cfg.seed)
+    model, tok, ckpt = load_model(find_checkpoint(cfg.get("checkpoint")))
+    # Inference only: the weights themselves go to the compute dtype (no autocast), which
+    # halves the bytes read per token in bf16; decoding is bound by reading the weights.
+    model.to(device=rt.device, dtype=rt.dtype)
+    print(
+        f"{ckpt['path']}: {model.num_params() / 1e6:.1f}M parameters, context "
+        f"{model.config.block_size}, on {rt.device} in {str(rt.dtype).removeprefix('torch.')}",
+        file=sys.stderr,
+        flush=True,
+    )
+    generator = torch.Generator(device=rt.device).manual_seed(int(cfg.seed))
+    if cfg.mode == "chat":
+        chat(model, tok, cfg, settings, generator)
+    else:
+        sample(model, tok, text, cfg, settings, generator)
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="sample")
+@report_user_errors
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
