@@ -1,0 +1,84 @@
+"""python -m train.bench on a micro model: every figure is there, sane, and written as JSON."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import train.bench as bench
+from train.cli import report_user_errors
+
+ROOT = Path(__file__).resolve().parents[1]
+MICRO = (
+    "model=tiny",
+    "model.n_layer=1",
+    "model.n_embd=32",
+    "model.n_head=2",
+    "model.block_size=32",
+    "model.vocab_size=64",
+    "device=cpu",
+    "precision=float32",
+    "repeats=2",
+    "train_batch_size=2",
+    "train_seq_len=16",
+    "train_steps=1",
+    "prompt_tokens=4",
+    "new_tokens=8",
+)
+
+
+def config(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        return compose("bench", overrides=list(overrides))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_bench_measures_everything_and_writes_json(tmp_path, capsys):
+    hf = "true" if _has_transformers() else "false"
+    results = bench.run(config(*MICRO, f"out_dir={tmp_path}", f"hf={hf}"))
+    written = json.loads((tmp_path / "bench.json").read_text())
+    assert written["params"] == results["params"] > 0
+    train, sample = written["train"], written["sample"]
+    assert train["seq_len"] == 16 and len(train["tokens_per_sec"]["runs"]) == 2
+    assert all(r > 0 for r in train["tokens_per_sec"]["runs"])
+    assert 0 < train["mfu"]["best"] < 1  # a fraction of the measured peak
+    expected_mfu = train["tokens_per_sec"]["best"] * train["flops_per_token"] / train["peak_flops"]
+    assert train["mfu"]["best"] == pytest.approx(expected_mfu)
+    for key in ("cached", "uncached") + (("transformers",) if hf == "true" else ()):
+        assert sample[key]["best"] >= sample[key]["median"] > 0
+    assert sample["cached_over_uncached"] == pytest.approx(
+        sample["cached"]["best"] / sample["uncached"]["best"]
+    )
+    assert train["peak_memory_mb"] > 0 and sample["peak_memory_mb"] > 0
+    table = capsys.readouterr().out
+    assert "train tokens/s" in table and "KV cache" in table and "peak memory" in table
+
+
+def _has_transformers() -> bool:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    "override", ["repeats=0", "new_tokens=-1", "prompt_tokens=100", "temperature=0", "top_k=0"]
+)
+def test_bad_settings_fail_fast_with_one_line(tmp_path, capsys, override):
+    cfg = config(*MICRO, f"out_dir={tmp_path}", override)
+    with pytest.raises(SystemExit) as e:
+        report_user_errors(bench.run)(cfg)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
+    assert not (tmp_path / "bench.json").exists()

@@ -1,0 +1,321 @@
+"""python -m train.bench: how fast a model preset trains and samples on this machine.
+
+    python -m train.bench                          # gpt2 preset, device/precision auto
+    python -m train.bench model=small precision=float32 device=cuda
+
+Weights are random (speed does not depend on their values); the vocabulary is the preset's.
+Every figure is measured `repeats` times; the table shows the best and the median, the
+JSON (out/bench/bench.json) keeps every run and the machine's load average, because on a
+shared machine the spread matters as much as the figure.
+
+Training: forward + backward + AdamW step (train/optim.py) on random tokens, weights in
+float32 under autocast, as the training loop runs them.
+
+    tokens/s = batch * seq_len / seconds per step
+    MFU      = flops_per_token(seq_len) * tokens/s / peak FLOP/s
+(flops_per_token: model/gpt.py; peak_flops: train/runtime.py).
+
+Sampling: batch 1, a random prompt, top-k sampling of a fixed number of new tokens (no
+stop token), weights cast to the compute dtype as python -m train.sample does:
+  - cached:        model/generate.py with the KV cache
+  - uncached:      the same, rerunning the model over the whole context for every token
+  - transformers:  GPT2LMHeadModel.generate with the same weights and settings (model/hf.py)
+    tokens/s = new tokens / wall time of the whole generation, prefill included.
+
+Peak memory: on CUDA, torch.cuda.max_memory_allocated per phase; on the CPU the process's
+peak resident set size so far (sampling runs first, so its figure is sampling alone).
+"""
+
+import copy
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from errors import UserError
+from model import GPT, GPTConfig
+from model.generate import generate, prepare_for_decoding
+
+from .cli import report_user_errors
+from .optim import build_optimizer
+from .runtime import Runtime, peak_flops, setup_runtime
+
+
+def note(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def summary(values: list[float]) -> dict:
+    return {"best": max(values), "median": statistics.median(values), "runs": values}
+
+
+def peak_memory_mb(rt: Runtime) -> float:
+    if rt.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(rt.device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def reset_peak_memory(rt: Runtime) -> None:
+    if rt.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(rt.device)
+
+
+def timed(fn: Callable[[], None], rt: Runtime) -> float:
+    """Wall seconds of fn(), waiting for queued device work on both sides."""
+    rt.synchronize()
+    start = time.perf_counter()
+    fn()
+    rt.synchronize()
+    return time.perf_counter() - start
+
+
+def positive_int(cfg: DictConfig, name: str) -> int:
+    value = cfg.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"{name}={value!r} must be a positive integer")
+    return value
+
+
+# --------------------------------------------------------------------------- training
+
+
+def bench_training(model: GPT, cfg: DictConfig, rt: Runtime) -> dict:
+    """Training tokens/s and MFU for forward + backward + optimizer step."""
+    B, steps = cfg.train_batch_size, cfg.train_steps
+    T = min(cfg.train_seq_len or model.config.block_size, model.config.block_size)
+    model.train()
+    optimizer = build_optimizer(model, 1e-4, 0.1, (0.9, 0.95), rt.device.type)
+    scaler = rt.grad_scaler()
+    g = torch.Generator(device=rt.device).manual_seed(0)
+    V = model.config.vocab_size
+    x = torch.randint(0, V, (B, T), device=rt.device, generator=g)
+    y = torch.randint(0, V, (B, T), device=rt.device, generator=g)
+
+    def step() -> None:
+        with rt.autocast():
+            _, loss = model(x, y)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    reset_peak_memory(rt)
+    note(f"training: batch {B} x {T} tokens, 1 warm-up + {cfg.repeats} x {steps} steps")
+    step()  # warm-up: allocates optimizer state and gradients
+    runs = []
+    for _ in range(cfg.repeats):
+        seconds = timed(lambda: [step() for _ in range(steps)], rt)
+        runs.append(B * T * steps / seconds)
+    flops = model.flops_per_token(T)
+    peak = peak_flops(rt, cfg.get("peak_tflops"))
+    return {
+        "batch_size": B,
+        "seq_len": T,
+        "tokens_per_sec": summary(runs),
+        "mfu": summary([r * flops / peak for r in runs]),
+        "flops_per_token": flops,
+        "peak_flops": peak,
+        "peak_memory_mb": peak_memory_mb(rt),
+    }
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def hf_available(setting) -> bool:
+    """Whether to run the transformers comparison (hf: auto | true | false)."""
+    if str(setting).lower() in ("false", "0", "no"):
+        return False
+    try:
+        import transformers  # noqa: F401  (only to see whether the hf extra is installed)
+    except ImportError:
+        if str(setting).lower() == "auto":
+            note("transformers is not installed: no comparison (pip install -e '.[hf]')")
+            return False
+        raise UserError(
+            "hf=true but transformers is not installed; pip install -e '.[hf]'"
+        ) from None
+    return True
+
+
+def bench_sampling(model: GPT, cfg: DictConfig, rt: Runtime) -> dict:
+    """Batch-1 sampling tokens/s: cached, uncached and (optionally) transformers."""
+    P, N = cfg.prompt_tokens, cfg.new_tokens
+    N_uncached = cfg.uncached_new_tokens or N
+    top_k, temperature = cfg.top_k, float(cfg.temperature)
+    block_size = model.config.block_size
+    model = prepare_for_decoding(model.to(rt.device, rt.dtype).eval())
+    g = torch.Generator(device=rt.device).manual_seed(0)
+    idx = torch.randint(0, model.config.vocab_size, (1, P), device=rt.device, generator=g)
+
+    def ours(use_cache: bool, n: int) -> None:
+        gen = torch.Generator(device=rt.device).manual_seed(0)
+        for _ in generate(model, idx, n, temperature, top_k, None, (), use_cache, gen):
+            pass
+
+    reset_peak_memory(rt)
+    result: dict = {"prompt_tokens": P, "new_tokens": N, "top_k": top_k}
+    note(f"sampling: {P} prompt tokens, {N} new, top_k {top_k}, {cfg.repeats} runs each")
+    ours(True, 8)  # warm-up
+    result["cached"] = summary([N / timed(lambda: ours(True, N), rt) for _ in range(cfg.repeats)])
+    result["peak_memory_mb"] = peak_memory_mb(rt)
+    note(f"sampling without the cache: {N_uncached} new tokens, once")
+    result["uncached"] = summary([N_uncached / timed(lambda: ours(False, N_uncached), rt)])
+    result["uncached"]["new_tokens"] = N_uncached
+
+    if hf_available(cfg.hf):
+        if P + N > block_size:
+            note("transformers: prompt + new tokens exceed the context; no comparison")
+        else:
+            result["transformers"] = bench_transformers(model, idx, N, cfg, rt)
+    best = {k: result[k]["best"] for k in ("cached", "uncached", "transformers") if k in result}
+    result["cached_over_uncached"] = best["cached"] / best["uncached"]
+    if "transformers" in best:
+        result["cached_over_transformers"] = best["cached"] / best["transformers"]
+    return result
+
+
+def bench_transformers(model: GPT, idx: torch.Tensor, N: int, cfg: DictConfig, rt: Runtime) -> dict:
+    """GPT2LMHeadModel.generate on the same weights, dtype and sampling settings."""
+    import transformers
+
+    from model.hf import to_hf_model
+
+    transformers.logging.set_verbosity_error()
+    hf_model = to_hf_model(model).to(rt.device)
+    mask = torch.ones_like(idx)
+
+    def theirs(n: int) -> None:
+        torch.manual_seed(0)
+        out = hf_model.generate(
+            idx,
+            attention_mask=mask,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=True,
+            top_k=cfg.top_k,
+            top_p=1.0,
+            temperature=float(cfg.temperature),
+            pad_token_id=0,
+        )
+        assert out.shape[1] == idx.size(1) + n  # the same amount of work as ours
+
+    note(f"transformers {transformers.__version__}: GPT2LMHeadModel.generate, same settings")
+    theirs(8)  # warm-up
+    runs = [N / timed(lambda: theirs(N), rt) for _ in range(cfg.repeats)]
+    return {**summary(runs), "version": transformers.__version__}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def table(results: dict) -> str:
+    m = results["machine"]
+    lines = [
+        f"{results['preset']} ({results['params'] / 1e6:.1f}M parameters) on {m['device']}, "
+        f"{m['dtype']}, {m['threads']} threads, load average {m['load_before']:.1f} -> "
+        f"{m['load_after']:.1f}",
+        f"{'':34}{'best':>10}{'median':>10}",
+    ]
+
+    def row(name: str, s: dict, fmt: str = "{:10.1f}") -> None:
+        lines.append(f"{name:34}" + fmt.format(s["best"]) + fmt.format(s["median"]))
+
+    if "train" in results:
+        t = results["train"]
+        row(f"train tokens/s (batch {t['batch_size']}x{t['seq_len']})", t["tokens_per_sec"])
+        pct = {k: 100 * t["mfu"][k] for k in ("best", "median")}
+        row(f"train MFU % (peak {t['peak_flops'] / 1e9:.0f} GFLOP/s)", pct, "{:10.2f}")
+    if "sample" in results:
+        s = results["sample"]
+        row("sample tokens/s, KV cache", s["cached"])
+        row(f"sample tokens/s, no cache ({s['uncached']['new_tokens']} tok)", s["uncached"])
+        if "transformers" in s:
+            row("sample tokens/s, transformers", s["transformers"])
+        ratio = f"cached / uncached {s['cached_over_uncached']:.1f}x"
+        if "cached_over_transformers" in s:
+            ratio += f", cached / transformers {s['cached_over_transformers']:.2f}x"
+        lines.append(ratio + " (best runs)")
+    memory = [
+        f"{k} {results[k]['peak_memory_mb']:.0f} MiB" for k in ("sample", "train") if k in results
+    ]
+    if memory:
+        lines.append("peak memory: " + ", ".join(memory))
+    return "\n".join(lines)
+
+
+def preset_name() -> str:
+    """The model config group chosen on the command line (gpt2, small, ...)."""
+    try:
+        return HydraConfig.get().runtime.choices.get("model") or "custom"
+    except ValueError:  # not started by @hydra.main (tests compose the config)
+        return "custom"
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Bad numbers fail before minutes of measuring, with one line."""
+    for name in ("repeats", "train_batch_size", "train_steps", "prompt_tokens", "new_tokens"):
+        positive_int(cfg, name)
+    for name in ("train_seq_len", "uncached_new_tokens", "top_k"):
+        if cfg.get(name) is not None:
+            positive_int(cfg, name)
+    if cfg.prompt_tokens > cfg.model.block_size:
+        raise UserError(
+            f"prompt_tokens={cfg.prompt_tokens} exceeds block_size={cfg.model.block_size}"
+        )
+    if float(cfg.temperature) <= 0:
+        raise UserError(f"temperature={cfg.temperature} must be > 0 (the benchmark samples)")
+
+
+def run(cfg: DictConfig) -> dict:
+    check_settings(cfg)
+    rt = setup_runtime(cfg.device, cfg.precision, cfg.seed)
+    try:
+        config = GPTConfig(**OmegaConf.to_container(cfg.model, resolve=True))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"model config: {e}") from None
+    model = GPT(config).to(rt.device)  # float32 master weights
+    preset = preset_name()
+    results: dict = {
+        "preset": preset,
+        "model_config": config.to_dict(),
+        "params": model.num_params(),
+        "machine": {
+            "device": str(rt.device),
+            "dtype": str(rt.dtype).removeprefix("torch."),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "load_before": os.getloadavg()[0],
+        },
+    }
+    if cfg.sample:  # first: on the CPU its peak RSS is then sampling's alone
+        results["sample"] = bench_sampling(copy.deepcopy(model), cfg, rt)
+    if cfg.train:
+        results["train"] = bench_training(model, cfg, rt)
+    results["machine"]["load_after"] = os.getloadavg()[0]
+
+    print(table(results))
+    out = Path(cfg.out_dir) / "bench.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    note(f"wrote {out}")
+    return results
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="bench")
+@report_user_errors
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
