@@ -85,14 +85,16 @@ def sample_next(
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature == 0:
         return torch.argmax(logits, dim=-1)
-    logits = logits.float() / temperature  # (B, V); dividing before top-k/top-p is what p_t says
     V = logits.size(-1)
     if top_k is not None and 0 < top_k < V:
         # Fast path: sample among the k candidates directly, never touching the other V - k.
+        # Dividing by temperature > 0 keeps the order, so top-k may come first.
         vals, idx = torch.topk(logits, top_k, dim=-1)  # (B, k), largest first
+        vals = vals.float() / temperature
         probs = F.softmax(_nucleus(vals, top_p), dim=-1)  # (B, k)
         choice = torch.multinomial(probs, 1, generator=generator)  # (B, 1) positions in 0..k-1
         return idx.gather(-1, choice).squeeze(-1)  # (B,) token ids
+    logits = logits.float() / temperature  # (B, V)
     probs = F.softmax(filter_logits(logits, None, top_p), dim=-1)  # (B, V)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 

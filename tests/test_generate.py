@@ -6,6 +6,7 @@
 - past the context the cached path slides exactly as documented and keeps going.
 """
 
+import copy
 import math
 
 import pytest
@@ -14,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from model import GPT, GPTConfig
-from model.generate import filter_logits, generate, sample_next
+from model.generate import filter_logits, generate, prepare_for_decoding, sample_next
 
 NEG_INF = float("-inf")
 
@@ -225,3 +226,14 @@ def test_stop_ids_end_generation_and_finished_rows_repeat_their_stop(model):
 
 def test_no_tokens_for_max_new_tokens_zero(model):
     assert list(generate(model, torch.zeros(1, 1, dtype=torch.long), 0)) == []
+
+
+def test_prepare_for_decoding_changes_the_layout_not_the_function(model):
+    idx = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(7))
+    fast = prepare_for_decoding(copy.deepcopy(model))
+    w = fast.h[0].mlp.c_fc.weight
+    assert w.shape == model.h[0].mlp.c_fc.weight.shape and w.t().is_contiguous()
+    assert fast.lm_head.weight is fast.embed.wte.weight  # still tied: one tensor
+    with torch.no_grad():
+        assert torch.allclose(fast(idx)[0], model(idx)[0], atol=1e-5)
+    assert torch.equal(run(fast, idx, 9, temperature=0.0), run(model, idx, 9, temperature=0.0))

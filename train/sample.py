@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 
 from errors import UserError
 from model import GPT
-from model.generate import generate
+from model.generate import generate, prepare_for_decoding
 from tokenizer.chat import ChatFormatError, render_prompt
 
 from .checkpoint import CHECKPOINT_NAME, load_model
@@ -298,7 +298,7 @@ def run(cfg: DictConfig) -> None:
     model, tok, ckpt = load_model(find_checkpoint(cfg.get("checkpoint")))
     # Inference only: the weights themselves go to the compute dtype (no autocast), which
     # halves the bytes read per token in bf16; decoding is bound by reading the weights.
-    model.to(device=rt.device, dtype=rt.dtype)
+    model = prepare_for_decoding(model.to(device=rt.device, dtype=rt.dtype))
     print(
         f"{ckpt['path']}: {model.num_params() / 1e6:.1f}M parameters, context "
         f"{model.config.block_size}, on {rt.device} in {str(rt.dtype).removeprefix('torch.')}",
