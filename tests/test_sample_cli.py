@@ -155,6 +155,7 @@ def test_chat_over_a_pipe_with_reset_and_exit(ckpt, tok):
         f"you> Hello there\nassistant> {first}\nyou> Who is Hamlet?\nassistant> {second}\n"
     )
     assert "reset" in r.stderr
+    assert sample_cli.render_prompt is render_prompt  # the chat format SFT trains with
 
 
 def test_bad_checkpoints_give_one_line_errors(tmp_path, capsys, monkeypatch):

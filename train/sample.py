@@ -18,6 +18,7 @@ Text goes to stdout as it is produced; notes and warnings go to stderr, so a pip
 only the text. The decoding itself lives in model/generate.py.
 """
 
+import os
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -214,6 +215,10 @@ def sample(
 def user_messages(interactive: bool) -> Iterator[str]:
     """One user message per line: typed at a prompt, or read from a pipe."""
     if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
         while True:
             try:
                 yield input("you> ")
@@ -315,7 +320,11 @@ def run(cfg: DictConfig) -> None:
 @hydra.main(version_base=None, config_path="../conf", config_name="sample")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    try:
+        run(cfg)
+    except BrokenPipeError:  # the reader went away (| head): stop quietly, as Python suggests
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
 
 
 if __name__ == "__main__":
