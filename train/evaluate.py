@@ -36,10 +36,12 @@ from .runtime import Runtime, setup_runtime
 def language_model_metrics(
     model: GPT,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    tokens_per_byte: float,
+    tokens_per_byte: float | None,
     runtime: Runtime,
 ) -> dict:
     """Validation loss, perplexity and bits per byte over (x, y) batches.
+
+    Bits per byte needs the text's tokens per byte; without it (None) it is left out.
 
     Under DDP each rank scores every world_size-th batch and the sums are all-reduced.
     The caller sets eval mode, no_grad and autocast (the training loop does).
@@ -60,11 +62,10 @@ def language_model_metrics(
     if count.item() == 0:
         raise UserError("evaluation saw no tokens; the validation split is empty")
     loss = (nats / count).item()
-    return {
-        "val_loss": loss,
-        "val_ppl": math.exp(min(loss, 700.0)),
-        "val_bpb": loss / math.log(2) * tokens_per_byte,
-    }
+    metrics = {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0))}
+    if tokens_per_byte is not None:
+        metrics["val_bpb"] = loss / math.log(2) * tokens_per_byte
+    return metrics
 
 
 def text_windows(

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -79,7 +80,8 @@ class Trainer:
         batches,  # .next_batch() -> tuple of tensors; .state_dict() / .load_state_dict()
         out_dir: str | Path,
         config: LoopConfig,
-        checkpoint_meta: dict,  # stage, model_config, tokenizer, config: saved in every checkpoint
+        checkpoint_meta: dict,  # stage, model_config, tokenizer, config: in every checkpoint;
+        # config (the run's resolved config) is also written to out_dir/config.yaml
         evaluate: Callable[[nn.Module], dict] | None = None,  # -> {"val_loss": ..., ...}
         sample: Callable[[nn.Module], str] | None = None,
         loss_fn: Callable[[nn.Module, tuple], torch.Tensor] = lm_loss,
@@ -138,8 +140,13 @@ class Trainer:
     def run(self) -> dict:
         """Train until max_iters or max_minutes; returns the last evaluation's figures."""
         cfg, rt = self.cfg, self.runtime
-        log = MetricsLog(self.out_dir / "metrics.jsonl", self.step if self.step else None)
-        start_step = self.step
+        log = None  # only rank 0 touches the metrics file
+        if rt.is_main:
+            log = MetricsLog(self.out_dir / "metrics.jsonl", self.step if self.step else None)
+        if rt.is_main and "config" in self.meta:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            text = yaml.safe_dump(self.meta["config"], sort_keys=False)
+            (self.out_dir / "config.yaml").write_text(text)
         start_time = time.perf_counter()
         previous_handler = signal.getsignal(signal.SIGINT)
         signal.signal(signal.SIGINT, self._on_sigint)
@@ -147,6 +154,7 @@ class Trainer:
             total=cfg.max_iters, initial=self.step, disable=not rt.is_main, dynamic_ncols=True
         )
         interval_tokens, interval_start = 0, time.perf_counter()
+        stop = False  # agreed by all ranks: every rank takes the same way out below
         try:
             self.model.train()
             while True:
@@ -182,11 +190,11 @@ class Trainer:
             signal.signal(signal.SIGINT, previous_handler)
             bar.close()
 
-        if self.stop_requested:
+        if stop:
             if rt.is_main:
                 print(f"stopped at step {self.step} (Ctrl-C); checkpoint saved")
             self._save(CHECKPOINT_NAME, start_time)
-        elif self.step > start_step or not self.last_eval:
+        elif self.last_eval.get("step") != self.step:  # not evaluated at this step yet
             self._evaluate_and_save(log, start_time)
         return self.last_eval
 
@@ -237,7 +245,7 @@ class Trainer:
         dist.all_reduce(t)  # sum: rank 0's elapsed, number of ranks asked to stop
         return t[0].item(), t[1].item() > 0
 
-    def _evaluate_and_save(self, log: MetricsLog, start_time: float) -> None:
+    def _evaluate_and_save(self, log: MetricsLog | None, start_time: float) -> None:
         rt = self.runtime
         metrics = {}
         if self.evaluate_fn is not None:

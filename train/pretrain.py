@@ -26,7 +26,7 @@ from .cli import report_user_errors
 from .evaluate import language_model_metrics, sample_text
 from .loop import LoopConfig, Trainer
 from .optim import build_optimizer
-from .runtime import peak_flops, setup_runtime, teardown_runtime
+from .runtime import peak_flops, runtime_session
 
 
 def model_config(cfg_model: DictConfig, vocab_size: int) -> GPTConfig:
@@ -51,11 +51,8 @@ def grad_accum_steps(tokens_per_step: int | None, batch_tokens: int, world_size:
 
 
 def run(cfg: DictConfig) -> dict:
-    rt = setup_runtime(cfg.device, cfg.precision, cfg.seed)
-    try:
+    with runtime_session(cfg.device, cfg.precision, cfg.seed) as rt:
         return _train(cfg, rt)
-    finally:
-        teardown_runtime(rt)
 
 
 def _train(cfg: DictConfig, rt) -> dict:
@@ -112,8 +109,6 @@ def _train(cfg: DictConfig, rt) -> dict:
     if ckpt is not None:
         trainer.load_state(ckpt)
     if rt.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         print(
             f"model: {model.num_params() / 1e6:.2f}M parameters, {config.n_layer} layers x "
             f"{config.n_embd}, context {T}; {B} x {loop_cfg.grad_accum} x {rt.world_size} "

@@ -153,6 +153,16 @@ def teardown_runtime(runtime: Runtime) -> None:
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def runtime_session(device: str = "auto", precision: str = "auto", seed: int = 0):
+    """`with runtime_session(...) as rt:` set up the runtime, and always tear it down."""
+    runtime = setup_runtime(device, precision, seed)
+    try:
+        yield runtime
+    finally:
+        teardown_runtime(runtime)
+
+
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s) of common GPUs, for MFU. Matched by substring
 # of torch.cuda.get_device_name(); the first match wins, so longer names come first.
 GPU_PEAK_TFLOPS = {
@@ -173,8 +183,9 @@ GPU_PEAK_TFLOPS = {
 def measured_matmul_flops(device: torch.device, dtype: torch.dtype, seconds: float = 0.3) -> float:
     """FLOP/s of a 2048 x 2048 matmul on `device` in `dtype`: a practical peak."""
     n = 2048
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    g = torch.Generator(device=device).manual_seed(0)  # leave the global RNG (dropout) alone
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     a @ b  # warm-up
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
