@@ -1,0 +1,315 @@
+"""The built-in instruction set and its exact-match evaluation.
+
+The plays here are fakes the test writes in the format of the real corpus files (title,
+list of persons, acts, speech headings in capitals or abbreviated), so we know the truth
+about every line: who speaks it and in which play.
+"""
+
+import random
+
+import pytest
+import torch
+
+import tokenizer
+from data.sources import Document
+from data.tasks import (
+    CORPUS_TASKS,
+    FORM_TASKS,
+    TASKS,
+    build_tasks,
+    find_persons,
+    find_speeches,
+    line_answer,
+    longest_word,
+    resolve_speaker,
+    usable_line,
+)
+from model import GPT, GPTConfig
+from tokenizer.chat import render_prompt
+from train import task_eval
+from train.task_eval import evaluate_tasks, format_table, is_correct, normalize, save_eval
+
+WORDS = ("thou art the king of night and every golden river sings to morning light "
+         "where shall we find a noble heart or quiet grave beneath cold stars my lord "
+         "good sweet brother hence away come now tell me true").split()  # fmt: skip
+
+GORBODUC_HEAD = """THE TRAGEDY OF GORBODUC
+
+by A. Tester
+
+
+
+
+PERSONS REPRESENTED.
+
+Gorboduc, King of Britain.
+Ferrex, Son to Gorboduc.
+Porrex, Son to Gorboduc.
+Videna, Queen of Britain, Wife to Gorboduc.
+A Messenger.
+Lords, Ladies, and Attendants.
+
+SCENE. Britain.
+
+
+
+ACT I.
+
+Scene I. A hall in the palace.
+"""
+
+TIMOTHY_HEAD = """THE LIFE OF TIMOTHY
+
+by A. Tester
+
+
+
+
+Dramatis Personae
+
+TIMOTHY, a merchant of Bristol.
+MARIGOLD, his daughter.
+LADY WREN, a widow.
+OLD SHEPHERD.
+Sailors.
+
+SCENE: Bristol.
+
+
+
+ACT 1.
+
+SCENE I. A street.
+"""
+
+SHARED_LINE = "Good morrow to you all my lords."  # in both plays: ambiguous, never asked
+
+
+def make_line(rng: random.Random) -> str:
+    words = rng.choices(WORDS, k=rng.randint(4, 8))
+    return " ".join(words).capitalize() + rng.choice([".", ",", "!", "?", ";", ""])
+
+
+def write_play(head, speakers, rng, seen, n_speeches=60):
+    """The play's text and {line: speaker} for every line spoken (all lines distinct)."""
+    parts, truth = [head], {}
+    for k in range(n_speeches):
+        heading, person = speakers[k % len(speakers)]
+        lines = []
+        for _ in range(rng.randint(1, 3)):
+            line = make_line(rng)
+            while line in seen:
+                line = make_line(rng)
+            seen.add(line)
+            lines.append(line)
+            truth[line] = person
+        if k % 10 == 3:
+            parts.append("\n[Enter a Messenger.]\n")
+        parts.append(f"\n{heading}\n" + "\n".join(lines) + "\n")
+        if k == 7:
+            parts.append(f"\n{heading}\n{SHARED_LINE}\n")
+    return "".join(parts), truth
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    rng, seen = random.Random(7), set()
+    g_text, g_truth = write_play(
+        GORBODUC_HEAD,
+        [("Gor.", "Gorboduc"), ("Fer.", "Ferrex"), ("Por.", "Porrex"), ("Vid.", "Videna")],
+        rng,
+        seen,
+    )
+    t_text, t_truth = write_play(
+        TIMOTHY_HEAD,
+        [("TIMOTHY.", "Timothy"), ("MARIGOLD.", "Marigold"), ("LADY WREN.", "Lady Wren")],
+        rng,
+        seen,
+    )
+    poem_lines = [make_line(rng) for _ in range(40)]
+    poem = "SONNETS\n\n" + "\n".join(poem_lines) + "\n"
+    docs = [
+        Document("gorboduc", g_text),
+        Document("life_of_timothy", t_text),
+        Document("sonnets", poem),
+    ]
+    truth = {"Gorboduc": g_truth, "Life of Timothy": t_truth}
+    return docs, truth, set(poem_lines)
+
+
+@pytest.fixture(scope="module")
+def taskset(corpus):
+    return build_tasks(corpus[0], seed=3, n_train=40, n_test=8)
+
+
+def test_persons_and_speakers_are_read_from_the_play(corpus):
+    docs = corpus[0]
+    persons = find_persons(docs[0].text)
+    assert persons[:5] == ["Gorboduc", "Ferrex", "Porrex", "Videna", "A Messenger"]
+    assert find_persons(docs[1].text)[:3] == ["Timothy", "Marigold", "Lady Wren"]
+    assert find_persons(docs[2].text) is None
+    assert resolve_speaker("Gor.", persons) == "Gorboduc"
+    assert resolve_speaker("VIDENA.", persons) == "Videna"
+    assert resolve_speaker("Ham.", persons) is None  # names nobody
+    assert resolve_speaker("V.", ["Videna", "Vortiger"]) is None  # names two
+    assert resolve_speaker("Lord.", persons) == "Lords"
+    speeches = find_speeches(docs[0].text + "\nLord.\nA lord speaks this line.\n", persons)
+    assert "Lords" not in {speaker for speaker, _ in speeches}  # a group is no speaker
+    assert speeches and all(
+        corpus[1]["Gorboduc"].get(line, speaker) == speaker for speaker, line in speeches
+    )
+    assert not any(line.startswith("[") for _, line in speeches)
+
+
+def test_every_task_has_train_and_test_items(taskset):
+    assert {i["task"] for i in taskset.train} == set(TASKS)
+    assert taskset.tasks() == list(TASKS)
+    for task in TASKS:
+        test = [i for i in taskset.test if i["task"] == task]
+        assert 1 <= len(test) <= 8
+        assert len({i["source"] for i in test}) == len(test)  # distinct held-out sources
+        assert sum(i["task"] == task for i in taskset.train) == 40
+
+
+def test_train_and_test_are_disjoint_by_source(taskset):
+    test_sources = {i["source"] for i in taskset.test}
+    train_sources = {i["source"] for i in taskset.train}
+    assert not test_sources & train_sources
+    train_text = "\n".join(i["messages"][0]["content"] for i in taskset.train)
+    test_lines = {i["source"] for i in taskset.test if i["task"] != "play_of_character"}
+    for line in test_lines:  # a held-out line is in no train prompt, under any phrasing
+        assert line not in train_text
+
+
+def test_items_are_deterministic_and_depend_on_the_seed(corpus, taskset):
+    again = build_tasks(corpus[0], seed=3, n_train=40, n_test=8)
+    assert again.train == taskset.train and again.test == taskset.test
+    other = build_tasks(corpus[0], seed=4, n_train=40, n_test=8)
+    assert other.test != taskset.test
+
+
+def test_answers_are_true_of_the_corpus(corpus, taskset):
+    _, truth, poem_lines = corpus
+    plays = {line: play for play, lines in truth.items() for line in lines}
+    speakers = {line: who for lines in truth.values() for line, who in lines.items()}
+    characters = {"Gorboduc": "Gorboduc", "Ferrex": "Gorboduc", "Porrex": "Gorboduc",
+                  "Videna": "Gorboduc", "Timothy": "Life of Timothy",
+                  "Marigold": "Life of Timothy", "Lady Wren": "Life of Timothy"}  # fmt: skip
+    phrasings = {i["task"]: set() for i in taskset.train}
+    for item in taskset.train + taskset.test:
+        task, source, answer = item["task"], item["source"], item["answer"]
+        user, assistant = item["messages"]
+        assert user["role"] == "user" and assistant == {"role": "assistant", "content": answer}
+        assert source in user["content"]
+        phrasings[task].add(user["content"].replace(source, "{}"))
+        if task == "play_of_character":
+            assert characters[source] == answer
+        elif task == "play_of_line":
+            assert plays[source] == answer and source not in poem_lines
+        elif task == "speaker_of_line":
+            assert speakers[source] == answer
+        else:
+            assert line_answer(task, source) == answer
+        assert SHARED_LINE not in source or task in FORM_TASKS
+    assert all(len(p) >= 3 for p in phrasings.values())  # several phrasings per task
+
+
+@pytest.mark.parametrize(
+    "task, answer",
+    [("repeat", "Who's there? Stand, and unfold yourself."), ("first_word", "Who's"),
+     ("last_word", "yourself"), ("count_words", "6"), ("one_word", "yourself")],
+)  # fmt: skip
+def test_form_answers_on_an_example(task, answer):
+    assert line_answer(task, "Who's there? Stand, and unfold yourself.") == answer
+
+
+def test_which_lines_are_usable():
+    assert usable_line("'Tis now struck twelve; get thee to bed.")
+    assert not usable_line("Two words")
+    assert not usable_line("I think I hear them.--Stand, ho! Who is there?")  # "them.--Stand"
+    assert not usable_line("LONG LIVE THE KING")
+    assert not usable_line("[Enter Horatio and Marcellus.]")
+    assert not usable_line("one two three four five six seven eight nine ten eleven")
+    assert longest_word("a bb cc") is None and longest_word("a bbb cc!") == "bbb"
+
+
+def test_corpus_tasks_need_plays():
+    poem = Document("poems", "\n".join(f"The river sings {w} tonight." for w in WORDS))
+    items = build_tasks([poem], n_train=5, n_test=2)
+    assert {i["task"] for i in items.train} == set(FORM_TASKS)
+    assert not {i["task"] for i in items.test} & set(CORPUS_TASKS)
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+@pytest.mark.parametrize(
+    "reply, answer, task, ok",
+    [("  Hamlet.\n", "Hamlet", "play_of_character", True),
+     ("hamlet", "Hamlet", "play_of_character", True),
+     ('"King Lear"', "King Lear", "play_of_line", True),
+     ("King  Lear!", "King Lear", "play_of_line", True),
+     ("Lear", "King Lear", "play_of_line", False),
+     ("7.", "7", "count_words", True),
+     ("seven", "7", "count_words", False),
+     ("yourself", "yourself", "last_word", True),
+     ("yourself and more", "yourself", "last_word", False),
+     ("Who's there?", "Who's there?", "repeat", True),
+     (" Who's there? \n", "Who's there?", "repeat", True),
+     ("who's there?", "Who's there?", "repeat", False),
+     ("Who's there", "Who's there?", "repeat", False)],
+)  # fmt: skip
+def test_answer_normalisation(reply, answer, task, ok):
+    assert is_correct(reply, answer, task) is ok
+
+
+def test_normalize_is_documented_exactly():
+    assert normalize(' "Polonius." ', "speaker_of_line") == "polonius"
+    assert normalize("A  B?!", "one_word") == "a b"
+    assert normalize("  Keep. Case!  ", "repeat") == "Keep. Case!"
+
+
+def test_scores_per_task_overall_and_form_average(monkeypatch, tmp_path):
+    items = [
+        {"task": t, "messages": [{"role": "user", "content": q}], "answer": a}
+        for t, q, a in [("repeat", "r1", "A b"), ("repeat", "r2", "C d"),
+                        ("first_word", "f1", "A"), ("last_word", "l1", "b"),
+                        ("play_of_line", "p1", "Hamlet")]
+    ]  # fmt: skip
+    replies = {"r1": "A b", "r2": "c d", "f1": "a.", "l1": "x", "p1": "hamlet"}
+    monkeypatch.setattr(task_eval, "reply", lambda m, t, msgs, d, n: replies[msgs[-1]["content"]])
+    model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=16, vocab_size=32))
+    tok = type("Tok", (), {"encode": staticmethod(lambda s: list(s))})()
+    res = evaluate_tasks(model, tok, items, "cpu", progress=False)
+    assert res["tasks"]["repeat"] == {"accuracy": 0.5, "correct": 1, "total": 2}
+    assert res["tasks"]["first_word"]["accuracy"] == 1.0
+    assert res["tasks"]["last_word"]["accuracy"] == 0.0
+    assert res["overall"] == {"accuracy": 3 / 5, "correct": 3, "total": 5}
+    assert res["form_average"] == pytest.approx((0.5 + 1.0 + 0.0) / 3)
+    assert [r["correct"] for r in res["items"]] == [True, False, True, False, True]
+    path = save_eval(res, tmp_path)
+    assert path.name == "eval.json" and '"form_average"' in path.read_text()
+    table = format_table({"base": res, "sft": res})
+    assert "repeat" in table and "50.0%" in table
+
+
+def test_greedy_chat_reply_from_a_real_model(corpus, taskset, monkeypatch):
+    tok = tokenizer.train_tokenizer([d.text for d in corpus[0]], vocab_size=400)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=128, vocab_size=400))
+    calls = []
+
+    def recording_generate(model, idx, max_new_tokens, **kw):
+        calls.append((idx[0].tolist(), max_new_tokens, kw["temperature"]))
+        yield from task_eval.generate.__wrapped__(model, idx, max_new_tokens, **kw)
+
+    recording_generate.__wrapped__ = task_eval.generate
+    monkeypatch.setattr(task_eval, "generate", recording_generate)
+    items = taskset.test[:4]
+    res = evaluate_tasks(model, tok, items, "cpu", max_new_tokens=5, progress=False)
+    assert res["overall"]["total"] == 4
+    for (prompt, budget, temperature), item in zip(calls, items, strict=True):
+        assert prompt == render_prompt(tok, item["messages"][:1])  # the chat format
+        assert budget == 5 and temperature == 0.0  # greedy, within the budget
+    again = evaluate_tasks(model, tok, items, "cpu", max_new_tokens=5, progress=False)
+    assert [r["reply"] for r in again["items"]] == [r["reply"] for r in res["items"]]

@@ -1,0 +1,159 @@
+"""Exact-match evaluation on held-out instruction items: does the model follow instructions?
+
+Each item ({"task", "messages", "answer"}, see data/tasks.py) is asked in the chat format
+(tokenizer/chat.py: render_prompt of every message before the final answer), the model
+replies by greedy decoding (temperature 0) until it writes the end-of-turn token, and the
+reply is compared with the item's answer after normalisation:
+
+    repeat (the line must come back exactly):
+        both sides: surrounding whitespace removed; nothing else changes.
+    every other task (a word, a name, a title, a number):
+        both sides: surrounding whitespace removed, inner runs of whitespace made one
+        space, double quotes around it removed, trailing . , ; : ! ? removed (repeatedly),
+        and compared case-insensitively (str.casefold), so "Hamlet." matches "hamlet".
+
+Scores: accuracy per task, overall (every item counts once), and `form_average`, the mean
+of the per-task accuracies of FORM_AVERAGE_TASKS (repeat, first word, last word: the
+instruction-following target). The same items and the same decoding score the base model
+and the SFT model, so their numbers compare.
+
+Decoding stops at the end-of-turn (or end-of-text) token, or after
+min(max_new_tokens, 2 * len(encode(answer)) + 8) tokens: a reply that needs more than
+twice the answer's tokens plus eight is not going to match it, and a base model that
+never stops would otherwise cost max_new_tokens per item.
+"""
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from model.generate import generate
+from tokenizer.chat import render_prompt
+
+EXACT_TASKS = ("repeat",)
+FORM_AVERAGE_TASKS = ("repeat", "first_word", "last_word")
+EVAL_FILE = "eval.json"
+_TRAILING = ".,;:!?"
+
+
+def normalize(text: str, task: str) -> str:
+    """The form in which a reply and an answer are compared (see the module docstring)."""
+    text = text.strip()
+    if task in EXACT_TASKS:
+        return text
+    text = " ".join(text.split())
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        text = text[1:-1].strip()
+    return text.rstrip(_TRAILING).strip().casefold()
+
+
+def is_correct(reply: str, answer: str, task: str) -> bool:
+    return normalize(reply, task) == normalize(answer, task)
+
+
+def prompt_messages(item: dict) -> list[dict]:
+    """The conversation up to the reply the model must write (the final assistant answer
+    is left out when the item carries it)."""
+    messages = list(item["messages"])
+    if messages and messages[-1].get("role") == "assistant":
+        messages = messages[:-1]
+    return messages
+
+
+@torch.no_grad()
+def reply(model, tok, messages: Sequence[dict], device, max_new_tokens: int) -> str:
+    """The model's greedy reply to a conversation, up to its end-of-turn token."""
+    ids = render_prompt(tok, messages)
+    idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
+    stops = (tok.end_id, tok.eos_id)
+    out = []
+    for step in generate(model, idx, max_new_tokens, temperature=0.0, stop_ids=stops):
+        token = int(step[0])
+        if token in stops:
+            break
+        out.append(token)
+    return tok.decode(out)
+
+
+def evaluate_tasks(
+    model,
+    tok,
+    items: Sequence[dict],
+    device,
+    max_new_tokens: int = 48,
+    progress: bool = True,
+) -> dict:
+    """Exact-match accuracy of the model on items, per task and overall.
+
+    The model should be in eval mode on `device`; wrap the call in the run's autocast for
+    reduced precision. Returns
+        {"tasks": {task: {"accuracy", "correct", "total"}}, "overall": {...},
+         "form_average": float or None, "form_tasks": [...],
+         "items": [{"task", "prompt", "answer", "reply", "correct"}, ...]}
+    """
+    was_training = model.training
+    model.eval()
+    per_task: dict[str, list[int]] = {}
+    records = []
+    for item in tqdm(items, desc="task eval", disable=not progress, leave=False):
+        task, answer = item["task"], item["answer"]
+        budget = min(max_new_tokens, 2 * len(tok.encode(answer)) + 8)
+        text = reply(model, tok, prompt_messages(item), device, budget)
+        ok = is_correct(text, answer, task)
+        per_task.setdefault(task, [0, 0])
+        per_task[task][0] += int(ok)
+        per_task[task][1] += 1
+        prompt = prompt_messages(item)[-1]["content"] if prompt_messages(item) else ""
+        records.append(
+            {"task": task, "prompt": prompt, "answer": answer, "reply": text, "correct": ok}
+        )
+    model.train(was_training)
+
+    tasks = {t: {"accuracy": c / n, "correct": c, "total": n} for t, (c, n) in per_task.items()}
+    correct = sum(c for c, _ in per_task.values())
+    total = sum(n for _, n in per_task.values())
+    form = [tasks[t]["accuracy"] for t in FORM_AVERAGE_TASKS if t in tasks]
+    return {
+        "tasks": tasks,
+        "overall": {
+            "accuracy": correct / total if total else 0.0,
+            "correct": correct,
+            "total": total,
+        },  # fmt: skip
+        "form_average": sum(form) / len(form) if form else None,
+        "form_tasks": [t for t in FORM_AVERAGE_TASKS if t in tasks],
+        "items": records,
+    }
+
+
+def save_eval(results: dict, run_dir: str | Path, name: str = EVAL_FILE) -> Path:
+    """Write results as JSON to run_dir/eval.json (temporary name, then rename)."""
+    path = Path(run_dir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def format_table(results: dict[str, dict]) -> str:
+    """A side-by-side accuracy table, one column per result: {"base": r1, "sft": r2}."""
+    names = list(results)
+    tasks: list[str] = []
+    for r in results.values():
+        tasks += [t for t in r["tasks"] if t not in tasks]
+    width = max([len("form average"), *map(len, tasks)])
+    lines = [f"{'task':<{width}}  " + "  ".join(f"{n:>8}" for n in names)]
+
+    def row(label: str, values: list) -> str:
+        cells = ["       -" if v is None else f"{100 * v:7.1f}%" for v in values]
+        return f"{label:<{width}}  " + "  ".join(cells)
+
+    for t in tasks:
+        lines.append(row(t, [r["tasks"].get(t, {}).get("accuracy") for r in results.values()]))
+    lines.append(row("form average", [r["form_average"] for r in results.values()]))
+    lines.append(row("overall", [r["overall"]["accuracy"] for r in results.values()]))
+    return "\n".join(lines)
