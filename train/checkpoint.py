@@ -116,9 +116,10 @@ def load_model(path: str | Path, **overrides) -> tuple[GPT, "tokenizers.Tokenize
 
 def rng_state() -> dict:
     """Every RNG a training step draws from, for exact resumption."""
+    _, key, pos, has_gauss, cached_gaussian = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state()[1].tolist(),
+        "numpy": [key.tolist(), int(pos), int(has_gauss), float(cached_gaussian)],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -129,7 +130,10 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     """Restore what rng_state() saved."""
     random.setstate(_as_tuple(state["python"]))
-    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), 624, 0, 0.0))
+    key, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state(
+        ("MT19937", np.array(key, dtype=np.uint32), pos, has_gauss, cached_gaussian)
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

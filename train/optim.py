@@ -53,7 +53,7 @@ def lr_at(
 
 def fraction_done(step: int, max_iters: int, elapsed_s: float, max_minutes: float | None) -> float:
     """How far through the run we are: the larger of the step and the time fraction."""
-    f = step / max_iters
+    f = step / max_iters if max_iters > 0 else 1.0
     if max_minutes:
         f = max(f, elapsed_s / (60.0 * max_minutes))
     return min(f, 1.0)
