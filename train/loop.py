@@ -56,6 +56,17 @@ class LoopConfig:
     eval_interval: int = 250  # evaluate, sample and checkpoint every this many steps
     compile: bool = False  # torch.compile the model
 
+    def __post_init__(self) -> None:
+        for name in ("max_iters", "grad_accum", "log_interval", "eval_interval", "warmup_iters"):
+            value = getattr(self, name)
+            smallest = 0 if name in ("max_iters", "warmup_iters") else 1
+            if not isinstance(value, int) or value < smallest:
+                raise UserError(f"{name} must be an integer >= {smallest}, got {value!r}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise UserError(f"max_minutes must be positive or null, got {self.max_minutes!r}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise UserError(f"need 0 <= min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
+
     @classmethod
     def from_cfg(cls, cfg) -> "LoopConfig":
         """Pick this dataclass's fields out of a (Hydra) config mapping."""
