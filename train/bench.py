@@ -16,7 +16,8 @@ float32 under autocast, as the training loop runs them.
 (flops_per_token: model/gpt.py; peak_flops: train/runtime.py).
 
 Sampling: batch 1, a random prompt, top-k sampling of a fixed number of new tokens (no
-stop token), weights cast to the compute dtype as python -m train.sample does:
+stop token), weights cast to the dtype python -m train.sample decodes in (decoding_dtype:
+precision=auto means float32 on a CPU, where bf16 matrix-vector kernels are no faster):
   - cached:        model/generate.py with the KV cache
   - uncached:      the same, rerunning the model over the whole context for every token
   - transformers:  GPT2LMHeadModel.generate with the same weights and settings (model/hf.py)
@@ -48,6 +49,7 @@ from model.generate import generate, prepare_for_decoding
 from .cli import report_user_errors
 from .optim import build_optimizer
 from .runtime import Runtime, peak_flops, setup_runtime
+from .sample import decoding_dtype
 
 
 def note(message: str) -> None:
@@ -156,7 +158,8 @@ def bench_sampling(model: GPT, cfg: DictConfig, rt: Runtime) -> dict:
     P, N = cfg.prompt_tokens, cfg.new_tokens
     N_uncached = cfg.uncached_new_tokens or N
     top_k, temperature = cfg.top_k, float(cfg.temperature)
-    model = prepare_for_decoding(model.to(rt.device, rt.dtype).eval())
+    dtype = decoding_dtype(cfg.precision, rt)  # what python -m train.sample would use
+    model = prepare_for_decoding(model.to(rt.device, dtype).eval())
     g = torch.Generator(device=rt.device).manual_seed(0)
     idx = torch.randint(0, model.config.vocab_size, (1, P), device=rt.device, generator=g)
 
@@ -167,6 +170,7 @@ def bench_sampling(model: GPT, cfg: DictConfig, rt: Runtime) -> dict:
 
     reset_peak_memory(rt)
     result: dict = {"prompt_tokens": P, "new_tokens": N, "top_k": top_k}
+    result["dtype"] = str(dtype).removeprefix("torch.")
     note(f"sampling: {P} prompt tokens, {N} new, top_k {top_k}, {cfg.repeats} runs each")
     ours(True, N)  # warm-up, and the memory figure before any other model exists
     result["peak_memory_mb"] = peak_memory_mb(rt)
@@ -250,6 +254,9 @@ def table(results: dict) -> str:
         row(f"train MFU % (peak {t['peak_flops'] / 1e9:.0f} GFLOP/s)", pct, "{:10.2f}")
     if "sample" in results:
         s = results["sample"]
+        lines.append(
+            f"sampling in {s['dtype']}, batch 1, {s['prompt_tokens']} + {s['new_tokens']} tokens"
+        )
         row("sample tokens/s, KV cache", s["cached"])
         row(f"sample tokens/s, no cache ({s['uncached']['new_tokens']} tok)", s["uncached"])
         if "transformers" in s:
