@@ -47,9 +47,17 @@ def instruction_data(cfg: DictConfig, log=print) -> tuple[list, list]:
     if cfg.files:
         sources = OmegaConf.to_container(cfg.files, resolve=True)
         conversations += load_instruction_data(sources, cfg.max_bad_fraction, cfg.seed, log)
+    for path in cfg.eval_files:  # the user's own held-out set: one task per file
+        held_out = load_instruction_data([path], cfg.max_bad_fraction, cfg.seed, log)
+        test_items += [held_out_item(Path(path).stem, messages) for messages in held_out]
     if not conversations:
         raise UserError("no instruction data: set builtin_weight > 0 or give files=[...]")
     return conversations, test_items
+
+
+def held_out_item(task: str, messages: list[dict]) -> dict:
+    """A conversation from an eval file as a task item: its final reply is the answer."""
+    return {"task": task, "messages": messages, "answer": messages[-1]["content"]}
 
 
 def score(model: GPT, tok, items: list, rt, max_new_tokens: int) -> dict:

@@ -1,0 +1,113 @@
+"""python -m train.sft end to end: a tiny SFT run raises held-out accuracy on an easy task.
+
+The "pretrained" model is a freshly initialised tiny GPT with a tokenizer trained here.
+The task is easy on purpose, so that it is learnt in seconds: acknowledge a numbered
+request with exactly "OK" and end the turn ("Please confirm with OK: ticket 4711" -> "OK"),
+in several phrasings. The held-out file uses ticket numbers the training file never does.
+Before tuning, the random model never answers exactly "OK" and stops; after a few dozen
+steps it does.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import tokenizer
+from model import GPT, GPTConfig
+from train.checkpoint import load_checkpoint, save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+PHRASINGS = ("Please confirm with OK: ticket {n}", "Ticket {n} is done. Reply OK.", "Ack {n}")
+
+
+def items(numbers: range, n: int, seed: int) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        k = numbers[int(torch.randint(len(numbers), (1,), generator=g))]
+        p = PHRASINGS[int(torch.randint(len(PHRASINGS), (1,), generator=g))]
+        out.append({"instruction": p.format(n=k), "input": "", "output": "OK"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sft")
+    text = " ".join(p.format(n=k) for k in range(200) for p in PHRASINGS) + " OK\n"
+    tok = tokenizer.train_tokenizer([text * 20], vocab_size=360)
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=tok.vocab_size)
+    state = {
+        "stage": "pretrain",
+        "model_config": config.to_dict(),
+        "model": GPT(config).state_dict(),
+        "tokenizer": tok.state(),
+        "step": 0,
+    }
+    save_checkpoint(d / "base.pt", state)
+    train, test = d / "train.jsonl", d / "test.json"
+    train.write_text("".join(json.dumps(r) + "\n" for r in items(range(0, 1000), 400, seed=1)))
+    test.write_text(json.dumps(items(range(1000, 2000), 30, seed=2)))
+    return d
+
+
+def run_sft(d: Path, *overrides: str) -> subprocess.CompletedProcess:
+    args = [
+        f"init_from={d / 'base.pt'}",
+        f"out_dir={d / 'run'}",
+        "builtin_weight=0",
+        f"files=[{d / 'train.jsonl'}]",
+        f"eval_files=[{d / 'test.json'}]",
+        "device=cpu",
+        "precision=float32",
+        "batch_size=16",
+        "lr=3e-3",
+        "min_lr=3e-4",
+        "warmup_iters=5",
+        "max_iters=40",
+        "eval_interval=20",
+        "log_interval=10",
+        *overrides,
+    ]
+    return subprocess.run(
+        [sys.executable, "-m", "train.sft", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_sft_raises_held_out_accuracy(setup):
+    result = run_sft(setup)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = setup / "run"
+    scores = json.loads((run / "eval.json").read_text())
+    base, tuned = scores["base"]["overall"]["accuracy"], scores["sft"]["overall"]["accuracy"]
+    assert tuned >= 0.9 and tuned > base, (base, tuned)
+    assert "test" in scores["sft"]["tasks"]  # the eval file's stem names its task
+    # The run directory follows the conventions: resolved config, metrics, a checkpoint
+    # that knows it is an SFT model fine-tuned from the base checkpoint.
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val_loss"] for r in lines if "val_loss" in r]
+    assert any("train_loss" in r for r in lines) and val[-1] < val[0]
+    ckpt = load_checkpoint(run)
+    assert ckpt["stage"] == "sft" and ckpt["init_from"].endswith("base.pt")
+    assert "base" in result.stdout and "sft" in result.stdout  # the side-by-side table
+
+
+def test_sft_refuses_to_train_on_nothing(setup):
+    result = run_sft(setup, "files=[]")
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("error: no instruction data")
+    assert "Traceback" not in result.stderr
+
+
+def test_sft_reports_a_missing_checkpoint(setup):
+    result = run_sft(setup, f"init_from={setup / 'nope.pt'}")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "nope.pt" in result.stderr and "does not exist" in result.stderr
