@@ -107,8 +107,9 @@ def prepare_for_decoding(model: GPT) -> GPT:
     the same numbers faster as (in, out) row-major, the layout GPT-2's Conv1D uses (we
     measured about 12 vs 19 GB/s on a 2-core AMD EPYC). `w.t().contiguous().t()` has the
     same shape and values, only its strides change, so the model computes exactly the same
-    function and the tied LM head / token embedding stays one tensor. Only on the CPU and
-    in float32 (bf16 and GPU kernels gain nothing); returns the model, changed in place.
+    function and the tied LM head / token embedding stays one tensor. Applied only on the
+    CPU in float32, where it was measured to help (bf16 kernels gained nothing); returns
+    the model, changed in place.
     """
     w = model.embed.wte.weight
     if w.device.type != "cpu" or w.dtype != torch.float32:
@@ -183,19 +184,18 @@ def generate(
             return
         prev = nxt
 
-        if n < block_size:  # room left: append the token
+        # Feed the token back: append it to the window, or make room when the window is full.
+        if n < block_size:
             window[:, n] = nxt
             n += 1
-            if cache is not None:
-                logits = _last_logits(model, window[:, n - 1 : n], cache)  # one position
-                continue
-        else:  # context full: shift the window left by one (uncached) or slide (cached)
-            keep = block_size if cache is None else max(1, block_size // 2)
+            # with the cache only the new position is run; without, the whole window again
+            fresh = window[:, n - 1 : n] if cache is not None else window[:, :n]
+        else:  # full: keep the last `keep` tokens (the newest included) at the front
+            keep = max(1, block_size // 2) if cache is not None else block_size
             window[:, : keep - 1] = window[:, n - keep + 1 : n].clone()
             window[:, keep - 1] = nxt
             n = keep
+            fresh = window[:, :n]  # with the cache: re-prefill them from position 0
             if cache is not None:
                 cache.reset()
-                logits = _last_logits(model, window[:, :n], cache)  # re-prefill
-                continue
-        logits = _last_logits(model, window[:, :n], None)  # uncached: the whole window
+        logits = _last_logits(model, fresh, cache)  # (B, V)
