@@ -59,7 +59,7 @@ def run_sft(d: Path, *overrides: str) -> subprocess.CompletedProcess:
     args = [
         f"init_from={d / 'base.pt'}",
         f"out_dir={d / 'run'}",
-        "builtin_weight=0",
+        "tasks.weight=0",
         f"files=[{d / 'train.jsonl'}]",
         f"eval_files=[{d / 'test.json'}]",
         "device=cpu",

@@ -12,6 +12,12 @@ model and a 4096-piece model, or two runs with different validation splits, can 
 compared on the same text file:
 
     python -m train.evaluate checkpoint=out/pretrain text_file=some.txt
+
+The same entry point scores instruction following: exact-match accuracy on the held-out
+built-in task items (train/task_eval.py), the same items for any checkpoint, so a base
+model and its SFT model compare; results go to eval.json beside the checkpoint.
+
+    python -m train.evaluate checkpoint=out/sft
 """
 
 import math
@@ -30,7 +36,8 @@ from model.generate import generate
 
 from .checkpoint import load_model
 from .cli import report_user_errors
-from .runtime import Runtime, setup_runtime
+from .runtime import Runtime, runtime_session
+from .task_eval import builtin_tasks, eval_file_items, format_table, save_eval, score
 
 
 def language_model_metrics(
@@ -128,27 +135,46 @@ def sample_text(
 
 
 def run(cfg: DictConfig) -> dict:
-    rt = setup_runtime(cfg.device, cfg.precision, cfg.seed)
-    model, tok, ckpt = load_model(cfg.checkpoint)
-    model.to(rt.device)
-    results: dict = {"checkpoint": ckpt["path"]}
-    if cfg.text_file:
-        path = Path(cfg.text_file)
-        if not path.is_file():
-            raise UserError(f"text_file {path} does not exist; give the path of a UTF-8 text")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise UserError(
-                f"{path} is not UTF-8 (byte offset {e.start}); convert it to UTF-8"
-            ) from None
-        results["text"] = {"file": str(path), **text_bits_per_byte(model, tok, text, rt)}
-        r = results["text"]
-        print(
-            f"{path}: {r['bytes']} bytes, {r['tokens']} tokens, loss {r['val_loss']:.4f} "
-            f"nats/token, {r['val_bpb']:.4f} bits/byte"
-        )
-    return results
+    with runtime_session(cfg.device, cfg.precision, cfg.seed) as rt:
+        model, tok, ckpt = load_model(cfg.checkpoint)
+        model.to(rt.device)
+        results: dict = {"checkpoint": ckpt["path"]}
+        if cfg.text_file:
+            results["text"] = {
+                "file": str(cfg.text_file),
+                **file_bits_per_byte(model, tok, rt, cfg),
+            }
+        task_eval = cfg.task_eval if cfg.task_eval is not None else not cfg.text_file
+        if task_eval:
+            items = builtin_tasks(cfg).test if cfg.tasks.weight > 0 else []
+            items += eval_file_items(cfg.eval_files)
+            stage = ckpt.get("stage", "model")
+            results[stage] = score(model, tok, items, rt, cfg.eval_max_new_tokens)
+            if results[stage]:
+                print(f"{ckpt['path']}: held-out exact match (greedy, chat format)")
+                print(format_table({stage: results[stage]}))
+                path = save_eval(results, Path(ckpt["path"]).parent)
+                print(f"written to {path}")
+        return results
+
+
+def file_bits_per_byte(model: GPT, tok, rt: Runtime, cfg: DictConfig) -> dict:
+    """Read cfg.text_file (UTF-8) and measure its bits per byte under the model."""
+    path = Path(cfg.text_file)
+    if not path.is_file():
+        raise UserError(f"text_file {path} does not exist; give the path of a UTF-8 text")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"{path} is not UTF-8 (byte offset {e.start}); convert it to UTF-8"
+        ) from None
+    r = text_bits_per_byte(model, tok, text, rt)
+    print(
+        f"{path}: {r['bytes']} bytes, {r['tokens']} tokens, loss {r['val_loss']:.4f} "
+        f"nats/token, {r['val_bpb']:.4f} bits/byte"
+    )
+    return r
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="evaluate")

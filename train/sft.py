@@ -14,13 +14,10 @@ conversations (data/instruct.py), and an evaluation of the held-out loss.
 from pathlib import Path
 
 import hydra
-import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from data.instruct import SFTLoader, collate, load_instruction_data, mix, render_examples
-from data.sources import load_documents
-from data.tasks import build_tasks
 from errors import UserError
 from model import GPT, GPTConfig
 from tokenizer.chat import render_prompt
@@ -31,42 +28,25 @@ from .evaluate import language_model_metrics, sample_text
 from .loop import LoopConfig, Trainer
 from .optim import build_optimizer
 from .runtime import peak_flops, runtime_session
-from .task_eval import evaluate_tasks, format_table, save_eval
+from .task_eval import builtin_tasks, eval_file_items, format_table, save_eval, score
 
 
 def instruction_data(cfg: DictConfig, log=print) -> tuple[list, list]:
     """(training conversations, held-out task items) from the built-in tasks and files."""
     parts, test_items = [], []
-    if cfg.builtin_weight > 0:
-        b = cfg.builtin
-        tasks = build_tasks(load_documents(cfg.data), b.seed, b.n_train, b.n_test)
+    if cfg.tasks.weight > 0:
+        tasks = builtin_tasks(cfg)
         log(f"built-in tasks: {len(tasks.train)} training and {len(tasks.test)} held-out items")
-        parts.append(([item["messages"] for item in tasks.train], cfg.builtin_weight))
+        parts.append(([item["messages"] for item in tasks.train], cfg.tasks.weight))
         test_items = tasks.test
     conversations = mix(parts, cfg.seed) if parts else []
     if cfg.files:
         sources = OmegaConf.to_container(cfg.files, resolve=True)
         conversations += load_instruction_data(sources, cfg.max_bad_fraction, cfg.seed, log)
-    for path in cfg.eval_files:  # the user's own held-out set: one task per file
-        held_out = load_instruction_data([path], cfg.max_bad_fraction, cfg.seed, log)
-        test_items += [held_out_item(Path(path).stem, messages) for messages in held_out]
+    test_items += eval_file_items(cfg.eval_files, cfg.max_bad_fraction)
     if not conversations:
-        raise UserError("no instruction data: set builtin_weight > 0 or give files=[...]")
+        raise UserError("no instruction data: set tasks.weight > 0 or give files=[...]")
     return conversations, test_items
-
-
-def held_out_item(task: str, messages: list[dict]) -> dict:
-    """A conversation from an eval file as a task item: its final reply is the answer."""
-    return {"task": task, "messages": messages, "answer": messages[-1]["content"]}
-
-
-def score(model: GPT, tok, items: list, rt, max_new_tokens: int) -> dict:
-    """Exact-match accuracy on the held-out items (rank 0 only; others get {})."""
-    if not items or not rt.is_main:
-        return {}
-    model.eval()
-    with torch.no_grad(), rt.autocast():
-        return evaluate_tasks(model, tok, items, rt.device, max_new_tokens)
 
 
 def run(cfg: DictConfig) -> dict:

@@ -30,6 +30,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from data.instruct import load_instruction_data
+from data.sources import load_documents
+from data.tasks import TaskSet, build_tasks
 from model.generate import generate
 from tokenizer.chat import render_prompt
 
@@ -157,3 +160,32 @@ def format_table(results: dict[str, dict]) -> str:
     lines.append(row("form average", [r["form_average"] for r in results.values()]))
     lines.append(row("overall", [r["overall"]["accuracy"] for r in results.values()]))
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------- shared by SFT and evaluate
+
+
+def builtin_tasks(cfg) -> TaskSet:
+    """The built-in tasks from the `data` corpus, as conf/tasks/builtin.yaml sets them."""
+    t = cfg.tasks
+    return build_tasks(load_documents(cfg.data), t.seed, t.n_train, t.n_test)
+
+
+def eval_file_items(paths: Sequence[str], max_bad_fraction: float = 0.05) -> list[dict]:
+    """Held-out items from the user's instruction files (Alpaca, Dolly, chat), one task per
+    file named by its stem; the final assistant reply of each conversation is the answer."""
+    items = []
+    for path in paths:
+        for messages in load_instruction_data([path], max_bad_fraction):
+            items.append({"task": Path(path).stem, "messages": messages})
+            items[-1]["answer"] = messages[-1]["content"]
+    return items
+
+
+def score(model, tok, items: Sequence[dict], runtime, max_new_tokens: int) -> dict:
+    """evaluate_tasks on rank 0, in eval mode under the run's autocast ({} elsewhere)."""
+    if not items or not runtime.is_main:
+        return {}
+    model.eval()
+    with torch.no_grad(), runtime.autocast():
+        return evaluate_tasks(model, tok, items, runtime.device, max_new_tokens)
