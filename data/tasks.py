@@ -16,6 +16,18 @@ form tasks (any text; they test following an instruction's form):
 
 Every task has several phrasings, so the model learns instructions, not one template.
 
+Copying. SentencePiece writes a word inside a sentence with its space: "begin" in "they
+did begin" is the one token "▁begin", while "begin" at the start of a text is "be", "g",
+"in". A tiny model can learn to copy tokens from the prompt, but hardly to re-spell a word
+it has seen only as "▁begin". So the line is always the end of the prompt, after a space,
+and the assistant's reply starts with a space (REPLY_PREFIX): the reply " begin" is then
+the very token the line holds, and " When time shall serve" the line's own tokens. With
+the 4096-piece Shakespeare tokenizer, the reply's tokens occur as they are in the prompt
+for 100% of the repeat items, 92% of first-word and 70% of last-word items (the rest have
+punctuation merged into the word's last piece, "▁him." for "him"); with the line after a
+newline and a reply without the space it was 24%, 25% and 0%. Evaluation strips the
+space (train/task_eval.py); an item's "answer" holds the answer without it.
+
 Held-out split. Items are split by their *source*, not by phrasing: every usable line
 (its exact text) and every character name is assigned once, with a fixed seed, to train
 or test. Train items of every task use train sources only and test items test sources
@@ -49,6 +61,7 @@ CORPUS_TASKS = ("play_of_character", "speaker_of_line", "play_of_line")
 FORM_TASKS = ("repeat", "first_word", "last_word", "count_words", "one_word")
 TASKS = CORPUS_TASKS + FORM_TASKS
 
+# A line always comes last in the prompt, after a space: see "Copying" in the docstring.
 PHRASINGS: dict[str, tuple[str, ...]] = {
     "play_of_character": (
         "Which play has a character named {name}?",
@@ -57,48 +70,49 @@ PHRASINGS: dict[str, tuple[str, ...]] = {
         "Name the play with a character called {name}.",
     ),
     "speaker_of_line": (
-        "Who speaks this line?\n{line}",
-        "{line}\n\nWhich character says the line above?",
-        "Which character says: {line}",
+        "Who speaks this line? {line}",
+        "Which character says this: {line}",
         "Name the speaker of this line: {line}",
+        "Who says the following line? {line}",
     ),
     "play_of_line": (
-        "Which play is this line from?\n{line}",
-        "{line}\n\nName the play this line comes from.",
+        "Which play is this line from? {line}",
+        "Name the play this line comes from: {line}",
         "From which play is this line: {line}",
         "In which play is this said? {line}",
     ),
     "repeat": (
-        "Repeat this line exactly:\n{line}",
-        "{line}\n\nRepeat the line above exactly.",
+        "Repeat this line exactly: {line}",
         "Say this back word for word: {line}",
-        "Copy the following line without changing anything:\n{line}",
+        "Copy the following line without changing anything: {line}",
+        "Echo this line: {line}",
     ),
     "first_word": (
-        "What is the first word of this line?\n{line}",
-        "{line}\n\nGive the first word of the line above.",
+        "What is the first word of this line? {line}",
+        "Give the first word of the following line: {line}",
         "Which word does this line begin with? {line}",
         "First word of: {line}",
     ),
     "last_word": (
-        "What is the last word of this line?\n{line}",
-        "{line}\n\nGive the last word of the line above.",
+        "What is the last word of this line? {line}",
+        "Give the last word of the following line: {line}",
         "Which word does this line end with? {line}",
         "Last word of: {line}",
     ),
     "count_words": (
-        "How many words are in this line?\n{line}",
-        "{line}\n\nCount the words in the line above.",
+        "How many words are in this line? {line}",
+        "Count the words in the following line: {line}",
         "Count the words: {line}",
         "Give the number of words in this line: {line}",
     ),
     "one_word": (
-        "Answer in one word: what is the longest word in this line?\n{line}",
-        "{line}\n\nWhich word of the line above is the longest? Answer in one word.",
+        "Answer in one word: what is the longest word in this line? {line}",
+        "In one word, which is the longest word of this line? {line}",
         "In one word, name the longest word here: {line}",
         "Reply with a single word, the longest one in: {line}",
     ),
 }
+REPLY_PREFIX = " "  # the assistant's reply starts with a space: see "Copying"
 
 MIN_WORDS, MAX_WORDS, MAX_CHARS = 3, 10, 60
 EDGE_PUNCTUATION = '.,;:!?"'
@@ -381,8 +395,12 @@ class TaskSet:
 
 
 def make_item(task: str, prompt: str, answer: str, source: str) -> dict:
-    """One item: the conversation to train on (or to prompt with) and the exact answer."""
-    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+    """One item: the conversation to train on (or to prompt with) and the exact answer.
+    The assistant's message is REPLY_PREFIX + answer; "answer" is the answer itself."""
+    messages = [
+        {"role": "user", "content": prompt},
+        {"role": "assistant", "content": REPLY_PREFIX + answer},
+    ]
     return {"task": task, "messages": messages, "answer": answer, "source": source}
 
 

@@ -15,6 +15,7 @@ from data.sources import Document
 from data.tasks import (
     CORPUS_TASKS,
     FORM_TASKS,
+    REPLY_PREFIX,
     TASKS,
     build_tasks,
     find_persons,
@@ -199,8 +200,11 @@ def test_answers_are_true_of_the_corpus(corpus, taskset):
     for item in taskset.train + taskset.test:
         task, source, answer = item["task"], item["source"], item["answer"]
         user, assistant = item["messages"]
-        assert user["role"] == "user" and assistant == {"role": "assistant", "content": answer}
+        assert user["role"] == "user"
+        assert assistant == {"role": "assistant", "content": REPLY_PREFIX + answer}
         assert source in user["content"]
+        if task != "play_of_character":  # the line comes last, after a space: copyable
+            assert user["content"].endswith(" " + source)
         phrasings[task].add(user["content"].replace(source, "{}"))
         if task == "play_of_character":
             assert characters[source] == answer
@@ -212,6 +216,18 @@ def test_answers_are_true_of_the_corpus(corpus, taskset):
             assert line_answer(task, source) == answer
         assert SHARED_LINE not in source or task in FORM_TASKS
     assert all(len(p) >= 3 for p in phrasings.values())  # several phrasings per task
+
+
+def test_repeat_replies_are_token_copies_of_the_prompt(corpus, taskset):
+    tok = tokenizer.train_tokenizer([d.text for d in corpus[0]], vocab_size=400)
+
+    def occurs(part, whole):
+        return any(whole[i : i + len(part)] == part for i in range(len(whole) - len(part) + 1))
+
+    for item in taskset.train + taskset.test:
+        if item["task"] == "repeat":
+            user, assistant = item["messages"]
+            assert occurs(tok.encode(assistant["content"]), tok.encode(user["content"]))
 
 
 @pytest.mark.parametrize(
