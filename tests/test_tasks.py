@@ -26,6 +26,7 @@ from data.tasks import (
     usable_line,
 )
 from model import GPT, GPTConfig
+from model.generate import generate
 from tokenizer.chat import render_prompt
 from train import task_eval
 from train.task_eval import evaluate_tasks, format_table, is_correct, normalize, save_eval
@@ -285,6 +286,15 @@ def test_normalize_is_documented_exactly():
     assert normalize("  Keep. Case!  ", "repeat") == "Keep. Case!"
 
 
+class FakeTok:
+    """Just enough of a tokenizer for the scoring arithmetic."""
+
+    bos_id, eos_id, pad_id, system_id, user_id, assistant_id, end_id = range(7)
+
+    def encode(self, text):
+        return [ord(c) for c in text]
+
+
 def test_scores_per_task_overall_and_form_average(monkeypatch, tmp_path):
     items = [
         {"task": t, "messages": [{"role": "user", "content": q}], "answer": a}
@@ -292,11 +302,10 @@ def test_scores_per_task_overall_and_form_average(monkeypatch, tmp_path):
                         ("first_word", "f1", "A"), ("last_word", "l1", "b"),
                         ("play_of_line", "p1", "Hamlet")]
     ]  # fmt: skip
-    replies = {"r1": "A b", "r2": "c d", "f1": "a.", "l1": "x", "p1": "hamlet"}
-    monkeypatch.setattr(task_eval, "reply", lambda m, t, msgs, d, n: replies[msgs[-1]["content"]])
+    replies = [" A b", "c d", "a.", "x", " hamlet"]
+    monkeypatch.setattr(task_eval, "greedy_replies", lambda *args, **kw: replies)
     model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=16, vocab_size=32))
-    tok = type("Tok", (), {"encode": staticmethod(lambda s: list(s))})()
-    res = evaluate_tasks(model, tok, items, "cpu", progress=False)
+    res = evaluate_tasks(model, FakeTok(), items, "cpu", progress=False)
     assert res["tasks"]["repeat"] == {"accuracy": 0.5, "correct": 1, "total": 2}
     assert res["tasks"]["first_word"]["accuracy"] == 1.0
     assert res["tasks"]["last_word"]["accuracy"] == 0.0
@@ -309,23 +318,31 @@ def test_scores_per_task_overall_and_form_average(monkeypatch, tmp_path):
     assert "repeat" in table and "50.0%" in table
 
 
-def test_greedy_chat_reply_from_a_real_model(corpus, taskset, monkeypatch):
+def test_greedy_chat_replies_from_a_real_model(corpus, taskset, monkeypatch):
     tok = tokenizer.train_tokenizer([d.text for d in corpus[0]], vocab_size=400)
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=128, vocab_size=400))
+    items = taskset.test[::3]
+    prompts = [render_prompt(tok, item["messages"][:1]) for item in items]  # the chat format
     calls = []
 
     def recording_generate(model, idx, max_new_tokens, **kw):
-        calls.append((idx[0].tolist(), max_new_tokens, kw["temperature"]))
-        yield from task_eval.generate.__wrapped__(model, idx, max_new_tokens, **kw)
+        calls.append((idx.tolist(), max_new_tokens, kw["temperature"]))
+        yield from generate(model, idx, max_new_tokens, **kw)
 
-    recording_generate.__wrapped__ = task_eval.generate
     monkeypatch.setattr(task_eval, "generate", recording_generate)
-    items = taskset.test[:4]
     res = evaluate_tasks(model, tok, items, "cpu", max_new_tokens=5, progress=False)
-    assert res["overall"]["total"] == 4
-    for (prompt, budget, temperature), item in zip(calls, items, strict=True):
-        assert prompt == render_prompt(tok, item["messages"][:1])  # the chat format
-        assert budget == 5 and temperature == 0.0  # greedy, within the budget
-    again = evaluate_tasks(model, tok, items, "cpu", max_new_tokens=5, progress=False)
-    assert [r["reply"] for r in again["items"]] == [r["reply"] for r in res["items"]]
+    assert res["overall"]["total"] == len(items)
+    assert sorted(row for rows, _, _ in calls for row in rows) == sorted(prompts)
+    assert all(budget == 5 and temperature == 0.0 for _, budget, temperature in calls)
+    assert any(len(rows) > 1 for rows, _, _ in calls)  # equal-length prompts share a batch
+
+    # Batched decoding gives what decoding each prompt alone gives.
+    budgets = [1 + i % 6 for i in range(len(items))]
+    batched = task_eval.greedy_replies(model, tok, prompts, budgets, "cpu", batch_size=4)
+    alone = [task_eval.greedy_replies(model, tok, [p], [b], "cpu")[0]
+             for p, b in zip(prompts, budgets, strict=True)]  # fmt: skip
+    assert batched == alone
+    assert [r["reply"] for r in res["items"]] == task_eval.greedy_replies(
+        model, tok, prompts, [5] * len(items), "cpu", batch_size=1
+    )

@@ -20,7 +20,9 @@ and the SFT model, so their numbers compare.
 Decoding stops at the end-of-turn (or end-of-text) token, or after
 min(max_new_tokens, 2 * len(encode(answer)) + 8) tokens: a reply that needs more than
 twice the answer's tokens plus eight is not going to match it, and a base model that
-never stops would otherwise cost max_new_tokens per item.
+never stops would otherwise cost max_new_tokens per item. Items whose prompts have the
+same length are decoded together in a batch (no padding, so each row computes what it
+would alone).
 """
 
 import json
@@ -67,18 +69,43 @@ def prompt_messages(item: dict) -> list[dict]:
 
 
 @torch.no_grad()
-def reply(model, tok, messages: Sequence[dict], device, max_new_tokens: int) -> str:
-    """The model's greedy reply to a conversation, up to its end-of-turn token."""
-    ids = render_prompt(tok, messages)
-    idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
+def greedy_replies(
+    model, tok, prompts: Sequence[list[int]], budgets: Sequence[int], device, batch_size: int = 32
+) -> list[str]:
+    """Greedy replies to rendered prompts; reply i is at most budgets[i] tokens, cut before
+    the first end-of-turn (or end-of-text) token.
+
+    Prompts of the same length are decoded together, up to batch_size at a time: no
+    padding is needed, so each row computes what it would alone.
+    """
     stops = (tok.end_id, tok.eos_id)
-    out = []
-    for step in generate(model, idx, max_new_tokens, temperature=0.0, stop_ids=stops):
-        token = int(step[0])
-        if token in stops:
-            break
-        out.append(token)
-    return tok.decode(out)
+    replies: list[str] = [""] * len(prompts)
+    by_length: dict[int, list[int]] = {}
+    for i, ids in enumerate(prompts):
+        by_length.setdefault(len(ids), []).append(i)
+    groups = [
+        g[k : k + batch_size] for g in by_length.values() for k in range(0, len(g), batch_size)
+    ]
+    for group in groups:
+        idx = torch.tensor([prompts[i] for i in group], dtype=torch.long, device=device)  # (B, T)
+        budget = max(budgets[i] for i in group)
+        out: list[list[int]] = [[] for _ in group]
+        done = [False] * len(group)
+        steps = generate(model, idx, budget, temperature=0.0, stop_ids=stops)
+        for step, tokens in enumerate(steps):
+            for row, token in enumerate(tokens.tolist()):
+                if done[row] or step >= budgets[group[row]] or token in stops:
+                    done[row] = True
+                else:
+                    out[row].append(token)
+        for row, i in enumerate(group):
+            replies[i] = tok.decode(out[row])
+    return replies
+
+
+def reply(model, tok, messages: Sequence[dict], device, max_new_tokens: int) -> str:
+    """The model's greedy reply to one conversation, up to its end-of-turn token."""
+    return greedy_replies(model, tok, [render_prompt(tok, messages)], [max_new_tokens], device)[0]
 
 
 def evaluate_tasks(
@@ -88,32 +115,44 @@ def evaluate_tasks(
     device,
     max_new_tokens: int = 48,
     progress: bool = True,
+    batch_size: int = 32,
 ) -> dict:
     """Exact-match accuracy of the model on items, per task and overall.
 
     The model should be in eval mode on `device`; wrap the call in the run's autocast for
-    reduced precision. Returns
+    reduced precision. Items whose prompts have the same length are decoded batch_size
+    at a time. Returns
         {"tasks": {task: {"accuracy", "correct", "total"}}, "overall": {...},
          "form_average": float or None, "form_tasks": [...],
          "items": [{"task", "prompt", "answer", "reply", "correct"}, ...]}
     """
     was_training = model.training
     model.eval()
+    prompts = [render_prompt(tok, prompt_messages(item)) for item in items]
+    budgets = [min(max_new_tokens, 2 * len(tok.encode(item["answer"])) + 8) for item in items]
+    texts: list[str] = []
+    chunk = 8 * batch_size  # decode in chunks so that the progress bar moves
+    for start in tqdm(
+        range(0, len(items), chunk), desc="task eval", disable=not progress, leave=False
+    ):
+        end = start + chunk
+        texts += greedy_replies(model, tok, prompts[start:end], budgets[start:end], device,
+                                batch_size)  # fmt: skip
+    model.train(was_training)
+
     per_task: dict[str, list[int]] = {}
     records = []
-    for item in tqdm(items, desc="task eval", disable=not progress, leave=False):
+    for item, text in zip(items, texts, strict=True):
         task, answer = item["task"], item["answer"]
-        budget = min(max_new_tokens, 2 * len(tok.encode(answer)) + 8)
-        text = reply(model, tok, prompt_messages(item), device, budget)
         ok = is_correct(text, answer, task)
         per_task.setdefault(task, [0, 0])
         per_task[task][0] += int(ok)
         per_task[task][1] += 1
-        prompt = prompt_messages(item)[-1]["content"] if prompt_messages(item) else ""
+        messages = prompt_messages(item)
+        prompt = messages[-1]["content"] if messages else ""
         records.append(
             {"task": task, "prompt": prompt, "answer": answer, "reply": text, "correct": ok}
         )
-    model.train(was_training)
 
     tasks = {t: {"accuracy": c / n, "correct": c, "total": n} for t, (c, n) in per_task.items()}
     correct = sum(c for c, _ in per_task.values())
@@ -125,7 +164,7 @@ def evaluate_tasks(
             "accuracy": correct / total if total else 0.0,
             "correct": correct,
             "total": total,
-        },  # fmt: skip
+        },
         "form_average": sum(form) / len(form) if form else None,
         "form_tasks": [t for t in FORM_AVERAGE_TASKS if t in tasks],
         "items": records,
