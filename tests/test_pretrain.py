@@ -84,6 +84,7 @@ def overrides(corpus: dict, out_dir: Path, **extra) -> list[str]:
         "min_lr": 1e-3,
         "warmup_iters": 2,
         "max_iters": 12,
+        "max_minutes": "null",  # step-bounded, so runs are exactly repeatable
         "eval_interval": 6,
         "log_interval": 1,
         "eval_tokens": 2048,

@@ -69,6 +69,7 @@ def run_sft(d: Path, *overrides: str) -> subprocess.CompletedProcess:
         "min_lr=3e-4",
         "warmup_iters=5",
         "max_iters=40",
+        "max_minutes=null",
         "eval_interval=20",
         "log_interval=10",
         *overrides,
