@@ -30,10 +30,12 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def model() -> GPT:
+@pytest.fixture(scope="module", params=["sdpa", "manual"])
+def model(request) -> GPT:
     torch.manual_seed(0)
-    config = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64)
+    config = GPTConfig(
+        n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, attention=request.param
+    )
     model = GPT(config).eval()
     with torch.no_grad():  # large random weights: the next token depends on all the context,
         for p in model.parameters():  # where GPT-2's small init would repeat one token
