@@ -235,6 +235,7 @@ def test_prepare_for_decoding_changes_the_layout_not_the_function(model):
     fast = prepare_for_decoding(copy.deepcopy(model))
     w = fast.h[0].mlp.c_fc.weight
     assert w.shape == model.h[0].mlp.c_fc.weight.shape and w.t().is_contiguous()
+    assert fast.h[0].mlp.c_proj.weight.is_contiguous()  # narrowing: left row-major
     assert fast.lm_head.weight is fast.embed.wte.weight  # still tied: one tensor
     with torch.no_grad():
         assert torch.allclose(fast(idx)[0], model(idx)[0], atol=1e-5)
