@@ -16,8 +16,7 @@ float32 under autocast, as the training loop runs them.
 (flops_per_token: model/gpt.py; peak_flops: train/runtime.py).
 
 Sampling: batch 1, a random prompt, top-k sampling of a fixed number of new tokens (no
-stop token), weights cast to the dtype python -m train.sample decodes in (decoding_dtype:
-precision=auto means float32 on a CPU, where bf16 matrix-vector kernels are no faster):
+stop token), weights cast to the run's precision (no autocast), as python -m train.sample does:
   - cached:        model/generate.py with the KV cache
   - uncached:      the same, rerunning the model over the whole context for every token
   - transformers:  GPT2LMHeadModel.generate with the same weights and settings (model/hf.py)
@@ -49,7 +48,6 @@ from model.generate import generate, prepare_for_decoding
 from .cli import report_user_errors
 from .optim import build_optimizer
 from .runtime import Runtime, peak_flops, setup_runtime
-from .sample import decoding_dtype
 
 
 def note(message: str) -> None:
@@ -158,7 +156,7 @@ def bench_sampling(model: GPT, cfg: DictConfig, rt: Runtime) -> dict:
     P, N = cfg.prompt_tokens, cfg.new_tokens
     N_uncached = cfg.uncached_new_tokens or N
     top_k, temperature = cfg.top_k, float(cfg.temperature)
-    dtype = decoding_dtype(cfg.precision, rt)  # what python -m train.sample would use
+    dtype = rt.dtype  # weights cast, as python -m train.sample does
     model = prepare_for_decoding(model.to(rt.device, dtype).eval())
     g = torch.Generator(device=rt.device).manual_seed(0)
     idx = torch.randint(0, model.config.vocab_size, (1, P), device=rt.device, generator=g)

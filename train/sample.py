@@ -34,7 +34,7 @@ from tokenizer.chat import ChatFormatError, render_prompt
 
 from .checkpoint import CHECKPOINT_NAME, load_model
 from .cli import report_user_errors
-from .runtime import Runtime, setup_runtime
+from .runtime import setup_runtime
 
 MODES = ("generate", "chat")
 
@@ -296,20 +296,6 @@ def chat(
 # --------------------------------------------------------------------------- entry point
 
 
-def decoding_dtype(precision: str, rt: Runtime) -> torch.dtype:
-    """The dtype the weights are cast to for sampling (no autocast: inference only).
-
-    An explicit precision is obeyed. `auto` follows train/runtime.py, except on a CPU:
-    decoding one token is a chain of matrix-vector products, and PyTorch's CPU kernels run
-    those in float32 at least as fast as in bfloat16 (on this project's 2-core AMD EPYC,
-    bf16 reached the same parameters/s as fp32, so halving the bytes bought nothing), while
-    float32 is exact. So `auto` decodes in float32 on a CPU.
-    """
-    if str(precision).strip().lower() == "auto" and rt.device.type == "cpu":
-        return torch.float32
-    return rt.dtype
-
-
 def run(cfg: DictConfig) -> None:
     settings = check_settings(cfg)
     text = read_prompt(cfg) if cfg.mode == "generate" else None  # bad input fails before loading
@@ -317,11 +303,10 @@ def run(cfg: DictConfig) -> None:
     model, tok, ckpt = load_model(find_checkpoint(cfg.get("checkpoint")))
     # Inference only: the weights themselves go to the compute dtype (no autocast), so
     # bf16/fp16 halve the bytes read per token; decoding is bound by reading the weights.
-    dtype = decoding_dtype(cfg.precision, rt)
-    model = prepare_for_decoding(model.to(device=rt.device, dtype=dtype))
+    model = prepare_for_decoding(model.to(device=rt.device, dtype=rt.dtype))
     print(
         f"{ckpt['path']}: {model.num_params() / 1e6:.1f}M parameters, context "
-        f"{model.config.block_size}, on {rt.device} in {str(dtype).removeprefix('torch.')}",
+        f"{model.config.block_size}, on {rt.device} in {str(rt.dtype).removeprefix('torch.')}",
         file=sys.stderr,
         flush=True,
     )
