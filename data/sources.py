@@ -129,6 +129,14 @@ def decode_utf8(data: bytes, where: str) -> str:
         ) from None
 
 
+def read_utf8_file(path: str | Path, what: str = "file") -> str:
+    """The text of one UTF-8 file, or a one-line error naming it (missing, not UTF-8)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist; give the path of a UTF-8 text file")
+    return decode_utf8(path.read_bytes(), f"{what} {path}")
+
+
 # --- the three sources -----------------------------------------------------------------
 
 

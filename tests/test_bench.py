@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 
 import train.bench as bench
@@ -32,14 +31,6 @@ MICRO = (
 def config(*overrides: str):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         return compose("bench", overrides=list(overrides))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_bench_measures_everything_and_writes_json(tmp_path, capsys):

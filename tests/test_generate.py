@@ -20,16 +20,6 @@ from model.generate import filter_logits, generate, prepare_for_decoding, sample
 NEG_INF = float("-inf")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A tiny model gains nothing from threads; on a busy machine each parallel region
-    would wait for a free core."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module", params=["sdpa", "manual"])
 def model(request) -> GPT:
     torch.manual_seed(0)

@@ -23,15 +23,6 @@ SMALL = dict(n_layer=2, n_head=2, n_embd=16, block_size=32, vocab_size=53)
 ATOL = 1e-4  # max abs difference between our logits and HF's
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run much faster on one thread; restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def randomize(module: torch.nn.Module, seed: int) -> None:
     """Every parameter ~ N(0, 0.3), LayerNorm gains ~ 1 + N(0, 0.3): nothing left at 0 or 1."""
     g = torch.Generator().manual_seed(seed)

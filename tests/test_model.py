@@ -15,16 +15,6 @@ from model import GPT, IGNORE_INDEX, GPTConfig
 TINY = dict(n_layer=2, n_head=4, n_embd=32, block_size=24, vocab_size=61)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Models this small run many times faster on one thread than on several, more so on a
-    busy machine; restore the setting afterwards for the other test files."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_gpt(seed: int = 0, **overrides) -> GPT:
     """A tiny GPT in eval mode. Biases and LayerNorm parameters get random values too (GPT-2
     init leaves them at 0 and 1), so that a mistake in how any of them is used shows."""

@@ -59,16 +59,6 @@ def build_checkpoint(path: Path, tok, vocab_size: int | None = None, seed: int =
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A tiny model gains nothing from threads, and on a busy machine each parallel region
-    waits for a free core; the subprocesses get OMP_NUM_THREADS=1 likewise."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return tokenizer.train_tokenizer(TEXT * 10, vocab_size=360)

@@ -34,15 +34,6 @@ from train.runtime import Runtime, resolve_device, resolve_precision
 TINY = dict(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32, bias=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run much faster on one thread, more so on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --- device ---------------------------------------------------------------------------
 
 

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
+from data.sources import read_utf8_file
 from errors import UserError
 from model import GPT, IGNORE_INDEX
 from model.generate import generate
@@ -161,14 +162,7 @@ def run(cfg: DictConfig) -> dict:
 def file_bits_per_byte(model: GPT, tok, rt: Runtime, cfg: DictConfig) -> dict:
     """Read cfg.text_file (UTF-8) and measure its bits per byte under the model."""
     path = Path(cfg.text_file)
-    if not path.is_file():
-        raise UserError(f"text_file {path} does not exist; give the path of a UTF-8 text")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(
-            f"{path} is not UTF-8 (byte offset {e.start}); convert it to UTF-8"
-        ) from None
+    text = read_utf8_file(path, "text_file")
     r = text_bits_per_byte(model, tok, text, rt)
     print(
         f"{path}: {r['bytes']} bytes, {r['tokens']} tokens, loss {r['val_loss']:.4f} "

@@ -27,6 +27,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from data.sources import read_utf8_file
 from errors import UserError
 from model import GPT
 from model.generate import generate, prepare_for_decoding
@@ -95,14 +96,7 @@ def read_prompt(cfg: DictConfig) -> str | None:
         raise UserError("give either prompt or prompt_file, not both")
     if cfg.get("prompt_file"):
         path = Path(cfg.prompt_file)
-        if not path.is_file():
-            raise UserError(f"prompt_file {path} does not exist")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise UserError(
-                f"prompt_file {path} is not UTF-8 (byte {e.start}); convert it"
-            ) from None
+        text = read_utf8_file(path, "prompt_file")
         source = f"prompt_file {path}"
     elif cfg.get("prompt") is None:
         return None
