@@ -52,7 +52,7 @@ the answer is that person's name as the list gives it, in title case.
 import functools
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -430,21 +430,26 @@ def _split(sources: Iterable[str], test_fraction: float, rng: np.random.Generato
 def build_tasks(
     documents: Sequence,
     seed: int = 1234,
-    n_train: int = 600,
+    n_train: int | Mapping[str, int] = 600,
     n_test: int = 60,
     test_fraction: float = 0.2,
     tasks: Sequence[str] = TASKS,
 ) -> TaskSet:
     """Train and held-out items for `tasks` from documents (anything with .name and .text).
 
-    n_train items per task for training (sources repeat, in other phrasings, when there
-    are fewer) and up to n_test per task for testing (distinct sources). test_fraction of
-    the lines and of the character names are held out. The same documents, seed and sizes
-    always give the same items. A task with no usable source gets no items.
+    n_train items per task for training (an int, or {task: n} naming every task; sources
+    repeat, in other phrasings, when there are fewer) and up to n_test per task for testing
+    (distinct sources). test_fraction of the lines and of the character names are held out.
+    The same documents, seed and sizes always give the same items. A task with no usable
+    source gets no items.
     """
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; known: {', '.join(TASKS)}")
+    sizes = dict(n_train) if isinstance(n_train, Mapping) else dict.fromkeys(tasks, n_train)
+    missing = [t for t in tasks if t not in sizes]
+    if missing:
+        raise ValueError(f"n_train gives no size for task(s) {missing}")
 
     # Gather the sources: every usable line, and what the plays say about them.
     line_count: dict[str, int] = defaultdict(int)  # line -> occurrences in the corpus
@@ -506,7 +511,7 @@ def build_tasks(
         phrasings = PHRASINGS[task]
         for items, pool, n, repeat in (
             (result.test, test, n_test, False),
-            (result.train, train, n_train, True),
+            (result.train, train, sizes[task], True),
         ):
             for source, answer in _draw(pool, n, answer_of, rng, repeat):
                 prompt = phrasings[rng.integers(len(phrasings))].format(**{key: source})

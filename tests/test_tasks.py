@@ -190,6 +190,40 @@ def test_items_are_deterministic_and_depend_on_the_seed(corpus, taskset):
     assert other.test != taskset.test
 
 
+def test_training_sizes_per_task_leave_the_test_items_alone(corpus, taskset):
+    sizes = dict.fromkeys(TASKS, 40) | {"repeat": 90, "play_of_line": 3}
+    sized = build_tasks(corpus[0], seed=3, n_train=sizes, n_test=8)
+    counts = {t: sum(i["task"] == t for i in sized.train) for t in TASKS}
+    assert counts == sizes
+    assert sized.test == taskset.test  # held-out items do not depend on the training sizes
+    with pytest.raises(ValueError, match="no size for task"):
+        build_tasks(corpus[0], n_train={"repeat": 5})
+
+
+def test_config_sizes_per_task(tmp_path):
+    from omegaconf import OmegaConf
+
+    from errors import UserError
+
+    (tmp_path / "poem.txt").write_text(
+        "\n".join(f"The river sings {w} tonight." for w in WORDS), encoding="utf-8"
+    )
+    sizes = dict.fromkeys(TASKS, 4) | {"repeat": 9}
+    cfg = OmegaConf.create({
+        "data": {"source": "text", "paths": [str(tmp_path / "poem.txt")]},
+        "tasks": {"seed": 1, "n_train": sizes, "n_test": 2},
+    })  # fmt: skip
+    counts = dict.fromkeys(FORM_TASKS, 0)  # a poem has no plays: form tasks only
+    for item in task_eval.builtin_tasks(cfg).train:
+        counts[item["task"]] += 1
+    assert counts == dict.fromkeys(FORM_TASKS, 4) | {"repeat": 9}
+    cfg.tasks.n_train = 3  # one number for every task
+    assert len(task_eval.builtin_tasks(cfg).train) == 3 * len(FORM_TASKS)
+    cfg.tasks.n_train = {"repeat": 9}
+    with pytest.raises(UserError, match="n_train must give a size for each of"):
+        task_eval.builtin_tasks(cfg)
+
+
 def test_answers_are_true_of_the_corpus(corpus, taskset):
     _, truth, poem_lines = corpus
     plays = {line: play for play, lines in truth.items() for line in lines}

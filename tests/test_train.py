@@ -200,6 +200,29 @@ def test_lr_peaks_at_the_end_of_warm_up_then_decays_to_min_lr():
     assert lr_at(5, 0.0, MAX_LR, MIN_LR, 0) == MAX_LR  # no warm-up
 
 
+def test_wsd_holds_the_peak_then_decays_linearly_to_min_lr():
+    def wsd(step, f):
+        return lr_at(step, f, MAX_LR, MIN_LR, WARMUP, schedule="wsd", cooldown=0.4)
+
+    assert wsd(0, 0.0) == pytest.approx(MAX_LR / WARMUP, rel=1e-12)  # the same warm-up
+    assert wsd(WARMUP, 0.1) == MAX_LR and wsd(50, 0.6) == MAX_LR  # stable until 1 - cooldown
+    assert wsd(80, 0.8) == pytest.approx((MAX_LR + MIN_LR) / 2, rel=1e-12)  # halfway down
+    assert wsd(99, 0.9) == pytest.approx(MIN_LR + (MAX_LR - MIN_LR) / 4, rel=1e-12)
+    assert wsd(100, 1.0) == pytest.approx(MIN_LR, rel=1e-12)
+    lrs = [wsd(s, s / ITERS) for s in range(60, ITERS + 1)]
+    steps = np.diff(lrs)  # a straight line down: equal decrements
+    assert np.all(steps < 0) and np.allclose(steps, steps[0])
+    with pytest.raises(ValueError, match="unknown schedule"):
+        lr_at(0, 0.0, MAX_LR, MIN_LR, WARMUP, schedule="linear")
+
+
+def test_schedule_settings_are_checked():
+    with pytest.raises(UserError, match="schedule must be one of cosine, wsd"):
+        LoopConfig(schedule="linear")
+    with pytest.raises(UserError, match="cooldown must be in"):
+        LoopConfig(schedule="wsd", cooldown=0.0)
+
+
 def test_fraction_done_takes_the_bound_that_applies():
     assert fraction_done(25, 100, 0.0, None) == 0.25
     assert fraction_done(25, 100, 30.0, 1.0) == 0.5  # half a minute of a one-minute budget

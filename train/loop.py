@@ -37,7 +37,7 @@ from errors import UserError
 
 from .checkpoint import BEST_NAME, CHECKPOINT_NAME, rng_state, save_checkpoint, set_rng_state
 from .metrics import MetricsLog
-from .optim import fraction_done, lr_at, set_lr
+from .optim import SCHEDULES, fraction_done, lr_at, set_lr
 from .runtime import Runtime
 
 
@@ -50,8 +50,10 @@ class LoopConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     grad_clip: float = 1.0  # max gradient norm; 0 = no clipping
     lr: float = 1e-3  # peak learning rate
-    min_lr: float = 1e-4  # learning rate at the end of the cosine
+    min_lr: float = 1e-4  # learning rate at the end of the run
     warmup_iters: int = 100
+    schedule: str = "cosine"  # "cosine" or "wsd" (train/optim.py)
+    cooldown: float = 0.4  # wsd: the fraction of the run that decays to min_lr
     log_interval: int = 10
     eval_interval: int = 250  # evaluate, sample and checkpoint every this many steps
     compile: bool = False  # torch.compile the model
@@ -66,6 +68,12 @@ class LoopConfig:
             raise UserError(f"max_minutes must be positive or null, got {self.max_minutes!r}")
         if not 0 <= self.min_lr <= self.lr:
             raise UserError(f"need 0 <= min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
+        if self.schedule not in SCHEDULES:
+            raise UserError(
+                f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
+            )
+        if not 0 < self.cooldown <= 1:
+            raise UserError(f"cooldown must be in (0, 1], got {self.cooldown!r}")
 
     @classmethod
     def from_cfg(cls, cfg) -> "LoopConfig":
@@ -166,6 +174,7 @@ class Trainer:
         )
         interval_tokens, interval_start = 0, time.perf_counter()
         stop = False  # agreed by all ranks: every rank takes the same way out below
+        schedule = (cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.schedule, cfg.cooldown)
         try:
             self.model.train()
             while True:
@@ -174,7 +183,7 @@ class Trainer:
                 frac = fraction_done(self.step, cfg.max_iters, elapsed, cfg.max_minutes)
                 if self.step >= cfg.max_iters or frac >= 1.0 or stop:
                     break
-                lr = lr_at(self.step, frac, cfg.lr, cfg.min_lr, cfg.warmup_iters)
+                lr = lr_at(self.step, frac, *schedule)
                 set_lr(self.optimizer, lr)
                 loss, tokens = self._train_step()
                 self.step += 1

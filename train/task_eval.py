@@ -34,7 +34,8 @@ from tqdm import tqdm
 
 from data.instruct import load_instruction_data
 from data.sources import load_documents
-from data.tasks import TaskSet, build_tasks
+from data.tasks import TASKS, TaskSet, build_tasks
+from errors import UserError
 from model.generate import generate
 from tokenizer.chat import render_prompt
 
@@ -207,7 +208,13 @@ def format_table(results: dict[str, dict]) -> str:
 def builtin_tasks(cfg) -> TaskSet:
     """The built-in tasks from the `data` corpus, as conf/tasks/builtin.yaml sets them."""
     t = cfg.tasks
-    return build_tasks(load_documents(cfg.data), t.seed, t.n_train, t.n_test)
+    sizes = t.n_train if isinstance(t.n_train, int) else dict(t.n_train)
+    if isinstance(sizes, dict) and set(sizes) != set(TASKS):
+        raise UserError(
+            f"tasks.n_train must give a size for each of {', '.join(TASKS)} (or one number); "
+            f"got {', '.join(sizes)}"
+        )
+    return build_tasks(load_documents(cfg.data), t.seed, sizes, t.n_test)
 
 
 def eval_file_items(paths: Sequence[str], max_bad_fraction: float = 0.05) -> list[dict]:
