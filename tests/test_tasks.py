@@ -222,6 +222,9 @@ def test_config_sizes_per_task(tmp_path):
     cfg.tasks.n_train = {"repeat": 9}
     with pytest.raises(UserError, match="n_train must give a size for each of"):
         task_eval.builtin_tasks(cfg)
+    cfg.tasks.n_train = sizes | {"one_word": -1}
+    with pytest.raises(UserError, match="whole numbers >= 0.*one_word"):
+        task_eval.builtin_tasks(cfg)
 
 
 def test_answers_are_true_of_the_corpus(corpus, taskset):

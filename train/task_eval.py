@@ -208,12 +208,15 @@ def format_table(results: dict[str, dict]) -> str:
 def builtin_tasks(cfg) -> TaskSet:
     """The built-in tasks from the `data` corpus, as conf/tasks/builtin.yaml sets them."""
     t = cfg.tasks
-    sizes = t.n_train if isinstance(t.n_train, int) else dict(t.n_train)
-    if isinstance(sizes, dict) and set(sizes) != set(TASKS):
+    sizes = dict.fromkeys(TASKS, t.n_train) if isinstance(t.n_train, int) else dict(t.n_train)
+    if set(sizes) != set(TASKS):
         raise UserError(
             f"tasks.n_train must give a size for each of {', '.join(TASKS)} (or one number); "
             f"got {', '.join(sizes)}"
         )
+    bad = {task: n for task, n in sizes.items() if not isinstance(n, int) or n < 0}
+    if bad:
+        raise UserError(f"tasks.n_train sizes must be whole numbers >= 0, got {bad}")
     return build_tasks(load_documents(cfg.data), t.seed, sizes, t.n_test)
 
 
