@@ -100,6 +100,17 @@ def test_sft_raises_held_out_accuracy(setup):
     assert ckpt["stage"] == "sft" and ckpt["init_from"].endswith("base.pt")
     assert "base" in result.stdout and "sft" in result.stdout  # the side-by-side table
 
+    # train.evaluate scores the same checkpoint again and keeps the base model's scores
+    again = subprocess.run(
+        [sys.executable, "-m", "train.evaluate", f"checkpoint={run}", "tasks.weight=0",
+         f"eval_files=[{setup / 'test.json'}]", "device=cpu", "precision=float32"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-2000:]
+    rescored = json.loads((run / "eval.json").read_text())
+    assert rescored["base"] == scores["base"]
+    assert rescored["sft"]["tasks"] == scores["sft"]["tasks"]  # greedy fp32: the same answers
+
 
 def test_sft_refuses_to_train_on_nothing(setup):
     result = run_sft(setup, "files=[]")

@@ -38,7 +38,14 @@ from model.generate import generate
 from .checkpoint import load_model
 from .cli import report_user_errors
 from .runtime import Runtime, runtime_session
-from .task_eval import builtin_tasks, eval_file_items, format_table, save_eval, score
+from .task_eval import (
+    builtin_tasks,
+    eval_file_items,
+    format_table,
+    load_eval,
+    save_eval,
+    score,
+)
 
 
 def language_model_metrics(
@@ -154,7 +161,9 @@ def run(cfg: DictConfig) -> dict:
             if results[stage]:
                 print(f"{ckpt['path']}: held-out exact match (greedy, chat format)")
                 print(format_table({stage: results[stage]}))
-                path = save_eval(results, Path(ckpt["path"]).parent)
+                # keep what is there (SFT writes the base model's scores beside its own)
+                run_dir = Path(ckpt["path"]).parent
+                path = save_eval({**load_eval(run_dir), **results}, run_dir)
                 print(f"written to {path}")
         return results
 

@@ -172,6 +172,15 @@ def evaluate_tasks(
     }
 
 
+def load_eval(run_dir: str | Path, name: str = EVAL_FILE) -> dict:
+    """The results in run_dir/eval.json; {} when there is none or it cannot be read."""
+    try:
+        results = json.loads((Path(run_dir) / name).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return results if isinstance(results, dict) else {}
+
+
 def save_eval(results: dict, run_dir: str | Path, name: str = EVAL_FILE) -> Path:
     """Write results as JSON to run_dir/eval.json (temporary name, then rename)."""
     path = Path(run_dir) / name
