@@ -427,6 +427,25 @@ def _split(sources: Iterable[str], test_fraction: float, rng: np.random.Generato
     return {pool[i] for i in rng.permutation(len(pool))[:n_test]}
 
 
+def task_sizes(n_train: int | Mapping[str, int], tasks: Sequence[str] = TASKS) -> dict:
+    """{task: training items} from one number for all tasks or a mapping naming each task;
+    ValueError if the mapping names other tasks or a size is not a whole number >= 0."""
+    if isinstance(n_train, Mapping):
+        sizes = dict(n_train)
+        if set(sizes) != set(tasks):
+            raise ValueError(
+                f"give a size for each of {', '.join(tasks)} (or one number for all); "
+                f"got {', '.join(sizes)}"
+            )
+    else:
+        sizes = dict.fromkeys(tasks, n_train)
+    bad = {task: n for task, n in sizes.items() if not isinstance(n, int) or n < 0}
+    if bad:
+        got = bad if isinstance(n_train, Mapping) else repr(n_train)
+        raise ValueError(f"sizes must be whole numbers >= 0, got {got}")
+    return sizes
+
+
 def build_tasks(
     documents: Sequence,
     seed: int = 1234,
@@ -446,10 +465,7 @@ def build_tasks(
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; known: {', '.join(TASKS)}")
-    sizes = dict(n_train) if isinstance(n_train, Mapping) else dict.fromkeys(tasks, n_train)
-    missing = [t for t in tasks if t not in sizes]
-    if missing:
-        raise ValueError(f"n_train gives no size for task(s) {missing}")
+    sizes = task_sizes(n_train, tasks)
 
     # Gather the sources: every usable line, and what the plays say about them.
     line_count: dict[str, int] = defaultdict(int)  # line -> occurrences in the corpus

@@ -196,7 +196,7 @@ def test_training_sizes_per_task_leave_the_test_items_alone(corpus, taskset):
     counts = {t: sum(i["task"] == t for i in sized.train) for t in TASKS}
     assert counts == sizes
     assert sized.test == taskset.test  # held-out items do not depend on the training sizes
-    with pytest.raises(ValueError, match="no size for task"):
+    with pytest.raises(ValueError, match="give a size for each of"):
         build_tasks(corpus[0], n_train={"repeat": 5})
 
 
@@ -220,7 +220,10 @@ def test_config_sizes_per_task(tmp_path):
     cfg.tasks.n_train = 3  # one number for every task
     assert len(task_eval.builtin_tasks(cfg).train) == 3 * len(FORM_TASKS)
     cfg.tasks.n_train = {"repeat": 9}
-    with pytest.raises(UserError, match="n_train must give a size for each of"):
+    with pytest.raises(UserError, match="tasks.n_train: give a size for each of"):
+        task_eval.builtin_tasks(cfg)
+    cfg.tasks.n_train = "many"  # as a mistyped command-line override gives it
+    with pytest.raises(UserError, match="whole numbers >= 0"):
         task_eval.builtin_tasks(cfg)
     cfg.tasks.n_train = sizes | {"one_word": -1}
     with pytest.raises(UserError, match="whole numbers >= 0.*one_word"):

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from data.instruct import load_instruction_data
 from data.sources import load_documents
-from data.tasks import TASKS, TaskSet, build_tasks
+from data.tasks import TaskSet, build_tasks, task_sizes
 from errors import UserError
 from model.generate import generate
 from tokenizer.chat import render_prompt
@@ -217,15 +217,10 @@ def format_table(results: dict[str, dict]) -> str:
 def builtin_tasks(cfg) -> TaskSet:
     """The built-in tasks from the `data` corpus, as conf/tasks/builtin.yaml sets them."""
     t = cfg.tasks
-    sizes = dict.fromkeys(TASKS, t.n_train) if isinstance(t.n_train, int) else dict(t.n_train)
-    if set(sizes) != set(TASKS):
-        raise UserError(
-            f"tasks.n_train must give a size for each of {', '.join(TASKS)} (or one number); "
-            f"got {', '.join(sizes)}"
-        )
-    bad = {task: n for task, n in sizes.items() if not isinstance(n, int) or n < 0}
-    if bad:
-        raise UserError(f"tasks.n_train sizes must be whole numbers >= 0, got {bad}")
+    try:
+        sizes = task_sizes(t.n_train)
+    except ValueError as e:
+        raise UserError(f"tasks.n_train: {e}") from None
     return build_tasks(load_documents(cfg.data), t.seed, sizes, t.n_test)
 
 
