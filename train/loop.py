@@ -138,7 +138,13 @@ class Trainer:
     def load_state(self, ckpt: dict) -> None:
         """Continue from a checkpoint written by this loop (weights already loaded or not)."""
         self.raw_model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except ValueError as e:  # another optimizer kind, or another model's parameters
+            raise UserError(
+                f"the checkpoint's optimizer state does not fit this run's optimizer ({e}); "
+                "resume with the optimizer and model the run was started with"
+            ) from None
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.step = ckpt["step"]

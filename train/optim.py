@@ -1,8 +1,16 @@
 """The optimizer and the learning-rate schedule every training stage uses.
 
-AdamW (Loshchilov & Hutter) with decoupled weight decay applied to matrices only:
-embeddings and Linear weights decay; biases and LayerNorm gains do not (shrinking them
-towards zero is not regularisation, it just fights the normalisation).
+Two optimizers (`optimizer: adamw | muon` in the stage's config):
+
+- adamw: AdamW (Loshchilov & Hutter) with decoupled weight decay applied to matrices only:
+  embeddings and Linear weights decay; biases and LayerNorm gains do not (shrinking them
+  towards zero is not regularisation, it just fights the normalisation).
+- muon: Muon (train/muon.py) for the 2-D weights inside the transformer blocks, at its own
+  peak rate muon_lr; AdamW, as above, for embeddings, LM head, norms and biases at lr.
+  c_attn stacks W_q, W_k and W_v, and Muon orthogonalises them one by one.
+
+Both scale every group's rate by the same schedule: group lr = lr(step) * lr_scale, with
+lr_scale = muon_lr / lr for the Muon groups and 1 for the others.
 
 Learning rate, with w the warm-up ramp and f in [0, 1] the fraction of the run done:
 
@@ -20,9 +28,15 @@ min_lr at whichever bound ends the run: the schedule follows the bound that appl
 """
 
 import math
+import re
 
 import torch
 from torch import nn
+
+from .muon import Muon
+
+OPTIMIZERS = ("adamw", "muon")
+_BLOCK_PARAM = re.compile(r"(^|\.)h\.\d+\.")  # a parameter inside block i: "h.<i>." in its name
 
 
 def build_optimizer(
@@ -31,19 +45,38 @@ def build_optimizer(
     weight_decay: float,
     betas: tuple[float, float] = (0.9, 0.95),
     device_type: str = "cpu",
-) -> torch.optim.AdamW:
-    """AdamW over the model's trainable parameters, decay on matrices (ndim >= 2) only.
+    kind: str = "adamw",
+    muon_lr: float = 0.02,
+    muon_momentum: float = 0.95,
+) -> torch.optim.Optimizer:
+    """The `kind` optimizer over the model's trainable parameters (see the module doc).
 
-    Uses the fused kernel on CUDA and CPU (one kernel for all parameters instead of a
+    AdamW uses the fused kernel on CUDA and CPU (one kernel for all parameters instead of a
     loop over them), foreach elsewhere.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if kind == "adamw":
+        groups = [
+            {"params": [p for _, p in named if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        fused = device_type in ("cuda", "cpu")
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused, foreach=not fused)
+    if kind != "muon":
+        raise ValueError(f"unknown optimizer {kind!r}; use one of {OPTIMIZERS}")
+
+    hidden = [(n, p) for n, p in named if p.dim() == 2 and _BLOCK_PARAM.search(n)]
+    hidden_ids = {id(p) for _, p in hidden}
+    rest = [p for _, p in named if id(p) not in hidden_ids]
+    muon = {"use_muon": True, "lr_scale": muon_lr / lr, "weight_decay": weight_decay}
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {**muon, "params": [p for n, p in hidden if not n.endswith("c_attn.weight")]},
+        {**muon, "params": [p for n, p in hidden if n.endswith("c_attn.weight")], "parts": 3},
+        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
     ]
-    fused = device_type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused, foreach=not fused)
+    groups = [g for g in groups if g["params"]]
+    return Muon(groups, lr=lr, momentum=muon_momentum, betas=betas)
 
 
 SCHEDULES = ("cosine", "wsd")
@@ -79,5 +112,6 @@ def fraction_done(step: int, max_iters: int, elapsed_s: float, max_minutes: floa
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's rate: lr times the group's lr_scale (Muon's groups), or lr."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -78,7 +78,16 @@ def _train(cfg: DictConfig, rt) -> dict:
     loader = TokenLoader(data.train_path, T, B, cfg.seed, rt.rank, rt.world_size)
     loop_cfg = LoopConfig.from_cfg(cfg)
     loop_cfg.grad_accum = grad_accum_steps(cfg.tokens_per_step, B * T, rt.world_size)
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, rt.device.type)
+    optimizer = build_optimizer(
+        model,
+        cfg.lr,
+        cfg.weight_decay,
+        cfg.betas,
+        rt.device.type,
+        kind=cfg.optimizer,
+        muon_lr=cfg.muon_lr,
+        muon_momentum=cfg.muon_momentum,
+    )
     tokens_per_byte = data.meta["splits"]["val"]["tokens"] / data.meta["splits"]["val"]["bytes"]
 
     def evaluate(m: GPT) -> dict:

@@ -93,7 +93,16 @@ def _train(cfg: DictConfig, rt) -> dict:
 
     trainer = Trainer(
         model,
-        build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, rt.device.type),
+        build_optimizer(
+            model,
+            cfg.lr,
+            cfg.weight_decay,
+            cfg.betas,
+            rt.device.type,
+            kind=cfg.optimizer,
+            muon_lr=cfg.muon_lr,
+            muon_momentum=cfg.muon_momentum,
+        ),
         rt,
         loader,
         out_dir,

@@ -1,0 +1,153 @@
+"""Muon (train/muon.py) and how train/optim.py hands it the model's parameters."""
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig
+from train.muon import Muon, orthogonalize
+from train.optim import build_optimizer, set_lr
+
+TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, bias=True)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (48, 128), (128, 48), (3, 40, 40)])
+def test_orthogonalize_sets_every_singular_value_near_one(shape):
+    torch.manual_seed(0)
+    # an ill-conditioned input: U diag(s) V^T with s spread over a factor of 20
+    *batch, rows, cols = shape
+    k = min(rows, cols)
+    u = torch.linalg.qr(torch.randn(*batch, rows, k)).Q
+    v = torch.linalg.qr(torch.randn(*batch, cols, k)).Q
+    g = u @ torch.diag_embed(torch.logspace(-1.3, 0, k).expand(*batch, k)) @ v.mT
+    o = orthogonalize(g, steps=5)
+    assert o.shape == g.shape and o.dtype == g.dtype
+    s = torch.linalg.svdvals(o)
+    assert s.min() > 0.5 and s.max() < 1.3, (s.min(), s.max())
+    # and it points where U V^T (the exact answer) points
+    exact = u @ v.mT
+    cos = (o * exact).sum() / (o.norm() * exact.norm())
+    assert cos > 0.95
+
+
+def test_orthogonalize_is_batched_block_by_block():
+    torch.manual_seed(1)
+    g = torch.randn(3, 16, 24)
+    together = orthogonalize(g)
+    for i in range(3):
+        assert torch.allclose(together[i], orthogonalize(g[i]), atol=1e-6)
+
+
+def run_muon_steps(opt_class, steps=4, **kwargs) -> torch.Tensor:
+    """The weight change of a (96, 32) matrix after `steps` steps on fixed gradients."""
+    torch.manual_seed(2)
+    w0 = torch.randn(96, 32)
+    w = w0.clone().requires_grad_()
+    if opt_class is Muon:
+        opt = Muon([{"params": [w], "use_muon": True}], **kwargs)
+    else:
+        opt = opt_class([w], **kwargs)
+    for _ in range(steps):
+        w.grad = torch.randn(96, 32)
+        opt.step()
+    return w.detach() - w0
+
+
+def test_muon_step_equals_torch_muon():
+    """Same momentum, Nesterov, Newton-Schulz and shape scaling as torch.optim.Muon."""
+    if not hasattr(torch.optim, "Muon"):  # added in PyTorch 2.9; the reference only
+        pytest.skip("this PyTorch has no torch.optim.Muon to compare with")
+    ours = run_muon_steps(Muon, lr=0.02, weight_decay=0.1, momentum=0.95)
+    ref = run_muon_steps(torch.optim.Muon, lr=0.02, weight_decay=0.1, momentum=0.95)
+    plain = run_muon_steps(torch.optim.Muon, lr=0.02, weight_decay=0.1, nesterov=False)
+    # Equal up to bfloat16 rounding (the two order their products differently): within 5%,
+    # where the same steps without Nesterov's look-ahead differ by more than 10%.
+    assert (ours - ref).norm() < 0.05 * ref.norm()
+    assert (ours - plain).norm() > 0.10 * ref.norm()
+
+
+def test_muon_adamw_groups_equal_torch_adamw():
+    torch.manual_seed(3)
+    w0 = torch.randn(10, 7)
+    b0 = torch.randn(7)
+    ours = [w0.clone().requires_grad_(), b0.clone().requires_grad_()]
+    ref = [w0.clone().requires_grad_(), b0.clone().requires_grad_()]
+    opt_ours = Muon(
+        [{"params": [ours[0]], "weight_decay": 0.1}, {"params": [ours[1]], "weight_decay": 0.0}],
+        lr=1e-2,
+        betas=(0.9, 0.99),
+    )
+    opt_ref = torch.optim.AdamW(
+        [{"params": [ref[0]], "weight_decay": 0.1}, {"params": [ref[1]], "weight_decay": 0.0}],
+        lr=1e-2,
+        betas=(0.9, 0.99),
+    )
+    for _ in range(5):
+        for a, b in zip(ours, ref, strict=True):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        opt_ours.step()
+        opt_ref.step()
+    for a, b in zip(ours, ref, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_stacked_matrices_are_orthogonalised_one_by_one():
+    """parts=3 on a (3n, n) weight == three (n, n) weights, each stepped on its own."""
+    torch.manual_seed(4)
+    w0 = torch.randn(3 * 16, 16)
+    stacked = w0.clone().requires_grad_()
+    pieces = [w0[i * 16 : (i + 1) * 16].clone().requires_grad_() for i in range(3)]
+    opt_stacked = Muon([{"params": [stacked], "use_muon": True, "parts": 3}], lr=0.02)
+    opt_pieces = Muon([{"params": pieces, "use_muon": True}], lr=0.02)
+    for _ in range(3):
+        g = torch.randn(3 * 16, 16)
+        stacked.grad = g.clone()
+        for i, p in enumerate(pieces):
+            p.grad = g[i * 16 : (i + 1) * 16].clone()
+        opt_stacked.step()
+        opt_pieces.step()
+    assert torch.allclose(stacked, torch.cat(pieces), atol=1e-6)
+    # treating the stack as one matrix is a different step
+    whole = w0.clone().requires_grad_()
+    whole.grad = torch.randn(3 * 16, 16)
+    Muon([{"params": [whole], "use_muon": True}], lr=0.02).step()
+    assert not torch.allclose(whole, w0, atol=1e-4)
+
+
+def test_muon_rejects_what_it_cannot_orthogonalise():
+    with pytest.raises(ValueError, match="2-D"):
+        Muon([{"params": [torch.zeros(8, requires_grad=True)], "use_muon": True}], lr=0.02)
+    with pytest.raises(ValueError, match="3 equal blocks"):
+        Muon([{"params": [torch.zeros(8, 4, requires_grad=True)], "use_muon": True, "parts": 3}],
+             lr=0.02)  # fmt: skip
+
+
+def test_build_optimizer_gives_muon_the_blocks_matrices_only():
+    model = GPT(GPTConfig(**TINY))
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.1, kind="muon", muon_lr=0.02)
+    assert isinstance(opt, Muon)
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_kind = {"muon": set(), "adamw_decay": set(), "adamw_no_decay": set()}
+    for g in opt.param_groups:
+        key = "muon" if g["use_muon"] else "adamw_decay" if g["weight_decay"] else "adamw_no_decay"
+        by_kind[key] |= {names[id(p)] for p in g["params"]}
+        if g["use_muon"]:
+            assert g["parts"] == (3 if all("c_attn" in names[id(p)] for p in g["params"]) else 1)
+    assert by_kind["muon"] == {
+        f"h.{i}.{m}.weight" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc",
+                                                         "mlp.c_proj")}  # fmt: skip
+    # the token table (also the LM head) and positions: AdamW with decay; norms, biases: none
+    assert by_kind["adamw_decay"] == {"embed.wte.weight", "embed.wpe.weight"}
+    assert all(n.endswith("bias") or "ln" in n for n in by_kind["adamw_no_decay"])
+    n_params = sum(len(s) for s in by_kind.values())
+    assert n_params == len(list(model.parameters()))  # every parameter, once
+
+    # the schedule moves both rates together: Muon's stays muon_lr / lr times AdamW's
+    set_lr(opt, 5e-4)
+    lrs = {g["use_muon"]: g["lr"] for g in opt.param_groups}
+    assert lrs[False] == pytest.approx(5e-4) and lrs[True] == pytest.approx(0.01)
+
+
+def test_unknown_optimizer_is_an_error():
+    with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
+        build_optimizer(GPT(GPTConfig(**TINY)), lr=1e-3, weight_decay=0.0, kind="sgd")

@@ -1,0 +1,149 @@
+"""Muon for the matrices inside the blocks, AdamW for every other parameter: one optimizer.
+
+Muon (Jordan et al., 2024) steps each hidden weight matrix W (out x in) along the
+orthogonalised momentum of its gradient G:
+
+    M  = mu * M + G                                  momentum buffer
+    U  = G + mu * M                                  Nesterov look-ahead
+    O  = orthogonalize(U)  ~  A B^T  where U = A S B^T (its SVD): S replaced by I
+    W  = W - lr * wd * W - lr * sqrt(max(1, out / in)) * O
+
+Why: a gradient matrix is dominated by a few large singular directions, and Adam's
+per-entry scaling does not change that. Setting every singular value of the step to one
+moves the weights as far along the rare directions as along the common ones, and on
+small models it learns more per step than AdamW (docs/training.md has the figures).
+sqrt(max(1, out / in)) keeps the step's size per entry the same for tall matrices.
+
+orthogonalize runs `ns_steps` Newton-Schulz iterations of the odd matrix polynomial
+
+    X <- a X + b (X X^T) X + c (X X^T)^2 X,     (a, b, c) = (3.4445, -4.7750, 2.0315)
+
+from X = U / ||U||_F (so every singular value starts in (0, 1]). Each iteration maps a
+singular value s to a s + b s^3 + c s^5; these coefficients push every s quickly into
+roughly [0.7, 1.2], which is all Muon needs and costs only matrix products, run in
+bfloat16. For a wide X (out < in) we iterate on X; for a tall one on X^T, so X X^T is the
+smaller square.
+
+Embeddings (the token table is also the LM head), LayerNorm gains and biases are not
+hidden-layer matrices; their groups (use_muon=False) take plain AdamW steps:
+
+    m = b1 m + (1 - b1) g          v = b2 v + (1 - b2) g^2
+    p = p - lr * wd * p - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+
+A weight that stacks several matrices (attention's c_attn holds W_q, W_k and W_v, one under
+the other) is orthogonalised block by block: its group sets `parts`, the number of equal
+row blocks.
+
+Every group has its own lr; train/optim.py builds the groups and the schedule scales
+them all together (each group's lr_scale).
+"""
+
+import torch
+
+# Coefficients of the quintic Newton-Schulz step, from Jordan et al. (2024).
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+@torch.no_grad()
+def orthogonalize(update: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """U with its singular values pushed to ~1, same shape: (..., rows, cols), batched."""
+    a, b, c = NS_COEFFICIENTS
+    x = update.to(torch.bfloat16)
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT  # (..., small, large): x @ x.mT is the smaller square
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)  # singular values now in (0, 1]
+    for _ in range(steps):
+        gram = x @ x.mT  # (..., small, small)
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    if tall:
+        x = x.mT
+    return x.to(update.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon on groups with use_muon=True (2-D weights), AdamW on the others.
+
+    Group options: lr, weight_decay, use_muon; Muon groups also momentum, ns_steps and
+    parts (row blocks orthogonalised separately), AdamW groups betas and eps.
+    """
+
+    def __init__(
+        self,
+        param_groups: list[dict],
+        lr: float,
+        weight_decay: float = 0.0,
+        momentum: float = 0.95,
+        ns_steps: int = 5,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+    ):
+        defaults = dict(
+            lr=lr,
+            weight_decay=weight_decay,
+            use_muon=False,
+            parts=1,
+            momentum=momentum,
+            ns_steps=ns_steps,
+            betas=tuple(betas),
+            eps=eps,
+        )
+        super().__init__(param_groups, defaults)
+        for group in self.param_groups:
+            if not group["use_muon"]:
+                continue
+            for p in group["params"]:
+                if p.dim() != 2 or p.size(0) % group["parts"]:
+                    raise ValueError(
+                        f"Muon takes 2-D weights whose rows split into {group['parts']} "
+                        f"equal blocks; got shape {tuple(p.shape)}"
+                    )
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group["use_muon"]:
+                self._muon_step(group)
+            else:
+                self._adamw_step(group)
+        return loss
+
+    def _muon_step(self, group: dict) -> None:
+        lr, mu, parts = group["lr"], group["momentum"], group["parts"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            buf = state["momentum_buffer"]
+            buf.mul_(mu).add_(p.grad)  # M = mu M + G
+            update = p.grad.add(buf, alpha=mu)  # U = G + mu M
+            blocks = update.view(parts, -1, p.size(1))  # (parts, out / parts, in)
+            step = orthogonalize(blocks, group["ns_steps"]).view_as(p)  # (out, in)
+            scale = max(1.0, blocks.size(1) / blocks.size(2)) ** 0.5
+            p.mul_(1.0 - lr * group["weight_decay"])
+            p.add_(step, alpha=-lr * scale)
+
+    def _adamw_step(self, group: dict) -> None:
+        lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            state["step"] += 1
+            t = state["step"].item()
+            m, v = state["exp_avg"], state["exp_avg_sq"]
+            m.lerp_(p.grad, 1.0 - beta1)  # m = b1 m + (1 - b1) g
+            v.mul_(beta2).addcmul_(p.grad, p.grad, value=1.0 - beta2)
+            denom = (v / (1.0 - beta2**t)).sqrt_().add_(eps)
+            p.mul_(1.0 - lr * group["weight_decay"])
+            p.addcdiv_(m, denom, value=-lr / (1.0 - beta1**t))
