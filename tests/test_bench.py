@@ -33,9 +33,10 @@ def config(*overrides: str):
         return compose("bench", overrides=list(overrides))
 
 
-def test_bench_measures_everything_and_writes_json(tmp_path, capsys):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_bench_measures_everything_and_writes_json(tmp_path, capsys, optimizer):
     hf = "true" if _has_transformers() else "false"
-    results = bench.run(config(*MICRO, f"out_dir={tmp_path}", f"hf={hf}"))
+    results = bench.run(config(*MICRO, f"out_dir={tmp_path}", f"hf={hf}", f"optimizer={optimizer}"))
     written = json.loads((tmp_path / "bench.json").read_text())
     assert written["params"] == results["params"] > 0
     train, sample = written["train"], written["sample"]
@@ -63,7 +64,15 @@ def _has_transformers() -> bool:
 
 
 @pytest.mark.parametrize(
-    "override", ["repeats=0", "new_tokens=-1", "prompt_tokens=100", "temperature=0", "top_k=0"]
+    "override",
+    [
+        "repeats=0",
+        "new_tokens=-1",
+        "prompt_tokens=100",
+        "temperature=0",
+        "top_k=0",
+        "optimizer=sgd",
+    ],
 )
 def test_bad_settings_fail_fast_with_one_line(tmp_path, capsys, override):
     cfg = config(*MICRO, f"out_dir={tmp_path}", override)

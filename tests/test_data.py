@@ -304,6 +304,21 @@ def test_loader_windows_are_contiguous_and_shifted(ramp):
         assert x.min() >= 0 and y.max() <= 999
 
 
+def test_each_epoch_trains_on_every_window_once(ramp):
+    """999 tokens after the first make n = 62 windows of 16 (+1); an epoch visits each once."""
+    loader = TokenLoader(ramp, block_size=16, batch_size=4, seed=2)
+    n = loader.windows_per_epoch
+    assert n == 62
+    starts = torch.cat([loader.next_batch()[0][:, 0] for _ in range(2 * n // 4)]).numpy()
+    epochs = starts[:n], starts[n : 2 * n]
+    for epoch in epochs:
+        offset = epoch.min()
+        assert 0 <= offset <= 999 - n * 16  # the cut points move, the windows still fit
+        assert sorted(epoch - offset) == list(range(0, n * 16, 16))  # each window once
+    assert list(epochs[0]) != list(epochs[1])  # a fresh order (and offset) every epoch
+    # with replacement, 62 draws would repeat some windows and miss others (1 - 1/e ~ 63%)
+
+
 def test_loader_is_deterministic_and_distinct_per_rank(ramp):
     def batches(**kw):
         loader = TokenLoader(ramp, 16, 4, **kw)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from errors import UserError
 from model import GPT, GPTConfig
 from train.muon import Muon, orthogonalize
 from train.optim import build_optimizer, set_lr
@@ -149,5 +150,7 @@ def test_build_optimizer_gives_muon_the_blocks_matrices_only():
 
 
 def test_unknown_optimizer_is_an_error():
-    with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
+    with pytest.raises(
+        UserError, match="optimizer=sgd is not an optimizer here; use adamw or muon"
+    ):
         build_optimizer(GPT(GPTConfig(**TINY)), lr=1e-3, weight_decay=0.0, kind="sgd")

@@ -208,6 +208,12 @@ def test_missing_device_fails_at_start_up(tmp_path, corpus):
     assert not run.exists() or not any(run.iterdir())  # Hydra makes its run dir, empty
 
 
+def test_unknown_optimizer_fails_before_any_work(tmp_path, corpus):
+    with pytest.raises(UserError, match="optimizer=lion is not an optimizer here"):
+        pretrain_in_process(overrides(corpus, tmp_path / "run", optimizer="lion"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_tokens_per_step_must_be_a_multiple(tmp_path, corpus):
     with pytest.raises(UserError, match=r"tokens_per_step=100 .* = 128"):
         pretrain_in_process(overrides(corpus, tmp_path / "run", tokens_per_step=100))

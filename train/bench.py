@@ -8,8 +8,8 @@ Every figure is measured `repeats` times; the table shows the best and the media
 JSON (out/bench/bench.json) keeps every run and the machine's load average, because on a
 shared machine the spread matters as much as the figure.
 
-Training: forward + backward + AdamW step (train/optim.py) on random tokens, weights in
-float32 under autocast, as the training loop runs them.
+Training: forward + backward + optimizer step (`optimizer`: adamw or muon, train/optim.py)
+on random tokens, weights in float32 under autocast, as the training loop runs them.
 
     tokens/s = batch * seq_len / seconds per step
     MFU      = flops_per_token(seq_len) * tokens/s / peak FLOP/s
@@ -46,7 +46,7 @@ from model import GPT, GPTConfig
 from model.generate import generate, prepare_for_decoding
 
 from .cli import report_user_errors
-from .optim import build_optimizer
+from .optim import build_optimizer, check_optimizer
 from .runtime import Runtime, peak_flops, setup_runtime
 
 
@@ -93,7 +93,7 @@ def bench_training(model: GPT, cfg: DictConfig, rt: Runtime) -> dict:
     B, steps = cfg.train_batch_size, cfg.train_steps
     T = min(cfg.train_seq_len or model.config.block_size, model.config.block_size)
     model.train()
-    optimizer = build_optimizer(model, 1e-4, 0.1, (0.9, 0.95), rt.device.type)
+    optimizer = build_optimizer(model, 1e-4, 0.1, (0.9, 0.95), rt.device.type, kind=cfg.optimizer)
     scaler = rt.grad_scaler()
     g = torch.Generator(device=rt.device).manual_seed(0)
     V = model.config.vocab_size
@@ -294,6 +294,7 @@ def check_settings(cfg: DictConfig) -> None:
         )
     if float(cfg.temperature) <= 0:
         raise UserError(f"temperature={cfg.temperature} must be > 0 (the benchmark samples)")
+    check_optimizer(cfg.optimizer)
 
 
 def run(cfg: DictConfig) -> dict:

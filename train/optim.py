@@ -33,10 +33,17 @@ import re
 import torch
 from torch import nn
 
+from errors import UserError
+
 from .muon import Muon
 
 OPTIMIZERS = ("adamw", "muon")
 _BLOCK_PARAM = re.compile(r"(^|\.)h\.\d+\.")  # a parameter inside block i: "h.<i>." in its name
+
+
+def check_optimizer(kind: str) -> None:
+    if kind not in OPTIMIZERS:
+        raise UserError(f"optimizer={kind} is not an optimizer here; use {' or '.join(OPTIMIZERS)}")
 
 
 def build_optimizer(
@@ -54,6 +61,7 @@ def build_optimizer(
     AdamW uses the fused kernel on CUDA and CPU (one kernel for all parameters instead of a
     loop over them), foreach elsewhere.
     """
+    check_optimizer(kind)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if kind == "adamw":
         groups = [
@@ -62,8 +70,6 @@ def build_optimizer(
         ]
         fused = device_type in ("cuda", "cpu")
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused, foreach=not fused)
-    if kind != "muon":
-        raise ValueError(f"unknown optimizer {kind!r}; use one of {OPTIMIZERS}")
 
     hidden = [(n, p) for n, p in named if p.dim() == 2 and _BLOCK_PARAM.search(n)]
     hidden_ids = {id(p) for _, p in hidden}

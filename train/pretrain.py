@@ -25,7 +25,7 @@ from .checkpoint import CHECKPOINT_NAME, load_checkpoint
 from .cli import report_user_errors
 from .evaluate import language_model_metrics, sample_text
 from .loop import LoopConfig, Trainer
-from .optim import build_optimizer
+from .optim import build_optimizer, check_optimizer
 from .runtime import peak_flops, runtime_session
 
 
@@ -51,6 +51,7 @@ def grad_accum_steps(tokens_per_step: int | None, batch_tokens: int, world_size:
 
 
 def run(cfg: DictConfig) -> dict:
+    check_optimizer(cfg.optimizer)  # before any work
     with runtime_session(cfg.device, cfg.precision, cfg.seed) as rt:
         return _train(cfg, rt)
 

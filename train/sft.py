@@ -26,7 +26,7 @@ from .checkpoint import CHECKPOINT_NAME, load_checkpoint, load_model
 from .cli import report_user_errors
 from .evaluate import language_model_metrics, sample_text
 from .loop import LoopConfig, Trainer
-from .optim import build_optimizer
+from .optim import build_optimizer, check_optimizer
 from .runtime import peak_flops, runtime_session
 from .task_eval import builtin_tasks, eval_file_items, format_table, save_eval, score
 
@@ -50,6 +50,7 @@ def instruction_data(cfg: DictConfig, log=print) -> tuple[list, list]:
 
 
 def run(cfg: DictConfig) -> dict:
+    check_optimizer(cfg.optimizer)  # before any work
     with runtime_session(cfg.device, cfg.precision, cfg.seed) as rt:
         return _train(cfg, rt)
 
