@@ -136,11 +136,11 @@ class Muon(torch.optim.Optimizer):
                 continue
             state = self.state[p]
             if not state:
-                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["step"] = 0
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_avg_sq"] = torch.zeros_like(p)
             state["step"] += 1
-            t = state["step"].item()
+            t = state["step"]
             m, v = state["exp_avg"], state["exp_avg_sq"]
             m.lerp_(p.grad, 1.0 - beta1)  # m = b1 m + (1 - b1) g
             v.mul_(beta2).addcmul_(p.grad, p.grad, value=1.0 - beta2)

@@ -71,18 +71,35 @@ def build_optimizer(
         fused = device_type in ("cuda", "cpu")
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused, foreach=not fused)
 
-    hidden = [(n, p) for n, p in named if p.dim() == 2 and _BLOCK_PARAM.search(n)]
-    hidden_ids = {id(p) for _, p in hidden}
-    rest = [p for _, p in named if id(p) not in hidden_ids]
+    hidden = {n: p for n, p in named if p.dim() == 2 and _BLOCK_PARAM.search(n)}
+    rest = [p for n, p in named if n not in hidden]
     muon = {"use_muon": True, "lr_scale": muon_lr / lr, "weight_decay": weight_decay}
     groups = [
-        {**muon, "params": [p for n, p in hidden if not n.endswith("c_attn.weight")]},
-        {**muon, "params": [p for n, p in hidden if n.endswith("c_attn.weight")], "parts": 3},
+        {**muon, "params": [p for n, p in hidden.items() if not n.endswith("c_attn.weight")]},
+        {
+            **muon,
+            "params": [p for n, p in hidden.items() if n.endswith("c_attn.weight")],
+            "parts": 3,
+        },
         {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
     return Muon(groups, lr=lr, momentum=muon_momentum, betas=betas)
+
+
+def optimizer_from_config(model: nn.Module, cfg, device_type: str) -> torch.optim.Optimizer:
+    """build_optimizer with a stage's settings (optimizer, lr, weight_decay, betas, muon_*)."""
+    return build_optimizer(
+        model,
+        cfg.lr,
+        cfg.weight_decay,
+        cfg.betas,
+        device_type,
+        kind=cfg.optimizer,
+        muon_lr=cfg.muon_lr,
+        muon_momentum=cfg.muon_momentum,
+    )
 
 
 SCHEDULES = ("cosine", "wsd")

@@ -25,7 +25,7 @@ from .checkpoint import CHECKPOINT_NAME, load_checkpoint
 from .cli import report_user_errors
 from .evaluate import language_model_metrics, sample_text
 from .loop import LoopConfig, Trainer
-from .optim import build_optimizer, check_optimizer
+from .optim import check_optimizer, optimizer_from_config
 from .runtime import peak_flops, runtime_session
 
 
@@ -79,16 +79,7 @@ def _train(cfg: DictConfig, rt) -> dict:
     loader = TokenLoader(data.train_path, T, B, cfg.seed, rt.rank, rt.world_size)
     loop_cfg = LoopConfig.from_cfg(cfg)
     loop_cfg.grad_accum = grad_accum_steps(cfg.tokens_per_step, B * T, rt.world_size)
-    optimizer = build_optimizer(
-        model,
-        cfg.lr,
-        cfg.weight_decay,
-        cfg.betas,
-        rt.device.type,
-        kind=cfg.optimizer,
-        muon_lr=cfg.muon_lr,
-        muon_momentum=cfg.muon_momentum,
-    )
+    optimizer = optimizer_from_config(model, cfg, rt.device.type)
     tokens_per_byte = data.meta["splits"]["val"]["tokens"] / data.meta["splits"]["val"]["bytes"]
 
     def evaluate(m: GPT) -> dict:

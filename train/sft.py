@@ -26,7 +26,7 @@ from .checkpoint import CHECKPOINT_NAME, load_checkpoint, load_model
 from .cli import report_user_errors
 from .evaluate import language_model_metrics, sample_text
 from .loop import LoopConfig, Trainer
-from .optim import build_optimizer, check_optimizer
+from .optim import check_optimizer, optimizer_from_config
 from .runtime import peak_flops, runtime_session
 from .task_eval import builtin_tasks, eval_file_items, format_table, save_eval, score
 
@@ -94,16 +94,7 @@ def _train(cfg: DictConfig, rt) -> dict:
 
     trainer = Trainer(
         model,
-        build_optimizer(
-            model,
-            cfg.lr,
-            cfg.weight_decay,
-            cfg.betas,
-            rt.device.type,
-            kind=cfg.optimizer,
-            muon_lr=cfg.muon_lr,
-            muon_momentum=cfg.muon_momentum,
-        ),
+        optimizer_from_config(model, cfg, rt.device.type),
         rt,
         loader,
         out_dir,
