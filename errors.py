@@ -1,11 +1,39 @@
-"""The one exception type meant for the user.
+"""The one exception type meant for the user, and how entry points report it.
 
 Every layer (tokenizer, data, train) raises `UserError` for bad input: a missing file, a
 corrupt checkpoint, an impossible setting. Its message is one line that says what is
 wrong, where, and what to do. The entry points catch it, print the message and exit
-non-zero; anything else is a bug and keeps its traceback.
+non-zero; anything else is a bug and keeps its traceback:
+
+    @hydra.main(version_base=None, config_path="../conf", config_name="pretrain")
+    @report_user_errors
+    def main(cfg): ...
+
+A `UserError` anywhere below prints `error: <message>` on stderr and exits with status
+2; Ctrl-C exits with 130 (the shell's code for an interrupt), so `make pretrain && make
+sft` never carries on after an interrupted stage.
 """
+
+import functools
+import sys
 
 
 class UserError(Exception):
     """Bad input from the user, reported as a single line without a traceback."""
+
+
+def report_user_errors(fn):
+    """Wrap an entry point: UserError -> one line on stderr and exit 2; Ctrl-C -> exit 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+
+    return wrapper

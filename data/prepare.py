@@ -299,7 +299,7 @@ def main() -> None:
     """`python -m data.prepare [overrides]`; UserErrors print one line and exit 2."""
     # Imported here, not at the top, so that importing data.prepare (as training does)
     # never pulls in train/: the arrows between packages point one way.
-    from train.cli import report_user_errors
+    from errors import report_user_errors
 
     hydra.main(version_base=None, config_path="../conf", config_name="prepare")(
         report_user_errors(run)

@@ -7,7 +7,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 import train.bench as bench
-from train.cli import report_user_errors
+from errors import report_user_errors
 
 ROOT = Path(__file__).resolve().parents[1]
 MICRO = (

@@ -1,9 +1,9 @@
 """Distributed data parallel: torchrun with 2 CPU processes (gloo) equals one process with
 the same global batch reached by gradient accumulation.
 
-With batch_size B per process, block_size T and tokens_per_step = 2 B T, the two ranks draw
-global batches 2s and 2s+1 at step s, which are the two micro-batches one process draws
-with grad_accum=2 (data/loader.py); DDP averages the two gradients, accumulation sums the
+With batch_size B per process and grad_accum 1, the two ranks draw global batches 2s and
+2s+1 at step s, which are the two micro-batches one process draws with grad_accum=2
+(data/loader.py); DDP averages the two gradients, accumulation sums the
 two halves. So the losses and the weights must agree to rounding.
 """
 
@@ -50,7 +50,6 @@ def test_two_processes_equal_one_with_gradient_accumulation(tmp_path):
         "model.n_embd": 32,
         "model.block_size": T,
         "batch_size": B,
-        "tokens_per_step": 2 * B * T,
         "lr": 1e-2,
         "warmup_iters": 2,
         "max_iters": 4,
@@ -64,23 +63,24 @@ def test_two_processes_equal_one_with_gradient_accumulation(tmp_path):
         "precision": "float32",
     }
 
-    def argv(out_dir: Path) -> list[str]:
-        return [f"{k}={v}" for k, v in {**args, "out_dir": f"'{out_dir}'"}.items()]
+    def argv(out_dir: Path, grad_accum: int) -> list[str]:
+        run = {**args, "out_dir": f"'{out_dir}'", "grad_accum": grad_accum}
+        return [f"{k}={v}" for k, v in run.items()]
 
     # one process, grad_accum = 2 (in this process; it also prepares the data)
     single = tmp_path / "single"
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        pretrain.run(compose(config_name="pretrain", overrides=argv(single)))
+        pretrain.run(compose(config_name="pretrain", overrides=argv(single, 2)))
 
     # two processes under torchrun, grad_accum = 1
     ddp = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           "-m", "train.pretrain", *argv(ddp)]  # fmt: skip
+           "-m", "train.pretrain", *argv(ddp, 1)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    assert "1 x 2 sequences per step" in result.stdout  # B x grad_accum 1 x 2 processes
+    assert "4 x 1 x 2 per step" in result.stdout  # B x grad_accum 1 x 2 processes
     assert result.stdout.count("done: step 4") == 1  # rank 0 alone prints
 
     a, b = read_metrics(single), read_metrics(ddp)  # rank 0 alone wrote: each step once

@@ -184,7 +184,7 @@ def test_smoke_run_checkpoints(smoke_run):
 
     best = torch.load(run / "best.pt", map_location="cpu", weights_only=True)
     lowest = min(evals, key=lambda r: r["val_loss"])
-    assert best["step"] == lowest["step"] and best["best_val_loss"] == lowest["val_loss"]
+    assert best["step"] == lowest["step"] and best["best"]["value"] == lowest["val_loss"]
 
     model, tok, _ = load_model(run)  # enough on its own to sample from
     assert tok.vocab_size == model.config.vocab_size == 400
@@ -209,14 +209,10 @@ def test_missing_device_fails_at_start_up(tmp_path, corpus):
 
 
 def test_unknown_optimizer_fails_before_any_work(tmp_path, corpus):
-    with pytest.raises(UserError, match="optimizer=lion is not an optimizer here"):
+    with pytest.raises(
+        UserError, match="optimizer='lion' is not valid: it must be one of adamw, muon"
+    ):
         pretrain_in_process(overrides(corpus, tmp_path / "run", optimizer="lion"))
-    assert not (tmp_path / "run").exists()
-
-
-def test_tokens_per_step_must_be_a_multiple(tmp_path, corpus):
-    with pytest.raises(UserError, match=r"tokens_per_step=100 .* = 128"):
-        pretrain_in_process(overrides(corpus, tmp_path / "run", tokens_per_step=100))
     assert not (tmp_path / "run").exists()
 
 

@@ -19,11 +19,11 @@ from hydra import compose, initialize_config_dir
 
 import tokenizer
 import train.sample as sample_cli
+from errors import report_user_errors
 from model import GPT, GPTConfig
 from model.generate import generate
 from tokenizer.chat import render_prompt
 from train.checkpoint import load_model, save_checkpoint
-from train.cli import report_user_errors
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = [

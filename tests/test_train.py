@@ -20,13 +20,13 @@ import pytest
 import torch
 
 import train.checkpoint as checkpoint
+import train.files as files
 import train.runtime as runtime
 from errors import UserError
 from model import GPT, GPTConfig
 from train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from train.loop import LoopConfig, Trainer, lm_loss
+from train.loop import LoopConfig, StepResult, Trainer
 from train.optim import build_optimizer, fraction_done, lr_at
-from train.pretrain import grad_accum_steps
 from train.runtime import Runtime, resolve_device, resolve_precision
 
 # No biases: the key projection's bias has a gradient of exactly zero (softmax ignores it),
@@ -217,10 +217,16 @@ def test_wsd_holds_the_peak_then_decays_linearly_to_min_lr():
 
 
 def test_schedule_settings_are_checked():
-    with pytest.raises(UserError, match="schedule must be one of cosine, wsd"):
+    with pytest.raises(
+        UserError, match="schedule='linear' is not valid: it must be one of cosine, wsd"
+    ):
         LoopConfig(schedule="linear")
-    with pytest.raises(UserError, match="cooldown must be in"):
+    with pytest.raises(
+        UserError, match="cooldown=0.0 is not valid: it must be a number > 0 and <= 1"
+    ):
         LoopConfig(schedule="wsd", cooldown=0.0)
+    with pytest.raises(UserError, match="min_lr=0.1 is above lr=0.01"):
+        LoopConfig(lr=0.01, min_lr=0.1)
 
 
 def test_fraction_done_takes_the_bound_that_applies():
@@ -245,17 +251,6 @@ def test_weight_decay_on_matrices_only():
     ids = [id(p) for g in opt.param_groups for p in g["params"]]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))  # tied weight once
     assert opt.defaults["fused"] and opt.defaults["betas"] == (0.9, 0.95)
-
-
-def test_grad_accum_steps():
-    assert grad_accum_steps(None, 128, 1) == 1
-    assert grad_accum_steps(256, 128, 1) == 2
-    assert grad_accum_steps(1024, 128, 2) == 4
-    assert grad_accum_steps(256, 128, 2) == 1
-    with pytest.raises(UserError, match=r"tokens_per_step=300 .* = 128"):
-        grad_accum_steps(300, 128, 1)
-    with pytest.raises(UserError, match=r"tokens_per_step=128 .* = 256"):
-        grad_accum_steps(128, 128, 2)  # less than one micro-batch per process
 
 
 # --- checkpoints ----------------------------------------------------------------------
@@ -309,7 +304,7 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, w
     if where == "while writing":
         monkeypatch.setattr(checkpoint.torch, "save", _garbage_then_fail)
     else:
-        monkeypatch.setattr(checkpoint.os, "replace", _replace_fails)
+        monkeypatch.setattr(files.os, "replace", _replace_fails)
     with pytest.raises(_Boom):
         save_checkpoint(path, small_state(2))
     monkeypatch.undo()
@@ -406,12 +401,17 @@ class RandomBatches:
         self.seed, self.step = state["seed"], state["step"]
 
 
+def lm_loss(model, batch):
+    """The mean next-token loss of a (x, y) batch."""
+    return model(*batch)[1]
+
+
 def make_trainer(out_dir, loss_fn=lm_loss, batch_size=4, rt=None, evaluate=True, **loop):
     torch.manual_seed(0)
     model = GPT(GPTConfig(**TINY))
     opt = build_optimizer(model, lr=1e-2, weight_decay=0.1)
     cfg = LoopConfig(**{"max_iters": 6, "warmup_iters": 1, "log_interval": 1, "lr": 1e-2,
-                        "eval_interval": 3, **loop})  # fmt: skip
+                        "eval_interval": 3, "best_metric": "val_loss", **loop})  # fmt: skip
     x_val, y_val = RandomBatches(8, seed=99).next_batch()
     calls = {"evaluate": 0, "sample": 0}
 
@@ -428,8 +428,9 @@ def make_trainer(out_dir, loss_fn=lm_loss, batch_size=4, rt=None, evaluate=True,
         opt,
         rt or Runtime(CPU, torch.float32),
         RandomBatches(batch_size),
-        out_dir,
+        lambda m, batch: StepResult(loss_fn(m, batch), batch[0].numel()),
         cfg,
+        out_dir,
         checkpoint_meta={
             "stage": "test",
             "model_config": model.config.to_dict(),
@@ -437,7 +438,6 @@ def make_trainer(out_dir, loss_fn=lm_loss, batch_size=4, rt=None, evaluate=True,
         },  # fmt: skip
         evaluate=evaluate_fn if evaluate else None,
         sample=sample_fn,
-        loss_fn=loss_fn,
     )
     trainer.calls = calls
     return trainer
@@ -461,7 +461,7 @@ def test_loop_logs_evaluates_and_saves(tmp_path, capsys):
     ckpt = load_checkpoint(tmp_path)
     assert ckpt["step"] == 6 and ckpt["per_rank"][0]["data"] == {"seed": 0, "step": 6}
     best = load_checkpoint(tmp_path / "best.pt")
-    assert best["best_val_loss"] == min(r["val_loss"] for r in evals)
+    assert best["best"] == {"metric": "val_loss", "value": min(r["val_loss"] for r in evals)}
     assert capsys.readouterr().out.count("--- sample ---") == 2
 
 

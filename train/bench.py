@@ -41,13 +41,15 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from errors import UserError
+from errors import UserError, report_user_errors
 from model import GPT, GPTConfig
 from model.generate import generate, prepare_for_decoding
 
-from .cli import report_user_errors
-from .optim import build_optimizer, check_optimizer
+from .loop import LoopConfig, Trainer
+from .losses import next_token_step
+from .optim import build_optimizer
 from .runtime import Runtime, peak_flops, setup_runtime
+from .settings import OPTIMIZER, RUNTIME, check, integer, number, optional
 
 
 def note(message: str) -> None:
@@ -78,35 +80,40 @@ def timed(fn: Callable[[], None], rt: Runtime) -> float:
     return time.perf_counter() - start
 
 
-def positive_int(cfg: DictConfig, name: str) -> int:
-    value = cfg.get(name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"{name}={value!r} must be a positive integer")
-    return value
-
-
 # --------------------------------------------------------------------------- training
 
 
+class FixedBatch:
+    """The same batch every step (speed does not depend on the tokens), as a Batches source."""
+
+    def __init__(self, *tensors: torch.Tensor) -> None:
+        self.tensors = tensors
+
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
+        return self.tensors
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
 def bench_training(model: GPT, cfg: DictConfig, rt: Runtime) -> dict:
-    """Training tokens/s and MFU for forward + backward + optimizer step."""
+    """Training tokens/s and MFU of the training loop's own optimizer step (train/loop.py:
+    forward and backward under autocast, gradient clipping, optimizer step)."""
     B, steps = cfg.train_batch_size, cfg.train_steps
     T = min(cfg.train_seq_len or model.config.block_size, model.config.block_size)
-    model.train()
     optimizer = build_optimizer(model, 1e-4, 0.1, (0.9, 0.95), rt.device.type, kind=cfg.optimizer)
-    scaler = rt.grad_scaler()
     g = torch.Generator(device=rt.device).manual_seed(0)
     V = model.config.vocab_size
     x = torch.randint(0, V, (B, T), device=rt.device, generator=g)
     y = torch.randint(0, V, (B, T), device=rt.device, generator=g)
-
-    def step() -> None:
-        with rt.autocast():
-            _, loss = model(x, y)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+    loop = LoopConfig(max_iters=1, warmup_iters=0, lr=1e-4, min_lr=0.0, grad_clip=1.0)
+    trainer = Trainer(model, optimizer, rt, FixedBatch(x, y), next_token_step, loop,
+                      cfg.out_dir, checkpoint_meta={})  # fmt: skip
+    trainer.model.train()
+    step = trainer.train_step
 
     reset_peak_memory(rt)
     note(f"training: batch {B} x {T} tokens, 1 warm-up + {cfg.repeats} x {steps} steps")
@@ -281,20 +288,23 @@ def preset_name() -> str:
         return "custom"
 
 
+RULES = {
+    **{name: integer(1) for name in ("repeats", "train_batch_size", "train_steps")},
+    **{name: integer(1) for name in ("prompt_tokens", "new_tokens")},
+    **{name: optional(integer(1)) for name in ("train_seq_len", "uncached_new_tokens", "top_k")},
+    "temperature": number(above=0),  # the benchmark samples
+    "optimizer": OPTIMIZER["optimizer"],
+    "peak_tflops": optional(number(above=0)),
+}
+
+
 def check_settings(cfg: DictConfig) -> None:
     """Bad numbers fail before minutes of measuring, with one line."""
-    for name in ("repeats", "train_batch_size", "train_steps", "prompt_tokens", "new_tokens"):
-        positive_int(cfg, name)
-    for name in ("train_seq_len", "uncached_new_tokens", "top_k"):
-        if cfg.get(name) is not None:
-            positive_int(cfg, name)
+    check(cfg, {**RUNTIME, **RULES})
     if cfg.prompt_tokens > cfg.model.block_size:
         raise UserError(
             f"prompt_tokens={cfg.prompt_tokens} exceeds block_size={cfg.model.block_size}"
         )
-    if float(cfg.temperature) <= 0:
-        raise UserError(f"temperature={cfg.temperature} must be > 0 (the benchmark samples)")
-    check_optimizer(cfg.optimizer)
 
 
 def run(cfg: DictConfig) -> dict:

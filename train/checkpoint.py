@@ -3,49 +3,65 @@
 A checkpoint is a dict of plain values and tensors:
 
     format        CHECKPOINT_FORMAT
-    stage         "pretrain", "sft", ...
-    model_config  GPTConfig as a dict
+    stage         the stage that wrote it: "pretrain", "sft", "reward", ...
+    model_kind    what `model` holds (MODEL_KINDS): "gpt", "reward", ...; absent in the
+                  checkpoints of earlier versions, which all hold a "gpt"
+    model_config  GPTConfig as a dict (the trunk's shape, for every kind)
     model         the model's state_dict (weights)
     tokenizer     the tokenizer's state (its kind and model bytes), so a checkpoint
                   alone is enough to sample from
-    step          optimizer steps taken
-    optimizer     AdamW state (None in a weights-only export)
-    rng, data     RNG states and the data loaders' positions, for exact resumption
     config        the run's resolved config
-    metrics       last evaluation figures
+    metrics       the last evaluation's figures
+    init_from     (fine-tuning stages) the checkpoint the run started from
+  for resuming (train/loop.py writes them):
+    step, elapsed_s, optimizer, scaler, best, per_rank (each rank's RNG states and
+    data position)
 
-It is written to `<name>.tmp` and renamed over `<name>`: a rename is atomic, so a kill at
-any moment leaves either the old file or the new one, never half of one. It is read with
+It is written with train/files.py: atomic_write (temporary file, fsync, rename), so a
+kill at any moment leaves either the old file or the new one. It is read with
 torch.load(weights_only=True), which unpickles only tensors and plain containers: a
 checkpoint from the internet cannot run code.
 """
 
-import os
 import random
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 import tokenizer as tokenizers
 from errors import UserError
 from model import GPT, GPTConfig
+from model.heads import ScalarModel
+
+from .files import atomic_write
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_NAME = "ckpt.pt"
 BEST_NAME = "best.pt"
 
 
+@dataclass(frozen=True)
+class ModelKind:
+    """How to build one kind of model from its trunk's config, and find its language model."""
+
+    describe: str  # for messages: "a language model"
+    build: Callable[[GPTConfig], nn.Module]
+    language_model: Callable[[nn.Module], GPT]
+
+
+MODEL_KINDS: dict[str, ModelKind] = {
+    "gpt": ModelKind("a language model", GPT, lambda m: m),
+    "reward": ModelKind("a reward model", ScalarModel, lambda m: m.gpt),
+}
+
+
 def save_checkpoint(path: str | Path, state: dict) -> None:
     """Write `state` to `path` atomically (temporary file, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save({"format": CHECKPOINT_FORMAT, **state}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save({"format": CHECKPOINT_FORMAT, **state}, f))
 
 
 def resolve_checkpoint_path(path: str | Path) -> Path:
@@ -83,14 +99,35 @@ def load_checkpoint(path: str | Path) -> dict:
     for key in ("model_config", "model", "tokenizer"):
         if key not in ckpt:
             raise UserError(f"checkpoint {path} has no '{key}'; it is incomplete, retrain")
+    ckpt.setdefault("model_kind", "gpt")
+    if ckpt["model_kind"] not in MODEL_KINDS:
+        raise UserError(
+            f"checkpoint {path} holds a model of kind {ckpt['model_kind']!r}, which this "
+            f"version does not know ({', '.join(MODEL_KINDS)}); update the project"
+        )
     ckpt["path"] = str(path)
     return ckpt
 
 
-def model_from_checkpoint(ckpt: dict, **overrides) -> GPT:
-    """Build the GPT a checkpoint describes and load its weights (on the CPU, fp32)."""
-    config = GPTConfig(**{**ckpt["model_config"], **overrides})
-    model = GPT(config)
+def model_from_checkpoint(ckpt: dict, kind: str | None = None, **overrides) -> nn.Module:
+    """Build the model a checkpoint holds and load its weights (on the CPU, fp32).
+
+    kind: the kind the caller needs; a checkpoint of another kind is a UserError.
+    overrides: GPTConfig fields to change (dropout, attention).
+    """
+    held = ckpt.get("model_kind", "gpt")
+    if kind is not None and kind != held:
+        raise UserError(
+            f"checkpoint {ckpt.get('path')} holds {MODEL_KINDS[held].describe} ({held}), "
+            f"not {MODEL_KINDS[kind].describe} ({kind}); point to a {kind} checkpoint"
+        )
+    try:
+        config = GPTConfig(**{**ckpt["model_config"], **overrides})
+    except (TypeError, ValueError) as e:
+        raise UserError(
+            f"checkpoint {ckpt.get('path')} has an invalid model config ({e})"
+        ) from None
+    model = MODEL_KINDS[held].build(config)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
@@ -101,17 +138,33 @@ def model_from_checkpoint(ckpt: dict, **overrides) -> GPT:
     return model
 
 
-def load_model(path: str | Path, **overrides) -> tuple[GPT, "tokenizers.Tokenizer", dict]:
-    """Model (CPU, fp32, eval mode), tokenizer and the raw checkpoint dict from a path."""
-    ckpt = load_checkpoint(path)
-    model = model_from_checkpoint(ckpt, **overrides).eval()
+def tokenizer_from_checkpoint(ckpt: dict, vocab_size: int) -> "tokenizers.Tokenizer":
+    """The checkpoint's tokenizer, checked against the model's vocabulary size."""
     tok = tokenizers.from_state(ckpt["tokenizer"])
-    if tok.vocab_size != model.config.vocab_size:
+    if tok.vocab_size != vocab_size:
         raise UserError(
             f"checkpoint {ckpt['path']}: tokenizer has {tok.vocab_size} tokens but the model "
-            f"expects {model.config.vocab_size}; the tokenizer does not match this checkpoint"
+            f"expects {vocab_size}; the tokenizer does not match this checkpoint"
         )
-    return model, tok, ckpt
+    return tok
+
+
+def load_model(path: str | Path, **overrides) -> tuple[GPT, "tokenizers.Tokenizer", dict]:
+    """The language model of a checkpoint of any kind (CPU, fp32, eval mode), its
+    tokenizer and the raw checkpoint dict. For a reward model it is the trunk's GPT."""
+    ckpt = load_checkpoint(path)
+    model = model_from_checkpoint(ckpt, **overrides)
+    gpt = MODEL_KINDS[ckpt["model_kind"]].language_model(model).eval()
+    return gpt, tokenizer_from_checkpoint(ckpt, gpt.config.vocab_size), ckpt
+
+
+def load_kind(
+    path: str | Path, kind: str, **overrides
+) -> tuple[nn.Module, "tokenizers.Tokenizer", dict]:
+    """The whole model of a checkpoint that must hold `kind` (CPU, fp32, eval mode)."""
+    ckpt = load_checkpoint(path)
+    model = model_from_checkpoint(ckpt, kind, **overrides).eval()
+    return model, tokenizer_from_checkpoint(ckpt, model.config.vocab_size), ckpt
 
 
 def rng_state() -> dict:

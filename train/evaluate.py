@@ -31,12 +31,11 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from data.sources import read_utf8_file
-from errors import UserError
+from errors import UserError, report_user_errors
 from model import GPT, IGNORE_INDEX
 from model.generate import generate
 
 from .checkpoint import load_model
-from .cli import report_user_errors
 from .runtime import Runtime, runtime_session
 from .task_eval import (
     builtin_tasks,

@@ -1,30 +1,46 @@
-"""The training loop: one for every stage (pretraining, SFT, later the reward model and RL).
+"""The training loop: one for every stage (pretraining, SFT, reward model, PPO, DPO).
 
-A stage builds a model, an optimizer and a batch source, and hands them over with two
-optional callbacks (evaluate, sample). Each optimizer step is
+A stage hands the Trainer its model, optimizer and a batch source, and says how to train
+on one batch with a step function:
+
+    step(model, batch) -> StepResult(loss, tokens, metrics)
+
+loss is the scalar to minimise on that batch, tokens the tokens the forward pass ran on
+(padding excluded: what tokens/s and MFU count), metrics any named figures (accuracy,
+margin, KL ...). Each optimizer step is then
 
     lr = schedule(step, fraction of the run done)                      (train/optim.py)
     for each of grad_accum micro-batches:
-        loss = loss_fn(model, batch) / grad_accum     forward under autocast
-        backward                                      DDP averages gradients across ranks
-    clip the gradient norm to grad_clip, AdamW step, zero the gradients
+        result = step(model, batches.next_batch())    forward under autocast
+        backward(result.loss / grad_accum)            DDP averages gradients across ranks
+    clip the gradient norm to grad_clip, optimizer step, zero the gradients
+    loss and metrics: averaged over the micro-batches and the ranks
 
-then logging every log_interval steps, and every eval_interval steps an evaluation,
-a sample and a checkpoint (best.pt as well when the validation loss improved).
+then a line in metrics.jsonl every log_interval steps, and every eval_interval steps an
+evaluation, a sample and a checkpoint; best.pt as well when `best_metric` (say
+"val_loss", with best_mode "min") improved on every earlier evaluation. Without a
+best_metric there is no best.pt.
+
+Stages that collect data before they learn from it (PPO: sample replies, score them,
+then several passes of minibatch updates over them) use the same loop: their batch source
+does the collecting. Its next_batch() hands out the next minibatch of the current rollout
+and, when the rollout is used up, first generates a new one with the current policy. One
+loop step is one minibatch update; the rollout's figures (reward, KL) travel with its
+minibatches and the step function reports them as metrics.
 
 The run ends at max_iters or after max_minutes of wall time, whichever comes first.
 Ctrl-C finishes the current step, saves a checkpoint and returns; a second Ctrl-C
 aborts at once, leaving the last checkpoint on disk as it was. A NaN or infinite loss
-stops the run with a UserError before anything is saved, so the last good checkpoint
-stays as it was.
+stops the run with a UserError before anything is saved.
 """
 
 import math
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -37,17 +53,42 @@ from errors import UserError
 
 from .checkpoint import BEST_NAME, CHECKPOINT_NAME, rng_state, save_checkpoint, set_rng_state
 from .metrics import MetricsLog
-from .optim import SCHEDULES, fraction_done, lr_at, set_lr
+from .optim import fraction_done, lr_at, set_lr
+from .progress import Progress
 from .runtime import Runtime
+from .settings import LOOP, check, check_relations
+
+
+@dataclass
+class StepResult:
+    """What a stage's step function returns for one micro-batch."""
+
+    loss: torch.Tensor  # scalar, the mean loss over this micro-batch; backward() runs on it
+    tokens: int | torch.Tensor  # tokens the forward ran on, padding excluded
+    metrics: dict[str, float | torch.Tensor] = field(default_factory=dict)
+
+
+class Batches(Protocol):
+    """A resumable source of batches: what the loop draws from and saves the position of."""
+
+    def next_batch(self) -> Any: ...  # tensors, or tuples / dicts of tensors
+
+    def state_dict(self) -> dict: ...  # plain values, safe for torch.load(weights_only=True)
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+StepFn = Callable[[nn.Module, Any], StepResult]
 
 
 @dataclass
 class LoopConfig:
-    """The loop's settings; each stage's config has these keys at its top level."""
+    """The loop's settings; each stage's config has these keys at its top level.
+    Their rules are train/settings.py's LOOP table."""
 
     max_iters: int = 1000
     max_minutes: float | None = None  # wall-clock budget; None = no limit
-    grad_accum: int = 1  # micro-batches per optimizer step
+    grad_accum: int = 1  # micro-batches per optimizer step (per process)
     grad_clip: float = 1.0  # max gradient norm; 0 = no clipping
     lr: float = 1e-3  # peak learning rate
     min_lr: float = 1e-4  # learning rate at the end of the run
@@ -57,23 +98,12 @@ class LoopConfig:
     log_interval: int = 10
     eval_interval: int = 250  # evaluate, sample and checkpoint every this many steps
     compile: bool = False  # torch.compile the model
+    best_metric: str | None = None  # an evaluation figure that picks best.pt; None = no best.pt
+    best_mode: str = "min"  # "min": lower is better, "max": higher is better
 
     def __post_init__(self) -> None:
-        for name in ("max_iters", "grad_accum", "log_interval", "eval_interval", "warmup_iters"):
-            value = getattr(self, name)
-            smallest = 0 if name in ("max_iters", "warmup_iters") else 1
-            if not isinstance(value, int) or value < smallest:
-                raise UserError(f"{name} must be an integer >= {smallest}, got {value!r}")
-        if self.max_minutes is not None and not self.max_minutes > 0:
-            raise UserError(f"max_minutes must be positive or null, got {self.max_minutes!r}")
-        if not 0 <= self.min_lr <= self.lr:
-            raise UserError(f"need 0 <= min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
-        if self.schedule not in SCHEDULES:
-            raise UserError(
-                f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
-            )
-        if not 0 < self.cooldown <= 1:
-            raise UserError(f"cooldown must be in (0, 1], got {self.cooldown!r}")
+        check(asdict(self), LOOP)
+        check_relations(asdict(self))
 
     @classmethod
     def from_cfg(cls, cfg) -> "LoopConfig":
@@ -81,11 +111,15 @@ class LoopConfig:
         return cls(**{f.name: cfg[f.name] for f in fields(cls) if f.name in cfg})
 
 
-def lm_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Next-token cross-entropy: batch is (x, y), both (B, T); y = -100 where not trained."""
-    x, y = batch
-    _, loss = model(x, y)
-    return loss
+def to_device(batch, device: torch.device):
+    """The batch with every tensor in it moved to `device` (tuples, lists, dicts kept)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
 
 
 class Trainer:
@@ -96,14 +130,14 @@ class Trainer:
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         runtime: Runtime,
-        batches,  # .next_batch() -> tuple of tensors; .state_dict() / .load_state_dict()
+        batches: Batches,
+        step: StepFn,
+        loop: LoopConfig,
         out_dir: str | Path,
-        config: LoopConfig,
-        checkpoint_meta: dict,  # stage, model_config, tokenizer, config: in every checkpoint;
-        # config (the run's resolved config) is also written to out_dir/config.yaml
+        checkpoint_meta: dict,  # stage, model_kind, model_config, tokenizer, config, ...:
+        # in every checkpoint; config (the run's resolved config) also goes to config.yaml
         evaluate: Callable[[nn.Module], dict] | None = None,  # -> {"val_loss": ..., ...}
         sample: Callable[[nn.Module], str] | None = None,
-        loss_fn: Callable[[nn.Module, tuple], torch.Tensor] = lm_loss,
         flops_per_token: float | None = None,
         peak_flops: float | None = None,
     ) -> None:
@@ -111,23 +145,23 @@ class Trainer:
         self.optimizer = optimizer
         self.runtime = runtime
         self.batches = batches
+        self.step_fn = step
+        self.loop = loop
         self.out_dir = Path(out_dir)
-        self.cfg = config
         self.meta = checkpoint_meta
         self.evaluate_fn = evaluate
         self.sample_fn = sample
-        self.loss_fn = loss_fn
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops
         self.scaler = runtime.grad_scaler()
         self.step = 0  # optimizer steps completed
         self.elapsed_s = 0.0  # wall time spent in earlier runs (resume)
-        self.best_val_loss = math.inf
+        self.best: float | None = None  # the best value of loop.best_metric so far
         self.last_eval: dict = {}
         self.stop_requested = False
 
         model = model.to(runtime.device)
-        if config.compile:
+        if loop.compile:
             model = torch.compile(model)
         if runtime.distributed:
             ids = [runtime.device.index] if runtime.device.type == "cuda" else None
@@ -136,7 +170,7 @@ class Trainer:
 
     # ----------------------------------------------------------------- resume
     def load_state(self, ckpt: dict) -> None:
-        """Continue from a checkpoint written by this loop (weights already loaded or not)."""
+        """Continue from a checkpoint written by this loop."""
         self.raw_model.load_state_dict(ckpt["model"])
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -149,7 +183,7 @@ class Trainer:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.step = ckpt["step"]
         self.elapsed_s = ckpt.get("elapsed_s", 0.0)
-        self.best_val_loss = ckpt.get("best_val_loss", math.inf)
+        self.best = (ckpt.get("best") or {}).get("value", ckpt.get("best_val_loss"))
         per_rank = ckpt.get("per_rank", [])
         if len(per_rank) == self.runtime.world_size:
             mine = per_rank[self.runtime.rank]
@@ -164,99 +198,111 @@ class Trainer:
     # ------------------------------------------------------------------- run
     def run(self) -> dict:
         """Train until max_iters or max_minutes; returns the last evaluation's figures."""
-        cfg, rt = self.cfg, self.runtime
-        log = None  # only rank 0 touches the metrics file
-        if rt.is_main:
-            log = MetricsLog(self.out_dir / "metrics.jsonl", self.step if self.step else None)
-        if rt.is_main and "config" in self.meta:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            text = yaml.safe_dump(self.meta["config"], sort_keys=False)
-            (self.out_dir / "config.yaml").write_text(text)
+        log = self._open_log()
         start_time = time.perf_counter()
-        previous_handler = signal.getsignal(signal.SIGINT)
-        signal.signal(signal.SIGINT, self._on_sigint)
-        bar = tqdm(
-            total=cfg.max_iters, initial=self.step, disable=not rt.is_main, dynamic_ncols=True
-        )
-        interval_tokens, interval_start = 0, time.perf_counter()
-        stop = False  # agreed by all ranks: every rank takes the same way out below
-        schedule = (cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.schedule, cfg.cooldown)
+        progress = Progress(self.loop.max_iters, self.loop.max_minutes, self.runtime.is_main)
+        previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
         try:
-            self.model.train()
-            while True:
-                elapsed = self.elapsed_s + time.perf_counter() - start_time
-                elapsed, stop = self._agree(elapsed, self.stop_requested)
-                frac = fraction_done(self.step, cfg.max_iters, elapsed, cfg.max_minutes)
-                if self.step >= cfg.max_iters or frac >= 1.0 or stop:
-                    break
-                lr = lr_at(self.step, frac, *schedule)
-                set_lr(self.optimizer, lr)
-                loss, tokens = self._train_step()
-                self.step += 1
-                interval_tokens += tokens
-                bar.update(1)
-
-                if self.step % cfg.log_interval == 0 or self.step == cfg.max_iters:
-                    now = time.perf_counter()
-                    tok_s = interval_tokens * rt.world_size / (now - interval_start)
-                    record = {"step": self.step, "train_loss": loss, "lr": lr}
-                    record["tokens_per_sec"] = tok_s
-                    if self.flops_per_token and self.peak_flops:
-                        per_device = tok_s / rt.world_size
-                        record["mfu"] = per_device * self.flops_per_token / self.peak_flops
-                    if rt.is_main:
-                        log.write(record)
-                        bar.set_postfix_str(_postfix(record))
-                    interval_tokens, interval_start = 0, time.perf_counter()
-
-                if self.step % cfg.eval_interval == 0:
-                    self._evaluate_and_save(log, start_time)
-                    interval_tokens, interval_start = 0, time.perf_counter()
+            stopped = self._train(log, progress, start_time)
         finally:
             signal.signal(signal.SIGINT, previous_handler)
-            bar.close()
-
-        if stop:
-            if rt.is_main:
+            progress.close()
+        if stopped:
+            if self.runtime.is_main:
                 print(f"stopped at step {self.step} (Ctrl-C); checkpoint saved")
             self._save(CHECKPOINT_NAME, start_time)
         elif self.last_eval.get("step") != self.step:  # not evaluated at this step yet
             self._evaluate_and_save(log, start_time)
         return self.last_eval
 
+    def _train(self, log: MetricsLog | None, progress: Progress, start_time: float) -> bool:
+        """Optimizer steps until a bound is reached; True when stopped by Ctrl-C."""
+        loop = self.loop
+        schedule = (loop.lr, loop.min_lr, loop.warmup_iters, loop.schedule, loop.cooldown)
+        interval_tokens, interval_start = 0, time.perf_counter()
+        self.model.train()
+        while True:
+            elapsed = self.elapsed_s + time.perf_counter() - start_time
+            elapsed, stop = self._agree(elapsed, self.stop_requested)
+            frac = fraction_done(self.step, loop.max_iters, elapsed, loop.max_minutes)
+            if self.step >= loop.max_iters or frac >= 1.0 or stop:
+                return stop
+            lr = lr_at(self.step, frac, *schedule)
+            set_lr(self.optimizer, lr)
+            loss, tokens, metrics = self.train_step()
+            self.step += 1
+            interval_tokens += tokens
+            progress.update(self.step, self.elapsed_s + time.perf_counter() - start_time)
+
+            if self.step % loop.log_interval == 0 or self.step == loop.max_iters:
+                seconds = time.perf_counter() - interval_start
+                record = self._log_record(loss, lr, metrics, interval_tokens, seconds)
+                if self.runtime.is_main:
+                    log.write(record)
+                    progress.set_postfix(_postfix(record))
+                interval_tokens, interval_start = 0, time.perf_counter()
+
+            if self.step % loop.eval_interval == 0:
+                self._evaluate_and_save(log, start_time)
+                interval_tokens, interval_start = 0, time.perf_counter()
+
     # ----------------------------------------------------------------- pieces
-    def _train_step(self) -> tuple[float, int]:
-        """One optimizer step over grad_accum micro-batches; returns (mean loss, tokens)."""
-        cfg, rt = self.cfg, self.runtime
+    def train_step(self) -> tuple[float, int | torch.Tensor, dict[str, float]]:
+        """One optimizer step over grad_accum micro-batches.
+
+        Returns the loss and metrics averaged over micro-batches and ranks, and the tokens
+        this process trained on.
+        """
+        loop, rt = self.loop, self.runtime
         loss_sum = torch.zeros((), device=rt.device)
+        sums: dict[str, torch.Tensor] = {}
         tokens = 0
-        for micro in range(cfg.grad_accum):
-            batch = tuple(t.to(rt.device, non_blocking=True) for t in self.batches.next_batch())
-            tokens += batch[0].numel()
-            last = micro == cfg.grad_accum - 1
+        for micro in range(loop.grad_accum):
+            batch = to_device(self.batches.next_batch(), rt.device)
             if isinstance(self.model, DDP):  # all-reduce gradients only on the last micro-step
-                self.model.require_backward_grad_sync = last
+                self.model.require_backward_grad_sync = micro == loop.grad_accum - 1
             with rt.autocast():
-                loss = self.loss_fn(self.model, batch) / cfg.grad_accum
+                result = self.step_fn(self.model, batch)
+                loss = result.loss / loop.grad_accum
             self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
-        if cfg.grad_clip > 0:
+            tokens = tokens + result.tokens  # an int, or a tensor (no device sync here)
+            for name, value in result.metrics.items():
+                value = torch.as_tensor(value, dtype=torch.float32, device=rt.device).detach()
+                sums[name] = sums.get(name, 0.0) + value / loop.grad_accum
+        if loop.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip)
+            nn.utils.clip_grad_norm_(self.raw_model.parameters(), loop.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
 
-        if rt.distributed:  # every rank reports, and checks, the global mean loss
-            dist.all_reduce(loss_sum)
-            loss_sum /= rt.world_size
-        loss = loss_sum.item()
+        loss, metrics = self._mean_over_ranks(loss_sum, sums)
         if not math.isfinite(loss):
             raise UserError(
                 f"training loss became {loss} at step {self.step + 1}; stopped without saving, "
                 f"so the last good checkpoint in {self.out_dir} is kept; lower lr or use float32"
             )
-        return loss, tokens
+        return loss, tokens, metrics
+
+    def _mean_over_ranks(
+        self, loss_sum: torch.Tensor, sums: dict[str, torch.Tensor]
+    ) -> tuple[float, dict[str, float]]:
+        """Every rank reports, and checks, the means over all ranks (one all-reduce)."""
+        values = torch.stack([loss_sum, *sums.values()])  # (1 + metrics,)
+        if self.runtime.distributed:
+            dist.all_reduce(values)
+            values /= self.runtime.world_size
+        loss, *rest = values.tolist()
+        return loss, dict(zip(sums, rest, strict=True))
+
+    def _log_record(self, loss, lr, metrics: dict, tokens: int, seconds: float) -> dict:
+        rt = self.runtime
+        tok_s = float(tokens) * rt.world_size / seconds
+        record = {"step": self.step, "train_loss": loss, "lr": lr, "tokens_per_sec": tok_s}
+        if self.flops_per_token and self.peak_flops:
+            record["mfu"] = tok_s / rt.world_size * self.flops_per_token / self.peak_flops
+        return {**record, **metrics}
 
     def _agree(self, elapsed: float, stop: bool) -> tuple[float, bool]:
         """All ranks take rank 0's clock and stop if any rank was asked to.
@@ -271,27 +317,46 @@ class Trainer:
         dist.all_reduce(t)  # sum: rank 0's elapsed, number of ranks asked to stop
         return t[0].item(), t[1].item() > 0
 
+    def _open_log(self) -> MetricsLog | None:
+        """Rank 0's metrics.jsonl (kept up to the resumed step) and config.yaml."""
+        if not self.runtime.is_main:
+            return None
+        log = MetricsLog(self.out_dir / "metrics.jsonl", self.step if self.step else None)
+        if "config" in self.meta:
+            text = yaml.safe_dump(self.meta["config"], sort_keys=False)
+            (self.out_dir / "config.yaml").write_text(text)
+        return log
+
+    def _in_eval_mode(self, fn: Callable[[nn.Module], Any]) -> Any:
+        """fn(raw model) in eval mode, without gradients, under the run's autocast."""
+        self.raw_model.eval()
+        with torch.no_grad(), self.runtime.autocast():
+            result = fn(self.raw_model)
+        self.raw_model.train()
+        return result
+
+    def _improves_best(self, metrics: dict) -> bool:
+        """True when this evaluation's best_metric beats every earlier one."""
+        value = metrics.get(self.loop.best_metric) if self.loop.best_metric else None
+        if value is None or not math.isfinite(value):
+            return False
+        if self.best is None:
+            return True
+        return value < self.best if self.loop.best_mode == "min" else value > self.best
+
     def _evaluate_and_save(self, log: MetricsLog | None, start_time: float) -> None:
-        rt = self.runtime
-        metrics = {}
-        if self.evaluate_fn is not None:
-            self.raw_model.eval()
-            with torch.no_grad(), rt.autocast():
-                metrics = self.evaluate_fn(self.raw_model)
-            self.raw_model.train()
+        metrics = self._in_eval_mode(self.evaluate_fn) if self.evaluate_fn else {}
         self.last_eval = {"step": self.step, **metrics}
-        improved = metrics.get("val_loss", -math.inf) < self.best_val_loss
-        if improved and "val_loss" in metrics:
-            self.best_val_loss = metrics["val_loss"]
-        if rt.is_main:
+        improved = self._improves_best(metrics)
+        if improved:
+            self.best = metrics[self.loop.best_metric]
+        if self.runtime.is_main:
             log.write(self.last_eval)
             if metrics:
                 tqdm.write(f"step {self.step}: " + _postfix(metrics))
             if self.sample_fn is not None:
-                self.raw_model.eval()
-                with torch.no_grad(), rt.autocast():
-                    tqdm.write("--- sample ---\n" + self.sample_fn(self.raw_model) + "\n---")
-                self.raw_model.train()
+                text = self._in_eval_mode(self.sample_fn)
+                tqdm.write("--- sample ---\n" + text + "\n---")
         self._save(CHECKPOINT_NAME, start_time)
         if improved:
             self._save(BEST_NAME, start_time)
@@ -305,6 +370,9 @@ class Trainer:
             dist.all_gather_object(per_rank, mine)
         if not self.runtime.is_main:
             return
+        best = (
+            {"metric": self.loop.best_metric, "value": self.best} if self.loop.best_metric else None
+        )
         state = {
             **self.meta,
             "model": self.raw_model.state_dict(),
@@ -312,7 +380,7 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "step": self.step,
             "elapsed_s": self.elapsed_s + time.perf_counter() - start_time,
-            "best_val_loss": self.best_val_loss,
+            "best": best,
             "per_rank": per_rank,
             "metrics": self.last_eval,
         }
@@ -326,16 +394,23 @@ class Trainer:
             tqdm.write("Ctrl-C: finishing this step, then saving (Ctrl-C again to abort)")
 
 
+_FORMATS = {
+    "train_loss": "loss={:.4f}",
+    "val_loss": "val_loss={:.4f}",
+    "val_bpb": "val_bpb={:.4f}",
+    "lr": "lr={:.2e}",
+    "tokens_per_sec": "tok/s={:.0f}",
+    "mfu": "mfu={:.1%}",
+}
+_QUIET = {"step", "val_ppl"}  # in metrics.jsonl, not in the progress bar
+
+
 def _postfix(record: dict) -> str:
-    """Short 'key=value' text for the progress bar."""
-    formats = {
-        "train_loss": "loss={:.4f}",
-        "val_loss": "val_loss={:.4f}",
-        "val_bpb": "val_bpb={:.4f}",
-        "lr": "lr={:.2e}",
-        "tokens_per_sec": "tok/s={:.0f}",
-        "mfu": "mfu={:.1%}",
-    }
-    return " ".join(
-        fmt.format(record[k]) for k, fmt in formats.items() if record.get(k) is not None
-    )
+    """Short 'key=value' text for the progress bar: the usual figures, then the stage's."""
+    parts = [fmt.format(record[k]) for k, fmt in _FORMATS.items() if record.get(k) is not None]
+    parts += [
+        f"{k}={v:.4g}"
+        for k, v in record.items()
+        if k not in _FORMATS and k not in _QUIET and isinstance(v, (int, float))
+    ]
+    return " ".join(parts)

@@ -1,7 +1,8 @@
 """metrics.jsonl: one JSON object per log or eval step, appended as the run goes.
 
-Keys (see DESIGN.md): step, train_loss, lr, tokens_per_sec on log steps; eval steps add
-val_loss (nats per token), val_ppl and val_bpb (bits per byte). Written by rank 0 only.
+Keys: step, train_loss, lr, tokens_per_sec (and mfu, and the stage's own metrics) on log
+steps; eval steps add the stage's evaluation figures (val_loss in nats per token, val_ppl,
+val_bpb in bits per byte, ...). Written by rank 0 only.
 Each line is flushed as it is written, so a killed run keeps every line it finished.
 """
 

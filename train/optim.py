@@ -33,17 +33,10 @@ import re
 import torch
 from torch import nn
 
-from errors import UserError
-
 from .muon import Muon
 
 OPTIMIZERS = ("adamw", "muon")
 _BLOCK_PARAM = re.compile(r"(^|\.)h\.\d+\.")  # a parameter inside block i: "h.<i>." in its name
-
-
-def check_optimizer(kind: str) -> None:
-    if kind not in OPTIMIZERS:
-        raise UserError(f"optimizer={kind} is not an optimizer here; use {' or '.join(OPTIMIZERS)}")
 
 
 def build_optimizer(
@@ -61,7 +54,8 @@ def build_optimizer(
     AdamW uses the fused kernel on CUDA and CPU (one kernel for all parameters instead of a
     loop over them), foreach elsewhere.
     """
-    check_optimizer(kind)
+    if kind not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {kind!r}; use one of {OPTIMIZERS}")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if kind == "adamw":
         groups = [

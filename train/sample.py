@@ -28,13 +28,12 @@ import torch
 from omegaconf import DictConfig
 
 from data.sources import read_utf8_file
-from errors import UserError
+from errors import UserError, report_user_errors
 from model import GPT
 from model.generate import generate, prepare_for_decoding
 from tokenizer.chat import ChatFormatError, render_prompt
 
 from .checkpoint import CHECKPOINT_NAME, load_model
-from .cli import report_user_errors
 from .runtime import setup_runtime
 
 MODES = ("generate", "chat")

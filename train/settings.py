@@ -1,0 +1,131 @@
+"""Config checks: one style for every entry point, a table of rules checked at start-up.
+
+    check(cfg, {**RUNTIME, **LOOP, **OPTIMIZER, "batch_size": integer(1)})
+
+Each rule says what a setting may be ("an integer >= 1", "one of adamw, muon"); a value
+that breaks it stops the run before any work, with one line naming the setting, the value
+and what it must be. Settings that depend on each other (min_lr <= lr) are checked by
+`check_relations` right after the table.
+"""
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from errors import UserError
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a setting must be: `ok(value)` says whether it is, `describe` says it in words."""
+
+    describe: str
+    ok: Callable[[Any], bool]
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def integer(low: int | None = None) -> Rule:
+    """A whole number, at least `low`."""
+    if low is None:
+        return Rule("an integer", _is_int)
+    return Rule(f"an integer >= {low}", lambda v: _is_int(v) and v >= low)
+
+
+def number(low: float | None = None, high: float | None = None, *, above=None, below=None) -> Rule:
+    """A finite number: low <= v <= high, above < v < below (each bound optional)."""
+    words, tests = [], [_is_number]
+    for bound, sign, test in (
+        (low, ">=", lambda v, b: v >= b),
+        (above, ">", lambda v, b: v > b),
+        (high, "<=", lambda v, b: v <= b),
+        (below, "<", lambda v, b: v < b),
+    ):
+        if bound is not None:
+            words.append(f"{sign} {bound:g}")
+            tests.append(lambda v, b=bound, t=test: t(v, b))
+    describe = "a number" + (" " + " and ".join(words) if words else "")
+    return Rule(describe, lambda v: all(t(v) for t in tests))
+
+
+def choice(*options) -> Rule:
+    return Rule("one of " + ", ".join(map(str, options)), lambda v: v in options)
+
+
+def flag() -> Rule:
+    return Rule("true or false", lambda v: isinstance(v, bool))
+
+
+def text() -> Rule:
+    return Rule("a string", lambda v: isinstance(v, str) and bool(v))
+
+
+def optional(rule: Rule) -> Rule:
+    """The rule, or null."""
+    return Rule(f"{rule.describe}, or null", lambda v: v is None or rule.ok(v))
+
+
+def pair(rule: Rule) -> Rule:
+    """A list of two values, each obeying `rule`."""
+    return Rule(
+        f"a list of two values, each {rule.describe}",
+        lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(map(rule.ok, v)),
+    )
+
+
+# The settings every training stage has (conf/base.yaml and the stage's own file).
+RUNTIME = {"seed": integer(), "device": text(), "precision": text(), "resume": flag()}
+LOOP = {
+    "max_iters": integer(0),
+    "max_minutes": optional(number(above=0)),
+    "grad_accum": integer(1),
+    "grad_clip": number(0),
+    "lr": number(above=0),
+    "min_lr": number(0),
+    "warmup_iters": integer(0),
+    "schedule": choice("cosine", "wsd"),
+    "cooldown": number(above=0, high=1),
+    "log_interval": integer(1),
+    "eval_interval": integer(1),
+    "compile": flag(),
+    "best_metric": optional(text()),
+    "best_mode": choice("min", "max"),
+    "peak_tflops": optional(number(above=0)),
+}
+OPTIMIZER = {
+    "optimizer": choice("adamw", "muon"),
+    "weight_decay": number(0),
+    "betas": pair(number(0, below=1)),
+    "muon_lr": number(above=0),
+    "muon_momentum": number(0, below=1),
+}
+
+
+def check(cfg: Mapping, rules: Mapping[str, Rule]) -> None:
+    """UserError for the first setting in `cfg` that breaks its rule (absent ones pass)."""
+    for name, rule in rules.items():
+        if name not in cfg:
+            continue
+        value = cfg[name]
+        if isinstance(value, (DictConfig, ListConfig)):  # plain Python values first
+            value = OmegaConf.to_container(value, resolve=True)
+        if not rule.ok(value):
+            raise UserError(
+                f"{name}={value!r} is not valid: it must be {rule.describe}; "
+                "fix the override or the config file"
+            )
+
+
+def check_relations(cfg: Mapping) -> None:
+    """The settings that depend on each other."""
+    if "lr" in cfg and "min_lr" in cfg and cfg["min_lr"] > cfg["lr"]:
+        raise UserError(f"min_lr={cfg['min_lr']} is above lr={cfg['lr']}; need min_lr <= lr")

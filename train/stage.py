@@ -1,0 +1,131 @@
+"""What every training stage does around its own part, written once.
+
+    with Stage("sft", cfg, rules) as stage:     # checks the config, starts the runtime,
+        ...                                      #   reads out_dir/ckpt.pt when resuming
+        model, batches = the stage's own part
+        result = stage.train(model, tok, batches, step, evaluate=..., sample=...)
+        stage.save_eval({"sft": scores})
+
+A stage script then holds only what makes the stage different: where its model and its
+batches come from, its step function (train/losses.py) and how it is evaluated.
+`Stage.train` builds the optimizer (train/optim.py) and the Trainer (train/loop.py) from
+the config, with the checkpoint's metadata (stage, model kind, model config, tokenizer,
+resolved config), restores the run being resumed, and runs the loop.
+"""
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from .checkpoint import CHECKPOINT_NAME, load_checkpoint
+from .loop import Batches, LoopConfig, StepFn, Trainer
+from .optim import optimizer_from_config
+from .runtime import Runtime, peak_flops, setup_runtime, teardown_runtime
+from .settings import LOOP, OPTIMIZER, RUNTIME, Rule, check, check_relations
+from .task_eval import save_eval
+
+
+class Stage:
+    def __init__(self, name: str, cfg: DictConfig, rules: dict[str, Rule] | None = None) -> None:
+        """name: the stage ("pretrain", "sft", ...), written into its checkpoints.
+        rules: the stage's own settings (train/settings.py); the loop's, the optimizer's
+        and the runtime's are always checked."""
+        self.name = name
+        self.cfg = cfg
+        self.rules = {**RUNTIME, **LOOP, **OPTIMIZER, **(rules or {})}
+        self.out_dir = Path(cfg.out_dir)
+        self.runtime: Runtime | None = None
+        self.resumed: dict | None = None  # the checkpoint being resumed
+
+    def __enter__(self) -> "Stage":
+        check(self.cfg, self.rules)  # before any work
+        check_relations(self.cfg)
+        self.runtime = setup_runtime(self.cfg.device, self.cfg.precision, self.cfg.seed)
+        if self.cfg.get("resume"):
+            self.resumed = load_checkpoint(self.out_dir / CHECKPOINT_NAME)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        teardown_runtime(self.runtime)
+
+    @property
+    def is_main(self) -> bool:
+        return self.runtime.is_main
+
+    def log(self, message: str) -> None:
+        """Print on rank 0 only."""
+        if self.runtime.is_main:
+            print(message, flush=True)
+
+    def main_first(self, fn: Callable[[], object]) -> object:
+        """fn() on rank 0 first, then on the others (e.g. preparing data the others read)."""
+        result = fn() if self.runtime.is_main else None
+        if self.runtime.distributed:
+            dist.barrier()
+        return result if self.runtime.is_main else fn()
+
+    def train(
+        self,
+        model: nn.Module,
+        tokenizer,
+        batches: Batches,
+        step: StepFn,
+        *,
+        evaluate: Callable[[nn.Module], dict] | None = None,
+        sample: Callable[[nn.Module], str] | None = None,
+        model_kind: str = "gpt",
+        flops_per_token: float | None = None,
+        **meta,
+    ) -> dict:
+        """Run the loop on `model`; returns the last evaluation's figures.
+
+        meta: more entries for every checkpoint (e.g. init_from=path).
+        """
+        rt, cfg = self.runtime, self.cfg
+        model.to(rt.device)
+        trainer = Trainer(
+            model,
+            optimizer_from_config(model, cfg, rt.device.type),
+            rt,
+            batches,
+            step,
+            LoopConfig.from_cfg(cfg),
+            self.out_dir,
+            checkpoint_meta={
+                "stage": self.name,
+                "model_kind": model_kind,
+                "model_config": model.config.to_dict(),
+                "tokenizer": tokenizer.state(),
+                "config": OmegaConf.to_container(cfg, resolve=True),
+                **meta,
+            },
+            evaluate=evaluate,
+            sample=sample,
+            flops_per_token=flops_per_token,
+            peak_flops=peak_flops(rt, cfg.get("peak_tflops")) if rt.is_main else None,
+        )
+        if self.resumed is not None:
+            trainer.load_state(self.resumed)
+        self.log(self.describe(model))
+        return trainer.run()
+
+    def describe(self, model: nn.Module) -> str:
+        """One line: the model's size and how it is trained."""
+        c, rt, cfg = model.config, self.runtime, self.cfg
+        n_params = sum(p.numel() for p in model.parameters())  # a tied matrix counts once
+        return (
+            f"{self.name}: {n_params / 1e6:.2f}M parameters, {c.n_layer} layers x "
+            f"{c.n_embd}, context {c.block_size}; {cfg.batch_size} x {cfg.grad_accum} x "
+            f"{rt.world_size} per step on {rt.device} ({str(rt.dtype).replace('torch.', '')})"
+        )
+
+    def save_eval(self, results: dict) -> Path | None:
+        """Write results to out_dir/eval.json (rank 0) and say where."""
+        if not self.runtime.is_main:
+            return None
+        path = save_eval(results, self.out_dir)
+        self.log(f"written to {path}")
+        return path
