@@ -17,7 +17,8 @@ import hydra
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from data.instruct import SFTLoader, collate, load_instruction_data, mix, render_examples
+from data.batching import SFTLoader, collate
+from data.instruct import load_instruction_data, mix, render_examples
 from errors import UserError
 from model import GPT, GPTConfig
 from tokenizer.chat import render_prompt
