@@ -23,7 +23,7 @@ it has seen only as "▁begin". So the line is always the end of the prompt, aft
 and the assistant's reply starts with a space (REPLY_PREFIX): the reply " begin" is then
 the very token the line holds, and " When time shall serve" the line's own tokens. With
 the 4096-piece Shakespeare tokenizer, the reply's tokens occur as they are in the prompt
-for 100% of the repeat items, 92% of first-word and 70% of last-word items (the rest have
+for 100% of the repeat items, 93% of first-word and 68% of last-word items (the rest have
 punctuation merged into the word's last piece, "▁him." for "him"); with the line after a
 newline and a reply without the space it was 24%, 25% and 0%. Evaluation strips the
 space (train/task_eval.py); an item's "answer" holds the answer without it.
