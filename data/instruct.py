@@ -1,4 +1,4 @@
-"""Instruction data: JSON and JSONL files -> conversations -> padded training batches.
+"""Instruction data: JSON and JSONL files -> conversations -> (ids, mask) examples.
 
 Reading. A file is JSONL (one record per line; "line N" is its 1-based line number) or
 JSON (one array of records; "index N" is the 0-based array index). Files ending in .json
@@ -22,39 +22,10 @@ contributes round(w * n) of them per epoch: each conversation floor(w) times, pl
 seeded random subset for the fraction. Weight 1 is "as is", 2 doubles a small
 high-quality set, 0.25 takes a quarter of a big one. Nothing to train on: UserError.
 
-Batching: padding, not packing. A conversation becomes one example (ids, mask) ->
-x = ids[:-1], y = ids[1:] with y = -100 where the mask of the target is 0. A batch
-is B examples padded on the right to the longest of them (x with pad_id, y with -100).
-Why padding: with causal attention, padding on the right never changes what the real
-positions compute, so a training example is exactly what evaluation and chat see: one
-conversation starting at position 0 after <bos>. Packing several conversations into one
-row would let each attend to the unrelated ones before it (this model has no per-document
-attention mask) and put them at positions the model never sees when chatting.
-The cost of padding is the pad positions. To keep it small, examples are batched by
-length: a window of `group` batches (drawn in shuffled order) is sorted by length, cut
-into batches, and the batches are put in a random order; rows then differ by a token or
-two, and a batch still mixes tasks (built-in set, group 8: 5.7 of 8 tasks per batch of 16;
-group 1, no grouping: 7.0).
-
-Measured (tiny model 4 x 256, context 128, vocabulary 4096; built-in train set, 4800
-conversations of 15..56 tokens, mean 30; batches of 16 conversations; AdamW steps on one
-thread, real (non-pad) tokens per CPU-second, median of 3 runs of 12 steps; the 2 shared
-cores were saturated by other jobs, so wall-clock figures were meaningless):
-
-    padding to the full context (128)        fill 0.23     520 tokens/s
-    padding to the longest, random batches   fill 0.71   1,680 tokens/s
-    padding to the longest, grouped by 16    fill 0.96   2,230 tokens/s   <- this loader
-    packing whole conversations, rows of 128 fill 0.89   2,090 tokens/s
-
-(The default group of 8 fills 0.94.) So grouped padding is as fast as packing here, within
-run-to-run noise, while keeping every example exact, and 4x faster than padding to the
-context. Packing would win only for conversations of very different, longer lengths.
-
-The loader has TokenLoader's interface (data/loader.py): next_batch() -> (x, y) int64
-(B, T) tensors (T varies from batch to batch, at most block_size), one global stream of
-batches, each a function of (seed, its number g) only, that rank r of world_size W reads
-at g = step * W + r, and state_dict() = {"seed", "step"}: plain ints, so a resumed run
-continues exactly.
+Examples. A conversation becomes one example (ids, mask) in the chat format
+(tokenizer/chat.py), cut on the left to fit the context with its final reply kept;
+conversations whose final reply does not fit are dropped and counted (render_examples).
+Batching the examples, padded and grouped by length, is data/batching.py's work.
 """
 
 import json
@@ -64,10 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from errors import UserError
-from model import IGNORE_INDEX
 from tokenizer.chat import ChatFormatError, fit_to_context, render_conversation, validate_messages
 
 Conversation = list[dict]
@@ -298,110 +267,3 @@ def render_examples(
             f"({block_size} tokens) even when cut to their final reply; nothing to train on"
         )
     return examples, report
-
-
-def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int):
-    """Padded (x, y), int64 (B, T) with T the longest example's length - 1.
-
-    x[i, t] = ids[t]; y[i, t] = ids[t + 1] where mask[t + 1] is 1, else -100. Pad
-    positions are x = pad_id, y = -100.
-    """
-    T = max(len(ids) for ids, _ in examples) - 1
-    x = np.full((len(examples), T), pad_id, dtype=np.int64)
-    y = np.full((len(examples), T), IGNORE_INDEX, dtype=np.int64)
-    for i, (ids, mask) in enumerate(examples):
-        n = len(ids) - 1
-        ids_a, mask_a = np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool)
-        x[i, :n] = ids_a[:-1]
-        y[i, :n] = np.where(mask_a[1:], ids_a[1:], IGNORE_INDEX)
-    return torch.from_numpy(x), torch.from_numpy(y)
-
-
-class SFTLoader:
-    """Padded, length-grouped batches of examples; deterministic, resumable, per rank.
-
-    The global stream of examples is epoch after epoch, each epoch a permutation drawn
-    from (seed, epoch). Batches come in windows of `group` batches: window w holds the
-    next group * batch_size examples of the stream, sorted by length, cut into batches
-    and put in an order drawn from (seed, w). Rank r of world_size W reads global batch
-    g = step * W + r.
-    """
-
-    def __init__(
-        self,
-        examples: Sequence[tuple[list[int], list[int]]],
-        batch_size: int,
-        seed: int,
-        rank: int = 0,
-        world_size: int = 1,
-        pad_id: int = 0,
-        group: int = 8,
-    ):
-        if batch_size < 1 or group < 1:
-            raise ValueError(f"batch_size and group must be >= 1, got {batch_size}, {group}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        if not examples:
-            raise UserError("no training examples; nothing to train on")
-        self.examples = list(examples)
-        self.lengths = np.array([len(ids) for ids, _ in self.examples])
-        self.batch_size, self.group, self.pad_id = batch_size, group, pad_id
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.step = 0  # batches this rank has drawn
-        self._window: tuple[int, list[np.ndarray]] | None = None  # cache of the last window
-        self._epochs: dict[int, np.ndarray] = {}
-
-    @property
-    def epoch(self) -> float:
-        """Examples drawn by all ranks so far, in epochs."""
-        seen = self.step * self.world_size * self.batch_size
-        return seen / len(self.examples)
-
-    def _stream(self, start: int, count: int) -> np.ndarray:
-        """Example indices at stream positions start .. start + count - 1."""
-        n = len(self.examples)
-        positions = np.arange(start, start + count)
-        out = np.empty(count, dtype=np.int64)
-        for epoch in np.unique(positions // n):
-            if epoch not in self._epochs:
-                if len(self._epochs) > 2:
-                    self._epochs.pop(min(self._epochs))
-                self._epochs[epoch] = np.random.default_rng([self.seed, 0, epoch]).permutation(n)
-            here = positions // n == epoch
-            out[here] = self._epochs[epoch][positions[here] % n]
-        return out
-
-    def _batch_indices(self, g: int) -> np.ndarray:
-        """Example indices of global batch g."""
-        w, j = divmod(g, self.group)
-        if self._window is None or self._window[0] != w:
-            size = self.group * self.batch_size
-            idx = self._stream(w * size, size)
-            idx = idx[np.argsort(self.lengths[idx], kind="stable")]  # shortest first
-            order = np.random.default_rng([self.seed, 1, w]).permutation(self.group)
-            batches = np.split(idx, self.group)
-            self._window = (w, [batches[k] for k in order])
-        return self._window[1][j]
-
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """x, y: int64 CPU tensors of shape (batch_size, T), T the batch's longest - 1."""
-        g = self.step * self.world_size + self.rank
-        self.step += 1
-        return collate([self.examples[i] for i in self._batch_indices(g)], self.pad_id)
-
-    def state_dict(self) -> dict:
-        """The stream's position: plain ints, safe for torch.load(weights_only=True)."""
-        return {"seed": int(self.seed), "step": int(self.step)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.seed, self.step = int(state["seed"]), int(state["step"])
-        self._window, self._epochs = None, {}
-
-
-def eval_batches(
-    examples: Sequence[tuple[list[int], list[int]]], batch_size: int, pad_id: int = 0
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Every example once, in order, in padded batches (the last may be smaller): for a
-    validation loss on held-out conversations."""
-    for start in range(0, len(examples), batch_size):
-        yield collate(examples[start : start + batch_size], pad_id)

@@ -28,6 +28,7 @@ matches, `prepare` returns at once without reading the text again. Training call
 `prepare(cfg.data)` itself, so `make pretrain` prepares the data when needed.
 """
 
+import contextlib
 import hashlib
 import json
 import math
@@ -36,6 +37,7 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +48,7 @@ from tqdm import tqdm
 
 import tokenizer as tokenizers
 from data.sources import Document, input_hashes, load_documents
-from errors import UserError
+from errors import UserError, report_user_errors
 from tokenizer import Tokenizer
 
 FORMAT = 1  # bump when the layout of the prepared files changes: forces a rebuild
@@ -67,10 +69,6 @@ class Prepared:
     train_path: Path
     val_path: Path
     rebuilt: bool = False
-
-    @property
-    def tokenizer_path(self) -> Path:
-        return self.dir / TOKENIZER_FILE
 
 
 def settings_of(data_cfg) -> dict:
@@ -100,51 +98,25 @@ def settings_of(data_cfg) -> dict:
 def prepare(data_cfg) -> Prepared:
     """Make (or find up to date) the tokenizer and token files `data_cfg` describes."""
     settings = settings_of(data_cfg)
-    name = str(data_cfg.get("name") or settings["source"])
-    if not name or "/" in name or name.startswith("."):
-        raise UserError(f"data.name '{name}' must be a plain folder name, like 'shakespeare'")
-    out = Path(data_cfg.get("root") or "out/data") / name
+    out = _output_dir(data_cfg, settings)
     inputs = input_hashes(data_cfg)  # checks that the inputs exist
     key = _sha256_json({"settings": settings, "inputs": inputs})
-
     found = _up_to_date(out, key)
     if found is not None:
         return found
 
     start = time.perf_counter()
-    docs = [d for d in load_documents(data_cfg) if d.text]
-    if not docs:
-        where = ", ".join(inputs) or settings["source"]
-        raise UserError(f"the corpus is empty: {where} holds no text; give it some text")
-    train_docs, val_docs, split_by = split_documents(
-        docs, settings["val_fraction"], settings["seed"]
-    )
-
-    n_bytes = sum(len(d.text.encode()) for d in train_docs)
-    print(
-        f"training a {settings['vocab_size']}-token {settings['tokenizer']} tokenizer on "
-        f"{n_bytes:,} bytes ({len(train_docs)} {split_by}s)",
-        file=sys.stderr,
-    )
-    try:
-        tok = tokenizers.train_tokenizer(
-            (d.text for d in train_docs), settings["vocab_size"], settings["tokenizer"]
-        )
-    except UserError as e:
-        raise UserError(f"{e} (data.vocab_size={settings['vocab_size']})") from None
+    train_docs, val_docs, split_by = _load_and_split(data_cfg, settings, inputs)
+    tok = _train_tokenizer(train_docs, settings, split_by)
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
-
-    stage = out.parent / f".{name}.tmp-{os.getpid()}"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
-    try:
+    with _staging(out) as stage:
         tok.save(stage / TOKENIZER_FILE)
         splits = {}
         for split, file, part in (("train", TRAIN_FILE, train_docs), ("val", VAL_FILE, val_docs)):
             splits[split] = {"file": file, **_write_split(stage / file, part, tok, dtype, split)}
         meta = {
             "format": FORMAT,
-            "name": name,
+            "name": out.name,
             "key": key,
             "source": settings["source"],
             "inputs": inputs,
@@ -158,10 +130,43 @@ def prepare(data_cfg) -> Prepared:
             "seconds": round(time.perf_counter() - start, 2),
         }
         (stage / META_FILE).write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
-        _swap_in(stage, out)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
     return Prepared(out, tok, meta, out / TRAIN_FILE, out / VAL_FILE, rebuilt=True)
+
+
+def _output_dir(data_cfg, settings: dict) -> Path:
+    """<data.root>/<data.name>: the folder the preparation lives in (name: the source's)."""
+    name = str(data_cfg.get("name") or settings["source"])
+    if not name or "/" in name or name.startswith("."):
+        raise UserError(f"data.name '{name}' must be a plain folder name, like 'shakespeare'")
+    return Path(data_cfg.get("root") or "out/data") / name
+
+
+def _load_and_split(
+    data_cfg, settings: dict, inputs: dict
+) -> tuple[list[Document], list[Document], str]:
+    """The corpus's non-empty documents, split into training and validation
+    (split_documents); UserError when there is no text at all."""
+    docs = [d for d in load_documents(data_cfg) if d.text]
+    if not docs:
+        where = ", ".join(inputs) or settings["source"]
+        raise UserError(f"the corpus is empty: {where} holds no text; give it some text")
+    return split_documents(docs, settings["val_fraction"], settings["seed"])
+
+
+def _train_tokenizer(train_docs: list[Document], settings: dict, split_by: str) -> Tokenizer:
+    """The tokenizer of `settings`, trained on the training split only."""
+    n_bytes = sum(len(d.text.encode()) for d in train_docs)
+    print(
+        f"training a {settings['vocab_size']}-token {settings['tokenizer']} tokenizer on "
+        f"{n_bytes:,} bytes ({len(train_docs)} {split_by}s)",
+        file=sys.stderr,
+    )
+    try:
+        return tokenizers.train_tokenizer(
+            (d.text for d in train_docs), settings["vocab_size"], settings["tokenizer"]
+        )
+    except UserError as e:
+        raise UserError(f"{e} (data.vocab_size={settings['vocab_size']})") from None
 
 
 def split_documents(
@@ -261,6 +266,20 @@ def _up_to_date(out: Path, key: str) -> Prepared | None:
     return Prepared(out, tok, meta, out / TRAIN_FILE, out / VAL_FILE, rebuilt=False)
 
 
+@contextlib.contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """A fresh folder beside `out` to write into. When the block ends, the folder replaces
+    `out` (_swap_in); when it fails, the folder is removed and `out` stays as it was."""
+    stage = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        yield stage
+        _swap_in(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
 def _swap_in(stage: Path, out: Path) -> None:
     """Replace `out` by the finished `stage`; the old directory goes only after the swap."""
     old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -297,10 +316,13 @@ def run(cfg: DictConfig) -> Prepared:
 
 def main() -> None:
     """`python -m data.prepare [overrides]`; UserErrors print one line and exit 2."""
+<<<<<<< HEAD
     # Imported here, not at the top, so that importing data.prepare (as training does)
     # never pulls in train/: the arrows between packages point one way.
     from errors import report_user_errors
 
+=======
+>>>>>>> datasplit
     hydra.main(version_base=None, config_path="../conf", config_name="prepare")(
         report_user_errors(run)
     )()

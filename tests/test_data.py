@@ -406,6 +406,15 @@ def test_cli_prepares_text_and_reports_errors_in_one_line(tmp_path, corpus):
     ]
 
 
+def test_data_and_tokenizer_never_import_train():
+    """The arrows point one way: data/ and tokenizer/ know nothing of training."""
+    modules = "data.prepare, data.batching, data.instruct, data.tasks, data.loader, tokenizer.chat"
+    code = f"import sys, {modules}; print([m for m in sys.modules if m.split('.')[0] == 'train'])"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 # --- the default corpus, end to end ------------------------------------------------------
 
 

@@ -1,15 +1,11 @@
-"""Instruction data: formats, malformed records, thresholds, mixing, and the SFT batches."""
+"""Instruction data: formats, malformed records, thresholds, mixing, rendered examples."""
 
 import json
 
 import pytest
-import torch
 
 import tokenizer
 from data.instruct import (
-    SFTLoader,
-    collate,
-    eval_batches,
     load_instruction_data,
     mix,
     read_instruction_file,
@@ -135,19 +131,13 @@ def test_mixture_weights(tmp_path):
         mix([(items, -1)])
 
 
-# ---------------------------------------------------------------------------- batches
+# ---------------------------------------------------------------------------- examples
 
 
 @pytest.fixture(scope="module")
 def tok():
     text = json.dumps([ALPACA, DOLLY, CHAT]) + " numbers 0123456789 and letters abcdefghijklm"
     return tokenizer.train_tokenizer([text] * 20, vocab_size=320)
-
-
-def conversations(n):
-    return [[{"role": "user", "content": f"Count to {i}."},
-             {"role": "assistant", "content": " ".join(str(k) for k in range(i % 7 + 1))}]
-            for i in range(n)]  # fmt: skip
 
 
 def test_render_examples_counts_truncated_and_dropped(tok):
@@ -163,86 +153,3 @@ def test_render_examples_counts_truncated_and_dropped(tok):
     assert report.dropped >= 2
     with pytest.raises(UserError, match="nothing to train on"):
         render_examples(tok, [to_conversation(CHAT)], block_size=3)
-
-
-def test_collate_shifts_and_masks(tok):
-    examples = [render_conversation(tok, c) for c in conversations(3)]
-    x, y = collate(examples, tok.pad_id)
-    T = max(len(ids) for ids, _ in examples) - 1
-    assert x.shape == y.shape == (3, T) and x.dtype == y.dtype == torch.int64
-    for row, (ids, mask) in enumerate(examples):
-        n = len(ids) - 1
-        assert x[row, :n].tolist() == ids[:-1]
-        assert (x[row, n:] == tok.pad_id).all() and (y[row, n:] == -100).all()
-        for t in range(n):
-            assert y[row, t] == (ids[t + 1] if mask[t + 1] else -100)
-        trained = [int(v) for v in y[row] if v != -100]
-        reply = tok.encode(conversations(3)[row][1]["content"]) + [tok.end_id]
-        assert trained == reply  # exactly the reply and its end of turn
-
-
-def test_loader_is_deterministic_resumable_and_distinct_per_rank(tok):
-    examples = [render_conversation(tok, c) for c in conversations(50)]
-    a = SFTLoader(examples, batch_size=4, seed=7, pad_id=tok.pad_id, group=4)
-    b = SFTLoader(examples, batch_size=4, seed=7, pad_id=tok.pad_id, group=4)
-    batches = [a.next_batch() for _ in range(30)]  # 120 examples: crosses epochs
-    for x, y in batches:
-        bx, by = b.next_batch()
-        assert torch.equal(x, bx) and torch.equal(y, by)
-
-    resumed = SFTLoader(examples, batch_size=4, seed=7, pad_id=tok.pad_id, group=4)
-    state = torch.load(_roundtrip(a.state_dict()), weights_only=True)
-    resumed.load_state_dict(state)
-    fresh = [a.next_batch() for _ in range(3)]
-    for x, _ in fresh:
-        assert torch.equal(resumed.next_batch()[0], x)
-
-    other_seed = SFTLoader(examples, batch_size=4, seed=8, pad_id=tok.pad_id, group=4)
-    assert not all(torch.equal(other_seed.next_batch()[0], x) for x, _ in batches[:3])
-
-    # Two ranks interleave one global stream: together they read what one process reads.
-    ranks = [SFTLoader(examples, 4, seed=7, rank=r, world_size=2, pad_id=tok.pad_id, group=4)
-             for r in range(2)]  # fmt: skip
-    for k in range(6):
-        x, _ = ranks[k % 2].next_batch()
-        assert torch.equal(x, batches[k][0])
-
-
-def test_an_epoch_sees_every_example_once(tok):
-    examples = [render_conversation(tok, c) for c in conversations(48)]
-    loader = SFTLoader(examples, batch_size=4, seed=3, pad_id=tok.pad_id, group=3)
-    seen = []
-    for _ in range(12):
-        x, _ = loader.next_batch()
-        seen += [tuple(row[row != tok.pad_id].tolist()) for row in x]
-    want = sorted(tuple(ids[:-1]) for ids, _ in examples)
-    assert sorted(seen) == want and loader.epoch == 1.0
-
-
-def test_length_grouping_keeps_padding_small(tok):
-    examples = [render_conversation(tok, c) for c in conversations(200)]
-    grouped = SFTLoader(examples, batch_size=8, seed=0, pad_id=tok.pad_id, group=25)
-    single = SFTLoader(examples, batch_size=8, seed=0, pad_id=tok.pad_id, group=1)
-
-    def pad_fraction(loader):
-        xs = [loader.next_batch()[0] for _ in range(25)]
-        return sum(int((x == tok.pad_id).sum()) for x in xs) / sum(x.numel() for x in xs)
-
-    assert pad_fraction(grouped) < 0.5 * pad_fraction(single)
-
-
-def test_eval_batches_cover_every_example(tok):
-    examples = [render_conversation(tok, c) for c in conversations(10)]
-    batches = list(eval_batches(examples, 4, tok.pad_id))
-    assert [x.shape[0] for x, _ in batches] == [4, 4, 2]
-    trained = sum(int((y != -100).sum()) for _, y in batches)
-    assert trained == sum(sum(mask) for _, mask in examples)
-
-
-def _roundtrip(state):
-    import io
-
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    buf.seek(0)
-    return buf

@@ -12,7 +12,6 @@ Contract:
   `state()` = {"kind": ..., "model": bytes} and `tokenizer.from_state` rebuilds.
 """
 
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -59,12 +58,12 @@ class Tokenizer(ABC):
         return {"kind": self.kind, "model": self.to_bytes()}
 
     def save(self, path: str | Path) -> None:
-        """Write the model file atomically (temporary name, then rename)."""
+        """Write the model file (`to_bytes`). A plain write, not atomic: its caller,
+        data/prepare.py, writes into a staging folder that replaces the old one only when
+        complete, so a half-written file is never used."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(self.to_bytes())
-        os.replace(tmp, path)
+        path.write_bytes(self.to_bytes())
 
     # The special ids by name: tok.bos_id, tok.eos_id, ...
     @property

@@ -17,7 +17,7 @@ never emits them), so a message cannot forge a turn:
 
 The second row is the loss mask: 1 exactly on the assistant's content tokens and the <end>
 that closes its turn (the model must learn when to stop), 0 on everything else. For
-training, targets where the mask is 0 become -100 (see data/instruct.py).
+training, targets where the mask is 0 become -100 (data/batching.py: collate).
 
 To ask for a reply, render_prompt renders the history and appends <assistant>; the model
 writes the reply and ends it with <end> (the stop id for generation).
@@ -68,13 +68,7 @@ def render_conversation(tok, messages: Sequence[dict]) -> tuple[list[int], list[
     validate_messages(messages)
     if not messages:
         raise ChatFormatError("a conversation needs at least one message")
-    ids, mask = [tok.bos_id], [0]
-    for m in messages:
-        body = tok.encode(m["content"]) + [tok.end_id]  # the content and the end of turn
-        trained = 1 if m["role"] == "assistant" else 0
-        ids += [_role_id(tok, m["role"])] + body
-        mask += [0] + [trained] * len(body)
-    return ids, mask
+    return _render(tok, messages)
 
 
 def render_prompt(tok, messages: Sequence[dict]) -> list[int]:
@@ -84,10 +78,20 @@ def render_prompt(tok, messages: Sequence[dict]) -> list[int]:
     Generation should stop at tok.end_id. An empty history gives [bos, assistant].
     """
     validate_messages(messages)
-    ids = [tok.bos_id]
-    for m in messages:
-        ids += [_role_id(tok, m["role"])] + tok.encode(m["content"]) + [tok.end_id]
+    ids, _ = _render(tok, messages)
     return ids + [tok.assistant_id]
+
+
+def _render(tok, messages: Sequence[dict]) -> tuple[list[int], list[int]]:
+    """The one rendering loop, for valid messages: bos, then per message its role id,
+    content and end id; the mask 1 on an assistant's content and end id, else 0."""
+    ids, mask = [tok.bos_id], [0]
+    for m in messages:
+        body = tok.encode(m["content"]) + [tok.end_id]  # the content and the end of turn
+        trained = 1 if m["role"] == "assistant" else 0
+        ids += [_role_id(tok, m["role"])] + body
+        mask += [0] + [trained] * len(body)
+    return ids, mask
 
 
 def fit_to_context(

@@ -14,7 +14,8 @@ import hydra
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from data.instruct import SFTLoader, eval_batches, load_instruction_data, mix, render_examples
+from data.batching import SFTLoader, eval_batches
+from data.instruct import load_instruction_data, mix, render_examples
 from errors import UserError, report_user_errors
 from model import GPT, GPTConfig
 from tokenizer.chat import render_prompt
