@@ -316,13 +316,6 @@ def run(cfg: DictConfig) -> Prepared:
 
 def main() -> None:
     """`python -m data.prepare [overrides]`; UserErrors print one line and exit 2."""
-<<<<<<< HEAD
-    # Imported here, not at the top, so that importing data.prepare (as training does)
-    # never pulls in train/: the arrows between packages point one way.
-    from errors import report_user_errors
-
-=======
->>>>>>> datasplit
     hydra.main(version_base=None, config_path="../conf", config_name="prepare")(
         report_user_errors(run)
     )()
