@@ -64,9 +64,10 @@ def open_tokens(path: str | Path, dtype=None) -> np.ndarray:
 
 def _check_length(tokens: np.ndarray, block_size: int, path) -> None:
     if len(tokens) < block_size + 1:
+        split = "raise" if Path(path).name.startswith("val") else "lower"
         raise UserError(
             f"{path} has {len(tokens)} tokens, fewer than one window of block_size + 1 = "
-            f"{block_size + 1}; give the corpus more text, lower data.val_fraction, "
+            f"{block_size + 1}; give the corpus more text, {split} data.val_fraction, "
             "or use a model with a smaller block_size"
         )
 

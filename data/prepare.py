@@ -99,6 +99,7 @@ def prepare(data_cfg) -> Prepared:
     """Make (or find up to date) the tokenizer and token files `data_cfg` describes."""
     settings = settings_of(data_cfg)
     out = _output_dir(data_cfg, settings)
+    recover_interrupted(out)
     inputs = input_hashes(data_cfg)  # checks that the inputs exist
     key = _sha256_json({"settings": settings, "inputs": inputs})
     found = _up_to_date(out, key)
@@ -287,6 +288,37 @@ def _swap_in(stage: Path, out: Path) -> None:
         os.replace(out, old)
     os.replace(stage, out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_interrupted(out: Path) -> None:
+    """Clean up after a preparation that was killed, before starting another.
+
+    Killed between the two renames of _swap_in, a run leaves the old preparation in
+    `.NAME.old-PID` and no `NAME`: the old one is put back. Killed while writing, it leaves
+    its `.NAME.tmp-PID` folder: removed, unless that process is still running (another
+    preparation at work).
+    """
+    for old in sorted(out.parent.glob(f".{out.name}.old-*")):
+        if not out.exists():
+            os.replace(old, out)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+    for stage in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = stage.name.rsplit("-", 1)[-1]
+        if not (pid.isdigit() and _running(int(pid))):
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our own leftover (a pid reused after a kill)
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, but belongs to someone else
+    return True
 
 
 def _sha256_json(obj) -> str:

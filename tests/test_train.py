@@ -520,7 +520,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, bad):
     trainer = make_trainer(tmp_path, loss_fn=loss_fn, max_iters=10, eval_interval=2)
     holder["trainer"] = trainer
     previous_handler = signal.getsignal(signal.SIGINT)
-    with pytest.raises(UserError, match=f"loss became {bad} at step 5.*last good checkpoint"):
+    with pytest.raises(
+        UserError, match=f"loss became {bad} at step 5.*the checkpoint of step 4 in .* is kept"
+    ):
         trainer.run()
     assert signal.getsignal(signal.SIGINT) is previous_handler
     ckpt = load_checkpoint(tmp_path)
@@ -559,7 +561,7 @@ def test_max_iters_zero_evaluates_the_initial_model(tmp_path):
     assert load_checkpoint(tmp_path)["step"] == 0
 
 
-def test_ctrl_c_saves_a_checkpoint_and_returns(tmp_path, capsys):
+def test_ctrl_c_saves_a_checkpoint_and_interrupts(tmp_path, capsys):
     holder = {}
 
     def loss_fn(model, batch):
@@ -570,7 +572,8 @@ def test_ctrl_c_saves_a_checkpoint_and_returns(tmp_path, capsys):
     trainer = make_trainer(tmp_path, loss_fn=loss_fn, max_iters=10, eval_interval=5)
     holder["trainer"] = trainer
     previous_handler = signal.getsignal(signal.SIGINT)
-    trainer.run()  # no KeyboardInterrupt: the step finishes, then the loop saves and returns
+    with pytest.raises(KeyboardInterrupt):  # after the step finishes and the loop saves
+        trainer.run()
     assert signal.getsignal(signal.SIGINT) is previous_handler
     assert trainer.step == 3
     assert "stopped at step 3" in capsys.readouterr().out
@@ -593,7 +596,8 @@ def test_a_stop_agreed_with_other_ranks_takes_the_ctrl_c_way_out(tmp_path, capsy
     must leave the same way (save, no evaluation), or their collectives would not match."""
     trainer = make_trainer(tmp_path, max_iters=10, eval_interval=5)
     trainer._agree = lambda elapsed, stop: (elapsed, stop or trainer.step == 2)
-    trainer.run()
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
     assert not trainer.stop_requested and trainer.step == 2
     assert "stopped at step 2" in capsys.readouterr().out
     assert trainer.calls["evaluate"] == 0

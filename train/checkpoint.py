@@ -86,10 +86,14 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # garbage bytes fail anywhere in the unpickler: IndexError, KeyError..
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "Weights only load failed" in str(e):  # it names code to run: never load it
+            raise UserError(
+                f"{path} is not a safe checkpoint (loading it would run code); it will not "
+                "be loaded"
+            ) from None
         raise UserError(
-            f"checkpoint {path} is corrupt or not a checkpoint of this project ({first_line}); "
-            "use another checkpoint or retrain"
+            f"checkpoint {path} is corrupt or not a checkpoint of this project "
+            f"({type(e).__name__}); use another checkpoint or retrain"
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(
@@ -130,11 +134,17 @@ def model_from_checkpoint(ckpt: dict, kind: str | None = None, **overrides) -> n
     model = MODEL_KINDS[held].build(config)
     try:
         model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
+    except (RuntimeError, TypeError, AttributeError) as e:
         raise UserError(
             f"checkpoint {ckpt.get('path')} weights do not fit its model config "
             f"({str(e).splitlines()[0]}); the file is damaged, retrain"
         ) from None
+    bad = [name for name, t in model.state_dict().items() if not torch.isfinite(t).all()]
+    if bad:
+        raise UserError(
+            f"checkpoint {ckpt.get('path')} has weights that are not finite (NaN or inf, "
+            f"first in {bad[0]}); it comes from a run that diverged: use an earlier one"
+        )
     return model
 
 

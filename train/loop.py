@@ -29,9 +29,14 @@ loop step is one minibatch update; the rollout's figures (reward, KL) travel wit
 minibatches and the step function reports them as metrics.
 
 The run ends at max_iters or after max_minutes of wall time, whichever comes first.
-Ctrl-C finishes the current step, saves a checkpoint and returns; a second Ctrl-C
-aborts at once, leaving the last checkpoint on disk as it was. A NaN or infinite loss
-stops the run with a UserError before anything is saved.
+Ctrl-C finishes the current step, saves a checkpoint and raises KeyboardInterrupt (the
+entry point exits with 130, so `make pretrain && make sft` stops there); a second Ctrl-C
+aborts at once, leaving the last checkpoint on disk as it was.
+
+Divergence never overwrites a good checkpoint: a NaN or infinite training loss, an
+evaluation that is not finite, or (min mode) one worse than the first evaluation and more
+than max_regression times the best so far, stops the run with a UserError before anything
+is saved.
 """
 
 import math
@@ -52,6 +57,7 @@ from tqdm import tqdm
 from errors import UserError
 
 from .checkpoint import BEST_NAME, CHECKPOINT_NAME, rng_state, save_checkpoint, set_rng_state
+from .files import atomic_write_text
 from .metrics import MetricsLog
 from .optim import fraction_done, lr_at, set_lr
 from .progress import Progress
@@ -100,6 +106,8 @@ class LoopConfig:
     compile: bool = False  # torch.compile the model
     best_metric: str | None = None  # an evaluation figure that picks best.pt; None = no best.pt
     best_mode: str = "min"  # "min": lower is better, "max": higher is better
+    max_regression: float | None = 4.0  # min mode: an evaluation worse than the first one and
+    # this many times the best so far means the run diverged: nothing is saved, the run stops
 
     def __post_init__(self) -> None:
         check(asdict(self), LOOP)
@@ -157,7 +165,9 @@ class Trainer:
         self.step = 0  # optimizer steps completed
         self.elapsed_s = 0.0  # wall time spent in earlier runs (resume)
         self.best: float | None = None  # the best value of loop.best_metric so far
+        self.first: float | None = None  # its value at the first evaluation
         self.last_eval: dict = {}
+        self.saved_step: int | None = None  # the step of the checkpoint on disk
         self.stop_requested = False
 
         model = model.to(runtime.device)
@@ -181,9 +191,11 @@ class Trainer:
             ) from None
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
-        self.step = ckpt["step"]
+        self.step = self.saved_step = ckpt["step"]
         self.elapsed_s = ckpt.get("elapsed_s", 0.0)
-        self.best = (ckpt.get("best") or {}).get("value", ckpt.get("best_val_loss"))
+        best = ckpt.get("best") or {}
+        self.best = best.get("value", ckpt.get("best_val_loss"))
+        self.first = best.get("first", self.best)
         per_rank = ckpt.get("per_rank", [])
         if len(per_rank) == self.runtime.world_size:
             mine = per_rank[self.runtime.rank]
@@ -208,10 +220,11 @@ class Trainer:
             signal.signal(signal.SIGINT, previous_handler)
             progress.close()
         if stopped:
+            self._save(CHECKPOINT_NAME, start_time)
             if self.runtime.is_main:
                 print(f"stopped at step {self.step} (Ctrl-C); checkpoint saved")
-            self._save(CHECKPOINT_NAME, start_time)
-        elif self.last_eval.get("step") != self.step:  # not evaluated at this step yet
+            raise KeyboardInterrupt
+        if self.last_eval.get("step") != self.step:  # not evaluated at this step yet
             self._evaluate_and_save(log, start_time)
         return self.last_eval
 
@@ -280,8 +293,8 @@ class Trainer:
         loss, metrics = self._mean_over_ranks(loss_sum, sums)
         if not math.isfinite(loss):
             raise UserError(
-                f"training loss became {loss} at step {self.step + 1}; stopped without saving, "
-                f"so the last good checkpoint in {self.out_dir} is kept; lower lr or use float32"
+                f"training loss became {loss} at step {self.step + 1}; stopped without saving "
+                f"({self._kept()}); lower lr or use float32"
             )
         return loss, tokens, metrics
 
@@ -321,10 +334,11 @@ class Trainer:
         """Rank 0's metrics.jsonl (kept up to the resumed step) and config.yaml."""
         if not self.runtime.is_main:
             return None
-        log = MetricsLog(self.out_dir / "metrics.jsonl", self.step if self.step else None)
+        resumed = self.step if self.saved_step is not None else None
+        log = MetricsLog(self.out_dir / "metrics.jsonl", resumed)
         if "config" in self.meta:
             text = yaml.safe_dump(self.meta["config"], sort_keys=False)
-            (self.out_dir / "config.yaml").write_text(text)
+            atomic_write_text(self.out_dir / "config.yaml", text)
         return log
 
     def _in_eval_mode(self, fn: Callable[[nn.Module], Any]) -> Any:
@@ -344,12 +358,40 @@ class Trainer:
             return True
         return value < self.best if self.loop.best_mode == "min" else value > self.best
 
+    def _kept(self) -> str:
+        """What stays on disk when a run stops without saving, said truthfully."""
+        if self.saved_step is None:
+            return "no checkpoint was saved yet"
+        return f"the checkpoint of step {self.saved_step} in {self.out_dir} is kept"
+
+    def _check_divergence(self, metrics: dict) -> None:
+        """UserError if this evaluation shows the run diverged (see the module docstring)."""
+        name = self.loop.best_metric
+        for key, value in metrics.items():
+            if isinstance(value, float) and not math.isfinite(value) and key != "val_ppl":
+                raise UserError(
+                    f"evaluation at step {self.step} gave {key}={value}; the run diverged and "
+                    f"stopped without saving ({self._kept()}); lower lr or use float32"
+                )
+        ratio, value = self.loop.max_regression, metrics.get(name) if name else None
+        if not ratio or value is None or self.best is None or self.loop.best_mode != "min":
+            return
+        if value > ratio * self.best and value > self.first:
+            raise UserError(
+                f"evaluation at step {self.step} gave {name}={value:.4g}, worse than the first "
+                f"evaluation ({self.first:.4g}) and more than max_regression={ratio:g} times "
+                f"the best ({self.best:.4g}): the run diverged and stopped without saving "
+                f"({self._kept()}); lower lr, or set max_regression=null"
+            )
+
     def _evaluate_and_save(self, log: MetricsLog | None, start_time: float) -> None:
         metrics = self._in_eval_mode(self.evaluate_fn) if self.evaluate_fn else {}
+        self._check_divergence(metrics)
         self.last_eval = {"step": self.step, **metrics}
         improved = self._improves_best(metrics)
         if improved:
             self.best = metrics[self.loop.best_metric]
+            self.first = self.best if self.first is None else self.first
         if self.runtime.is_main:
             log.write(self.last_eval)
             if metrics:
@@ -370,9 +412,9 @@ class Trainer:
             dist.all_gather_object(per_rank, mine)
         if not self.runtime.is_main:
             return
-        best = (
-            {"metric": self.loop.best_metric, "value": self.best} if self.loop.best_metric else None
-        )
+        best = None
+        if self.loop.best_metric:
+            best = {"metric": self.loop.best_metric, "value": self.best, "first": self.first}
         state = {
             **self.meta,
             "model": self.raw_model.state_dict(),
@@ -385,6 +427,8 @@ class Trainer:
             "metrics": self.last_eval,
         }
         save_checkpoint(self.out_dir / name, state)
+        if name == CHECKPOINT_NAME:
+            self.saved_step = self.step
 
     def _on_sigint(self, signum, frame) -> None:
         if self.stop_requested:  # second Ctrl-C: abort; the last checkpoint stays as it was

@@ -41,17 +41,29 @@ def model_config(cfg_model: DictConfig, vocab_size: int) -> GPTConfig:
         raise UserError(f"model config: {e}; fix the model preset or its overrides") from None
 
 
+def check_same_tokenizer(ckpt: dict, tok, data_dir) -> None:
+    """A resumed run must read its data with the tokenizer it was trained with."""
+    if ckpt["tokenizer"] != tok.state():
+        raise UserError(
+            f"the prepared data in {data_dir} changed since {ckpt['path']} was written (its "
+            "tokenizer is another one): resuming would feed the model other token ids; "
+            "resume with the data the run started with, or start a new run"
+        )
+
+
 def run(cfg: DictConfig) -> dict:
     with Stage("pretrain", cfg, RULES) as stage:
         data = stage.main_first(partial(prepare, cfg.data))
         tok, rt = data.tokenizer, stage.runtime
         if stage.resumed is not None:
+            check_same_tokenizer(stage.resumed, tok, data.dir)
             config = GPTConfig(**stage.resumed["model_config"])
         else:
             config = model_config(cfg.model, tok.vocab_size)
         model = GPT(config)
         T, B = config.block_size, cfg.batch_size
         loader = TokenLoader(data.train_path, T, B, cfg.seed, rt.rank, rt.world_size)
+        eval_windows(data.val_path, T, B, cfg.eval_tokens)  # too short? say so before training
         val = data.meta["splits"]["val"]
 
         def evaluate(m: GPT) -> dict:

@@ -83,7 +83,13 @@ def pair(rule: Rule) -> Rule:
 
 
 # The settings every training stage has (conf/base.yaml and the stage's own file).
-RUNTIME = {"seed": integer(), "device": text(), "precision": text(), "resume": flag()}
+RUNTIME = {
+    "seed": integer(),
+    "device": text(),
+    "precision": text(),
+    "resume": flag(),
+    "overwrite": flag(),
+}
 LOOP = {
     "max_iters": integer(0),
     "max_minutes": optional(number(above=0)),
@@ -99,6 +105,7 @@ LOOP = {
     "compile": flag(),
     "best_metric": optional(text()),
     "best_mode": choice("min", "max"),
+    "max_regression": optional(number(above=1)),
     "peak_tflops": optional(number(above=0)),
 }
 OPTIMIZER = {

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from data.batching import SFTLoader, eval_batches
 from data.instruct import load_instruction_data, mix, render_examples
 from errors import UserError, report_user_errors
-from model import GPT, GPTConfig
+from model import GPT
 from tokenizer.chat import render_prompt
 
 from .checkpoint import CHECKPOINT_NAME, load_model
@@ -56,8 +56,8 @@ def run(cfg: DictConfig) -> dict:
     with Stage("sft", cfg, RULES) as stage:
         rt = stage.runtime
         model, tok, init = load_model(cfg.init_from)
-        if stage.resumed is not None:
-            model = GPT(GPTConfig(**stage.resumed["model_config"]))
+        if stage.resumed is not None:  # the run's own model and tokenizer, not init_from's
+            model, tok, _ = load_model(stage.resumed["path"])
         block_size = model.config.block_size
         stage.log(f"fine-tuning {init['path']} ({model.num_params() / 1e6:.2f}M parameters)")
 

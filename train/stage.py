@@ -20,12 +20,30 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from .checkpoint import CHECKPOINT_NAME, load_checkpoint
+from errors import UserError
+
+from .checkpoint import BEST_NAME, CHECKPOINT_NAME, load_checkpoint
+from .files import remove_stale_temporaries
 from .loop import Batches, LoopConfig, StepFn, Trainer
 from .optim import optimizer_from_config
 from .runtime import Runtime, peak_flops, setup_runtime, teardown_runtime
 from .settings import LOOP, OPTIMIZER, RUNTIME, Rule, check, check_relations
 from .task_eval import save_eval
+
+# What a run writes into its out_dir (overwrite=true removes exactly these).
+RUN_FILES = (CHECKPOINT_NAME, BEST_NAME, "metrics.jsonl", "config.yaml", "eval.json")
+
+
+def resumable_checkpoint(out_dir: Path) -> dict:
+    """out_dir/ckpt.pt, checked to hold what resuming needs."""
+    ckpt = load_checkpoint(out_dir / CHECKPOINT_NAME)
+    missing = [k for k in ("step", "optimizer", "per_rank") if ckpt.get(k) is None]
+    if missing:
+        raise UserError(
+            f"{ckpt['path']} cannot be resumed: it has no {', '.join(missing)} (a weights-only "
+            "checkpoint); start a new run from it with init_from=... instead"
+        )
+    return ckpt
 
 
 class Stage:
@@ -43,10 +61,38 @@ class Stage:
     def __enter__(self) -> "Stage":
         check(self.cfg, self.rules)  # before any work
         check_relations(self.cfg)
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise UserError(f"out_dir={self.out_dir} is a file, not a folder; choose another")
         self.runtime = setup_runtime(self.cfg.device, self.cfg.precision, self.cfg.seed)
-        if self.cfg.get("resume"):
-            self.resumed = load_checkpoint(self.out_dir / CHECKPOINT_NAME)
+        try:
+            if self.runtime.is_main:
+                remove_stale_temporaries(self.out_dir)  # a killed save's half-written file
+            if self.cfg.get("resume"):
+                self.resumed = resumable_checkpoint(self.out_dir)
+            else:
+                self._claim_out_dir()
+        except BaseException:
+            teardown_runtime(self.runtime)
+            raise
         return self
+
+    def _claim_out_dir(self) -> None:
+        """A new run never touches a directory that holds another run's checkpoint, unless
+        overwrite=true: then that run's files go first."""
+        held = [self.out_dir / name for name in RUN_FILES if (self.out_dir / name).exists()]
+        if not any(p.name in (CHECKPOINT_NAME, BEST_NAME) for p in held):
+            return  # nothing trained there yet (at most the log of a run killed early)
+        if not self.cfg.get("overwrite"):
+            raise UserError(
+                f"{self.out_dir} holds a run already ({CHECKPOINT_NAME}); continue it with "
+                f"resume=true, or start a new one with out_dir=<another folder> or "
+                "overwrite=true (which deletes that run)"
+            )
+        if self.runtime.is_main:
+            for path in held:
+                path.unlink()
+        if self.runtime.distributed:
+            dist.barrier()
 
     def __exit__(self, *exc) -> None:
         teardown_runtime(self.runtime)
