@@ -256,3 +256,48 @@ def test_reward_ignores_padding_after_the_last_token():
     alone = rm.score(x, torch.tensor([5]))
     assert torch.allclose(rm.score(padded, torch.tensor([5])), alone, atol=1e-6)
     assert not torch.allclose(rm.score(padded, torch.tensor([8])), alone)
+
+
+# --- the smallest stage, as docs/training.md shows it ---------------------------------
+
+
+def doc_example() -> str:
+    """The Python block of docs/training.md's 'Writing a new stage' section."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    section = text[text.index("## Writing a new stage") :]
+    return section[section.index("```python\n") + 10 : section.index("```\n\nRun it")]
+
+
+def test_the_documented_example_stage_trains_and_resumes(tmp_path):
+    from omegaconf import OmegaConf
+
+    import tokenizer
+
+    text = "To be, or not to be, that is the question. " * 40
+    tok = tokenizer.train_tokenizer([text], vocab_size=300)
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=tok.vocab_size)
+    state = {"stage": "pretrain", "model_config": config.to_dict(),
+             "model": GPT(config).state_dict(), "tokenizer": tok.state()}  # fmt: skip
+    save_checkpoint(tmp_path / "base.pt", state)
+    (tmp_path / "text.txt").write_text(text)
+    namespace: dict = {}
+    exec(compile(doc_example(), "docs/training.md", "exec"), namespace)
+    cfg = OmegaConf.create({
+        "device": "cpu", "precision": "float32", "seed": 1, "resume": False,
+        "out_dir": str(tmp_path / "run"), "init_from": str(tmp_path / "base.pt"),
+        "text_file": str(tmp_path / "text.txt"), "batch_size": 4, "grad_accum": 1,
+        "optimizer": "adamw", "lr": 3e-3, "min_lr": 0.0, "weight_decay": 0.0,
+        "betas": [0.9, 0.95], "muon_lr": 0.02, "muon_momentum": 0.95,
+        "max_iters": 30, "max_minutes": None, "warmup_iters": 0, "eval_interval": 15,
+        "log_interval": 5, "peak_tflops": 1.0,
+    })  # fmt: skip
+    namespace["run"](cfg)
+    logs = [r for r in records(tmp_path / "run") if "ppl" in r]
+    assert logs[-1]["ppl"] < logs[0]["ppl"] / 2  # it learnt the text
+    ckpt = load_checkpoint(tmp_path / "run")
+    assert ckpt["stage"] == "textfit" and ckpt["step"] == 30
+    assert ckpt["init_from"] == str(tmp_path / "base.pt")
+    cfg.max_iters, cfg.resume = 40, True
+    namespace["run"](cfg)
+    assert load_checkpoint(tmp_path / "run")["step"] == 40

@@ -7,6 +7,7 @@ from errors import UserError
 from model import GPT, GPTConfig
 from train.muon import Muon, orthogonalize
 from train.optim import build_optimizer, set_lr
+from train.settings import OPTIMIZER, check
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, bias=True)
 
@@ -150,7 +151,7 @@ def test_build_optimizer_gives_muon_the_blocks_matrices_only():
 
 
 def test_unknown_optimizer_is_an_error():
-    with pytest.raises(
-        UserError, match="optimizer=sgd is not an optimizer here; use adamw or muon"
-    ):
+    with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
         build_optimizer(GPT(GPTConfig(**TINY)), lr=1e-3, weight_decay=0.0, kind="sgd")
+    with pytest.raises(UserError, match="optimizer='sgd' is not valid: it must be one of adamw"):
+        check({"optimizer": "sgd"}, OPTIMIZER)  # what the stages check before any work
