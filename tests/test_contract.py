@@ -101,7 +101,8 @@ def test_best_checkpoint_follows_best_metric_and_mode(tmp_path):
                           best_mode="max")  # fmt: skip
     trainer.run()
     best = load_checkpoint(tmp_path / "best.pt")
-    assert best["step"] == 4 and best["best"] == {"metric": "accuracy", "value": 0.9}
+    assert best["step"] == 4 and best["best"]["metric"] == "accuracy"
+    assert best["best"]["value"] == 0.9 and best["best"]["first"] == 0.5
 
 
 def test_without_a_best_metric_there_is_no_best_checkpoint(tmp_path):

@@ -59,6 +59,7 @@ def run_sft(d: Path, *overrides: str) -> subprocess.CompletedProcess:
     args = [
         f"init_from={d / 'base.pt'}",
         f"out_dir={d / 'run'}",
+        "overwrite=true",  # each test's run replaces the one before
         "tasks.weight=0",
         f"files=[{d / 'train.jsonl'}]",
         f"eval_files=[{d / 'test.json'}]",
