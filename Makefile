@@ -9,7 +9,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 TORCH_VERSION := 2.13.0
 ARGS ?=
 
-.PHONY: install install-dev pretrain sft sample bench test lint format clean
+.PHONY: install install-dev pretrain sft rm sample bench test lint format clean
 
 # torch first, chosen by machine: with an NVIDIA GPU, PyPI's default (CUDA) build; without
 # one, the CPU build (a local wheel when the machine has one, else PyTorch's CPU index),
@@ -43,6 +43,9 @@ pretrain: $(VENV)/.runtime
 
 sft: $(VENV)/.runtime
 	$(PY) -m train.sft $(ARGS)
+
+rm: $(VENV)/.runtime
+	$(PY) -m train.reward $(ARGS)
 
 sample: $(VENV)/.runtime
 	$(PY) -m train.sample checkpoint=out/pretrain $(ARGS)

@@ -139,22 +139,31 @@ class FileReport:
 
     path: str
     records: int = 0
-    conversations: list = field(default_factory=list)
+    items: list = field(default_factory=list)  # what the records parsed into
     malformed: list[str] = field(default_factory=list)  # "path:line N: why"
 
+    @property
+    def conversations(self) -> list:
+        return self.items
 
-def read_instruction_file(
-    path: str | Path, max_bad_fraction: float = 0.05, log: Callable[[str], None] = print
+
+def read_data_file(
+    path: str | Path,
+    parse: Callable[[object], object],
+    max_bad_fraction: float = 0.05,
+    log: Callable[[str], None] = print,
+    what: str = "instruction data",
 ) -> FileReport:
-    """The conversations of one file; malformed records are logged (file and line) and
-    skipped. UserError when the file holds no records or too many malformed ones."""
+    """parse(record) for every record of a JSON or JSONL file; a record it refuses (with a
+    ValueError that says why) is logged with its file and line and skipped. UserError when
+    the file holds no records, or more than max_bad_fraction malformed ones."""
     report = FileReport(str(path))
     for where, record in read_records(path):
         report.records += 1
         try:
             if isinstance(record, Exception):
                 raise record
-            report.conversations.append(to_conversation(record))
+            report.items.append(parse(record))
         except ValueError as e:
             report.malformed.append(f"{path}:{where}: {e}")
     bad = len(report.malformed)
@@ -163,7 +172,7 @@ def read_instruction_file(
     if bad > MAX_REPORTED:
         log(f"... and {bad - MAX_REPORTED} more malformed records in {path}")
     if report.records == 0:
-        raise UserError(f"instruction data file {path} holds no records; fix or remove it")
+        raise UserError(f"{what} file {path} holds no records; fix or remove it")
     if bad / report.records > max_bad_fraction:
         raise UserError(
             f"{path}: {bad} of {report.records} records ({bad / report.records:.0%}) are "
@@ -171,6 +180,13 @@ def read_instruction_file(
             f"{report.malformed[0]}); fix the file or raise the threshold"
         )
     return report
+
+
+def read_instruction_file(
+    path: str | Path, max_bad_fraction: float = 0.05, log: Callable[[str], None] = print
+) -> FileReport:
+    """The conversations of one instruction file (read_data_file with to_conversation)."""
+    return read_data_file(path, to_conversation, max_bad_fraction, log)
 
 
 # ---------------------------------------------------------------------------- mixing

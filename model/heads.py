@@ -48,15 +48,11 @@ class ScalarModel(nn.Module):
     def config(self) -> GPTConfig:
         return self.gpt.config
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """One scalar per position. idx: (B, T) -> (B, T)."""
-        return self.head(self.gpt.hidden(idx))
-
-    def score(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """The scalar at each row's last real token. idx: (B, T), lengths: (B,) -> (B,).
-
-        Row b's real tokens are idx[b, :lengths[b]] (padding, if any, follows on the right).
-        """
+    def forward(self, idx: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """One scalar per position, idx: (B, T) -> (B, T); or, given lengths (B,), the scalar
+        at each row's last real token: (B,). Row b's real tokens are idx[b, :lengths[b]];
+        padding, if any, follows on the right and changes nothing."""
         h = self.gpt.hidden(idx)  # (B, T, C)
-        last = h[torch.arange(idx.size(0), device=idx.device), lengths - 1]  # (B, C)
-        return self.head(last)  # (B,)
+        if lengths is not None:
+            h = h[torch.arange(idx.size(0), device=idx.device), lengths - 1]  # (B, C)
+        return self.head(h)  # (B, T) or (B,)

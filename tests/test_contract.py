@@ -227,7 +227,7 @@ def test_the_language_model_of_a_reward_checkpoint_loads_for_sampling(tmp_path, 
     x = torch.randint(0, TINY["vocab_size"], (2, 5))
     assert torch.equal(gpt(x)[0], rm.gpt(x)[0])
     whole, _, _ = load_kind(path, "reward")
-    assert torch.equal(whole.score(x, torch.tensor([5, 3])), rm.score(x, torch.tensor([5, 3])))
+    assert torch.equal(whole(x, torch.tensor([5, 3])), rm(x, torch.tensor([5, 3])))
 
 
 def test_a_kind_mismatch_is_one_line(tmp_path, fake_tokenizer):
@@ -254,9 +254,9 @@ def test_reward_ignores_padding_after_the_last_token():
     torch.nn.init.normal_(rm.head.proj.weight)  # a head that is not all zeros
     x = torch.randint(0, TINY["vocab_size"], (1, 5))
     padded = torch.cat([x, torch.full((1, 3), 7)], dim=1)
-    alone = rm.score(x, torch.tensor([5]))
-    assert torch.allclose(rm.score(padded, torch.tensor([5])), alone, atol=1e-6)
-    assert not torch.allclose(rm.score(padded, torch.tensor([8])), alone)
+    alone = rm(x, torch.tensor([5]))
+    assert torch.allclose(rm(padded, torch.tensor([5])), alone, atol=1e-6)
+    assert not torch.allclose(rm(padded, torch.tensor([8])), alone)
 
 
 # --- the smallest stage, as docs/training.md shows it ---------------------------------

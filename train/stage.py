@@ -22,7 +22,7 @@ from torch import nn
 
 from errors import UserError
 
-from .checkpoint import BEST_NAME, CHECKPOINT_NAME, load_checkpoint
+from .checkpoint import BEST_NAME, CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from .files import remove_stale_temporaries
 from .loop import Batches, LoopConfig, StepFn, Trainer
 from .optim import optimizer_from_config
@@ -124,11 +124,13 @@ class Stage:
         sample: Callable[[nn.Module], str] | None = None,
         model_kind: str = "gpt",
         flops_per_token: float | None = None,
+        loop: dict | None = None,
         **meta,
     ) -> dict:
         """Run the loop on `model`; returns the last evaluation's figures.
 
-        meta: more entries for every checkpoint (e.g. init_from=path).
+        loop: loop settings the stage decides itself (e.g. max_iters from a number of
+        epochs), over the config's. meta: more entries for every checkpoint (init_from=...).
         """
         rt, cfg = self.runtime, self.cfg
         model.to(rt.device)
@@ -138,7 +140,7 @@ class Stage:
             rt,
             batches,
             step,
-            LoopConfig.from_cfg(cfg),
+            LoopConfig.from_cfg({**OmegaConf.to_container(cfg, resolve=True), **(loop or {})}),
             self.out_dir,
             checkpoint_meta={
                 "stage": self.name,
@@ -166,6 +168,18 @@ class Stage:
             f"{self.name}: {n_params / 1e6:.2f}M parameters, {c.n_layer} layers x "
             f"{c.n_embd}, context {c.block_size}; {cfg.batch_size} x {cfg.grad_accum} x "
             f"{rt.world_size} per step on {rt.device} ({str(rt.dtype).replace('torch.', '')})"
+        )
+
+    def update_checkpoint(self, model: nn.Module, **meta) -> None:
+        """Rewrite out_dir/ckpt.pt with the model's current weights (and more metadata):
+        for a change made after training, like the reward model's normalisation."""
+        if not self.runtime.is_main:
+            return
+        ckpt = load_checkpoint(self.out_dir / CHECKPOINT_NAME)
+        ckpt.pop("path", None)
+        ckpt.pop("format", None)
+        save_checkpoint(
+            self.out_dir / CHECKPOINT_NAME, {**ckpt, **meta, "model": model.state_dict()}
         )
 
     def save_eval(self, results: dict) -> Path | None:

@@ -1,0 +1,83 @@
+"""The judge of the built-in tasks: is a reply right, and if not, how close is it.
+
+One module for both uses, so that what evaluation calls right is what the labeller
+rewards:
+
+- evaluation (train/task_eval.py) asks `is_correct(reply, answer, task)`;
+- the labeller that stands in for InstructGPT's human raters (the reward model's
+  preference data, PPO with `reward=tasks`) asks `grade(item, reply)`, a score in [0, 1]:
+  1 exactly when is_correct says so, and below 1 a graded score for a wrong reply, so
+  that wrong replies are ranked too (a nearly copied line above a garbled one).
+
+Comparison (is_correct): both sides are normalised first.
+    repeat (the line must come back exactly): surrounding whitespace removed, nothing else.
+    every other task (a word, a name, a title, a number): surrounding whitespace removed,
+        inner runs of whitespace made one space, double quotes around it removed, trailing
+        . , ; : ! ? removed (repeatedly), compared case-insensitively (str.casefold).
+
+Grades of a wrong reply (an item carries its task, answer and source line or name):
+    repeat              0.9 * the share of the line's words the reply reproduces in order
+                        (difflib's ratio over words): a near copy ranks high, noise low
+    first/last_word,    0.5 for one word of the line (the right kind of answer, the wrong
+    one_word            word), 0.2 for another single word, 0 for anything else
+    count_words         0.9 / (1 + |n - k|) for a number n when the answer is k: off by one
+                        scores 0.45, off by three 0.225; 0 for no number
+    play_of_character,  0.5 for the title of another play (the right kind of answer),
+    play_of_line        0 for anything else
+    speaker_of_line     0.3 for a name-like reply (one to three capitalised words), else 0
+An empty reply scores 0 everywhere.
+"""
+
+import difflib
+import re
+from collections.abc import Mapping
+
+from .plays import PLAY_TITLES
+from .tasks import strip_word
+
+EXACT_TASKS = ("repeat",)
+_TRAILING = ".,;:!?"
+_TITLES = {title.casefold() for title in PLAY_TITLES.values()}
+_NAME_LIKE = re.compile(r"^[A-Z][A-Za-z']*(?: [A-Za-z][A-Za-z']*){0,2}$")
+
+
+def normalize(text: str, task: str) -> str:
+    """The form in which a reply and an answer are compared (see the module docstring)."""
+    text = text.strip()
+    if task in EXACT_TASKS:
+        return text
+    text = " ".join(text.split())
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        text = text[1:-1].strip()
+    return text.rstrip(_TRAILING).strip().casefold()
+
+
+def is_correct(reply: str, answer: str, task: str) -> bool:
+    return normalize(reply, task) == normalize(answer, task)
+
+
+def grade(item: Mapping, reply: str) -> float:
+    """The labeller's score of `reply` to a built-in item: 1 if right, else in [0, 1)."""
+    task, answer = item["task"], item["answer"]
+    if is_correct(reply, answer, task):
+        return 1.0
+    said = normalize(reply, task)
+    if not said:
+        return 0.0
+    if task == "repeat":
+        ratio = difflib.SequenceMatcher(None, said.split(), answer.strip().split()).ratio()
+        return 0.9 * ratio
+    if task in ("first_word", "last_word", "one_word"):
+        if " " in said:
+            return 0.0
+        words = {strip_word(w).casefold() for w in item["source"].split()}
+        return 0.5 if said in words else 0.2
+    if task == "count_words":
+        if not said.isdigit():
+            return 0.0
+        return 0.9 / (1 + abs(int(said) - int(answer)))
+    if task in ("play_of_character", "play_of_line"):
+        return 0.5 if said in _TITLES else 0.0
+    if task == "speaker_of_line":
+        return 0.3 if _NAME_LIKE.match(" ".join(reply.split()).rstrip(_TRAILING)) else 0.0
+    return 0.0  # a task without graded scores (a user's eval file): right or wrong
