@@ -23,7 +23,7 @@ from model import GPT, GPTConfig
 
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint
 from .cli import report_user_errors
-from .evaluate import language_model_metrics, sample_text
+from .lm_eval import language_model_metrics, sample_text
 from .loop import LoopConfig, Trainer
 from .optim import check_optimizer, optimizer_from_config
 from .runtime import peak_flops, runtime_session

@@ -24,7 +24,7 @@ from tokenizer.chat import render_prompt
 
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, load_model
 from .cli import report_user_errors
-from .evaluate import language_model_metrics, sample_text
+from .lm_eval import language_model_metrics, sample_text
 from .loop import LoopConfig, Trainer
 from .optim import check_optimizer, optimizer_from_config
 from .runtime import peak_flops, runtime_session
