@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from errors import UserError
+from model import IGNORE_INDEX
 
 
 def open_tokens(path: str | Path, dtype=None) -> np.ndarray:
@@ -153,12 +154,28 @@ def eval_windows(
     n_windows = (len(tokens) - 1) // block_size
     if max_tokens is not None:
         n_windows = max(1, min(n_windows, int(max_tokens) // block_size))
-    return _windows(tokens, block_size, batch_size, n_windows)
+    return sequential_windows(tokens, block_size, batch_size, n_windows)
 
 
-def _windows(tokens, block_size, batch_size, n_windows):
-    offsets = np.arange(block_size + 1)
+def sequential_windows(
+    tokens: np.ndarray, block_size: int, batch_size: int, n_windows: int | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Consecutive non-overlapping windows over tokens (N ids), batch_size at a time.
+
+    Window i reads x = tokens[i*T : i*T + T] and predicts y = tokens[i*T + 1 : i*T + T + 1],
+    so windows 0 .. n_windows-1 predict every token of tokens[1 : n_windows*T + 1] once.
+    n_windows: None covers them all, ceil((N - 1) / T) windows. A window that runs past the
+    end is padded: x with 0, y with -100 (no target). Yields (x, y), int64 (b, T), b <=
+    batch_size. Batch by batch, so a memory-mapped split is read only as far as needed.
+    """
+    T = block_size
+    if n_windows is None:
+        n_windows = -(-(len(tokens) - 1) // T)  # ceil
     for first in range(0, n_windows, batch_size):
-        starts = np.arange(first, min(first + batch_size, n_windows)) * block_size
-        w = torch.from_numpy(tokens[starts[:, None] + offsets].astype(np.int64))
-        yield w[:, :-1].contiguous(), w[:, 1:].contiguous()
+        b = min(batch_size, n_windows - first)
+        span = np.asarray(tokens[first * T : (first + b) * T + 1], dtype=np.int64)  # <= b*T + 1
+        x = np.zeros(b * T, dtype=np.int64)
+        y = np.full(b * T, IGNORE_INDEX, dtype=np.int64)
+        x[: len(span) - 1] = span[:-1]  # consecutive windows are one contiguous span
+        y[: len(span) - 1] = span[1:]
+        yield torch.from_numpy(x).view(b, T), torch.from_numpy(y).view(b, T)

@@ -10,6 +10,12 @@ For each head h, with d = C / n_head:
 The three projections are one fused Linear `c_attn` (C -> 3C) and W_o is `c_proj`,
 exactly GPT-2's layout, so its weights load unchanged (after transposing Conv1D).
 
+Left padding (prompts of different lengths in one batch): row b's real tokens start at
+slot start[b], and M also hides the padding keys, M_ij = -inf for j < start[b]
+(padded_causal_mask). A padding query keeps its own key, so that its row of scores is
+never all -inf: softmax would give NaN there, and in the next layer the real queries'
+weight 0 on that NaN value is still NaN (0 * NaN), which would poison every row.
+
 Two implementations of the middle step, chosen by GPTConfig.attention:
   "manual": the formula above written out, the readable reference;
   "sdpa":   torch.nn.functional.scaled_dot_product_attention, which computes the same
@@ -36,6 +42,21 @@ def causal_mask(t_q: int, t_k: int, device: torch.device) -> torch.Tensor:
     return torch.tril(ones, diagonal=t_k - t_q)
 
 
+def padded_causal_mask(start: torch.Tensor, t_q: int, t_k: int) -> torch.Tensor:
+    """Boolean (B, 1, t_q, t_k) mask for left-padded rows: causal, and no padding keys.
+
+    start: (B,) the first real slot of each row. Query i (slot t_k - t_q + i) of row b may
+    see key j when j <= its slot and j >= start[b]; a query always sees itself, so that a
+    padding query has one finite score (see the module docstring). The head dim is 1 and
+    broadcasts over the heads.
+    """
+    keys = torch.arange(t_k, device=start.device)  # (t_k,) key slots
+    real = keys[None, :] >= start[:, None]  # (B, t_k) key j is not padding
+    causal = causal_mask(t_q, t_k, start.device)  # (t_q, t_k)
+    itself = keys[None, :] == keys[t_k - t_q :, None]  # (t_q, t_k) key slot == query slot
+    return ((causal[None] & real[:, None, :]) | itself[None])[:, None]  # (B, 1, t_q, t_k)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int = 0) -> None:
         super().__init__()
@@ -49,8 +70,14 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """x: (B, T, C) -> (B, T, C). With a cache, x holds only the new positions."""
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x: (B, T, C) -> (B, T, C). With a cache, x holds only the new positions.
+
+        mask: None for the plain causal mask, or (B, 1, T, T_k) bool, True where a query
+        may attend (padded_causal_mask, for left-padded rows).
+        """
         B, T, C = x.shape
         H, D = self.n_head, self.head_dim
 
@@ -64,26 +91,33 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.append(self.layer, k, v)  # (B, H, T_k, D), T_k = cache.pos + T
 
         if self.attention == "manual":
-            y = self._manual(q, k, v)
+            y = self._manual(q, k, v, mask)
         else:
-            y = self._sdpa(q, k, v)  # (B, H, T, D)
+            y = self._sdpa(q, k, v, mask)  # (B, H, T, D)
 
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # merge heads: (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
-    def _manual(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _manual(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         """The formula, step by step. q: (B, H, T_q, D); k, v: (B, H, T_k, D)."""
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, T_q, T_k)
-        mask = causal_mask(q.size(2), k.size(2), q.device)  # (T_q, T_k)
+        if mask is None:
+            mask = causal_mask(q.size(2), k.size(2), q.device)  # (T_q, T_k)
         scores = scores.masked_fill(~mask, float("-inf"))
         weights = F.softmax(scores, dim=-1)  # each row sums to 1 over visible keys
         weights = self.attn_dropout(weights)
         return weights @ v  # (B, H, T_q, D)
 
-    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _sdpa(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         """The same through torch's fused kernel."""
         t_q, t_k = q.size(2), k.size(2)
         dropout_p = self.dropout if self.training else 0.0
+        if mask is not None:  # left-padded rows: the mask says everything
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         if t_q == t_k:  # a whole sequence: the standard causal mask
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         if t_q == 1:  # one new token after a cache: it may see every key

@@ -2,8 +2,11 @@
 
     x_t = W_te[idx_t] + W_pe[t]        (token embedding + learned absolute position)
 
-followed by dropout. Positions count from `start`, which is non-zero when a KV cache
-already holds the earlier positions.
+followed by dropout. The T tokens of idx fill slots offset .. offset+T-1; `offset` is
+non-zero when a KV cache already holds the earlier slots. Without padding a token's
+position is its slot. With left padding, row b's real tokens start at slot start[b] and
+its slot s is position s - start[b], so they sit at positions 0 .. n-1 exactly as when the
+row is alone; padding slots (s < start[b]) get position 0, which no real token ever sees.
 """
 
 import torch
@@ -18,13 +21,17 @@ class Embeddings(nn.Module):
         self.wpe = nn.Embedding(block_size, n_embd)  # one learned vector per position
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """idx: (B, T) token ids at positions start .. start+T-1  ->  (B, T, C)."""
+    def forward(
+        self, idx: torch.Tensor, offset: int = 0, start: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """idx: (B, T) token ids in slots offset .. offset+T-1; start: (B,) or None -> (B, T, C)."""
         T = idx.size(1)
-        if start + T > self.block_size:
+        if offset + T > self.block_size:
             raise ValueError(
-                f"sequence reaches position {start + T} but the model's context (block_size) "
+                f"sequence reaches position {offset + T} but the model's context (block_size) "
                 f"is {self.block_size} tokens; crop the input to the last {self.block_size} tokens"
             )
-        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
-        return self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C) + (T, C) broadcast
+        pos = torch.arange(offset, offset + T, device=idx.device)  # (T,)
+        if start is not None:  # left padding: count each row's positions from its start
+            pos = (pos[None, :] - start[:, None]).clamp(min=0)  # (B, T)
+        return self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C) + (T, C) or (B, T, C)

@@ -6,25 +6,51 @@ this file says how we *use* it to write:
     logits_t = GPT(x_1 .. x_t)[-1]                              (B, V)
     p_t      = softmax( filter(logits_t) / temperature )        (B, V)
     x_{t+1} ~ p_t                     (or argmax logits_t when temperature == 0)
+    logprob  = log softmax( logits_t / temperature )[x_{t+1}]   (on request, see below)
 
 Filtering (filter_logits):
     top-k:    keep the k largest logits, set the rest to -inf
     top-p:    "nucleus": sort by probability, keep the smallest prefix whose total
               probability reaches p (always at least the most likely token)
 
-Generation (generate) with the KV cache:
-    prefill:  run the prompt once; the cache keeps every layer's keys and values
-    decode:   each new token is one position: its query attends to the cached keys
-    slide:    the model has learned positions 0 .. block_size-1 only, so a cache that
-              is full cannot simply move on. We then keep the last block_size // 2 tokens,
-              empty the cache and prefill them again at positions 0 .. block_size//2 - 1.
-              That costs one prefill every block_size // 2 tokens: cheap amortised, and the
-              model always sees at least block_size // 2 tokens of context.
-Without the cache every step reruns the model on the last block_size tokens: simple, and
-the reference the cached path is tested against (within the context they agree exactly).
+The log-probability of a drawn token is that of the *unfiltered* distribution at the
+sampling temperature (temperature 1 when decoding greedily), in float32. At temperature 1
+without top-k/top-p it is exactly what a training forward of [prompt + reply] gives for the
+reply's tokens (PPO recomputes it so; tests/test_generate.py checks they agree in float32).
+
+Batches (complete): prompts of different lengths decode together by left padding. Row b's
+prompt fills the right end of the rows, its first real token at slot start[b]; positions
+count from there and attention hides the padding (model/gpt.py), so within the context a
+row computes what it would alone: greedy decoding of a batch gives each prompt exactly the
+tokens it gets alone (a sampled batch draws other random numbers than its rows alone).
+Why left padding rather than grouping prompts of equal length: the 480 held-out built-in
+task prompts have 26 lengths, so grouping makes many small batches, and one decode step of
+32 rows costs far less than 32 steps of one; padding only adds a few masked slots per row.
+Measured on task-eval decoding (greedy, per-item budgets), fp32, one CPU thread, tokens/s:
+3 x 192 model, batches of 64: grouped 1019, left-padded 1572; 12 x 768, batches of 32:
+grouped 28, left-padded 48 (docs/model.md).
+
+The window (what the model reads), one policy with or without the KV cache:
+    the prompt, cropped to its last block_size tokens, then each new token appended.
+    The model has learned positions 0 .. block_size-1 only, so when all block_size slots
+    are full and a token comes, the window keeps its last block_size // 2 - 1 tokens plus
+    the new one (block_size // 2 in all) and goes on from there.
+    With the cache (prefill the prompt once, then one position per token) a slide empties
+    the cache and prefills the kept tokens again: one prefill every block_size // 2 tokens,
+    cheap amortised, and the model always sees at least block_size // 2 tokens. Without the
+    cache every step reruns the model on the whole window. So use_cache changes the speed
+    only: in float32 both write the same tokens, past the context too (tested). In bfloat16
+    the two paths round differently and do not agree exactly (on a random model greedy
+    tokens diverged after 18-44 steps). The rows of a batch share the window's slots and
+    slide together: when the longest row fills the context, every row drops as many slots
+    (its padding first), so past the context a shorter row reads less than it would alone.
+
+Stops: a completion ends with the first stop token (which it includes) or when its budget
+of new tokens is spent; `completions` is the one place that decides this.
 """
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -130,12 +156,88 @@ def prepare_for_decoding(model: GPT) -> GPT:
     return model
 
 
-def _last_logits(model: GPT, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-    """Logits of the last position only. idx: (B, T) -> (B, V).
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / temperature)[token] per row, in float32. logits: (B, V) -> (B,).
+
+    The unfiltered distribution (top-k and top-p play no part); temperature 0 counts as 1.
+    """
+    t = temperature if temperature > 0 else 1.0
+    logp = F.log_softmax(logits.float() / t, dim=-1)  # (B, V)
+    return logp.gather(-1, tokens[:, None]).squeeze(-1)  # (B,)
+
+
+def left_pad(
+    prompts: Sequence[Sequence[int]], pad_id: int = 0, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists of different lengths as one left-padded batch.
+
+    Returns idx: (B, T) int64 with T the longest length and row b = [pad_id] * start[b] +
+    prompts[b], and start: (B,) int64, start[b] = T - len(prompts[b]), the slot where row
+    b's real tokens begin (model/gpt.py). An empty prompt is a ValueError.
+    """
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(
+                f"prompt {i} is empty: generation continues a prompt of at least one token "
+                "(to start a fresh document, give the end-of-text token)"
+            )
+    T = max(len(p) for p in prompts)
+    idx = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        idx[row, T - len(p) :] = torch.tensor(p, dtype=torch.long)
+    start = torch.tensor([T - len(p) for p in prompts], dtype=torch.long)
+    return idx.to(device), start.to(device)
+
+
+class Window:
+    """The tokens the model reads: slots 0 .. n-1 of a (B, block_size) buffer.
+
+    Row b's real tokens are slots start[b] .. n-1 (start None: no row is padded). New
+    tokens go into slot n; when all block_size slots are full, `push` first slides the
+    window as the module docstring says, all rows together.
+    """
+
+    def __init__(self, idx: torch.Tensor, start: torch.Tensor | None, block_size: int) -> None:
+        B, T = idx.shape
+        crop = max(0, T - block_size)  # a prompt longer than the context loses its start
+        self.ids = torch.zeros(B, block_size, dtype=torch.long, device=idx.device)
+        self.n = T - crop
+        self.ids[:, : self.n] = idx[:, crop:]
+        self.start = self._shifted(start, crop)
+        self.keep = max(1, block_size // 2)  # tokens left after a slide, the new one included
+
+    @staticmethod
+    def _shifted(start: torch.Tensor | None, dropped: int) -> torch.Tensor | None:
+        """Each row's start once the first `dropped` slots are gone; None if no padding is left."""
+        if start is None:
+            return None
+        start = (start - dropped).clamp(min=0)  # (B,)
+        return start if bool(start.any()) else None  # no padding: the plain causal path
+
+    def tokens(self) -> torch.Tensor:
+        return self.ids[:, : self.n]  # (B, n)
+
+    def push(self, tokens: torch.Tensor) -> bool:
+        """Append tokens (B,) in slot n; returns True when the window slid to make room."""
+        slid = self.n == self.ids.size(1)
+        if slid:  # full: keep the last keep - 1 tokens at the front, the new one follows
+            dropped = self.n - (self.keep - 1)
+            self.ids[:, : self.keep - 1] = self.ids[:, dropped : self.n].clone()
+            self.n = self.keep - 1
+            self.start = self._shifted(self.start, dropped)
+        self.ids[:, self.n] = tokens
+        self.n += 1
+        return slid
+
+
+def _last_logits(
+    model: GPT, idx: torch.Tensor, cache: KVCache | None, start: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Logits of the last slot only. idx: (B, T) -> (B, V).
 
     The LM head (C x V, the largest matrix of a small GPT) runs on one position, not T.
     """
-    h = model.hidden(idx, cache)  # (B, T, C)
+    h = model.hidden(idx, cache, start)  # (B, T, C)
     return model.lm_head(h[:, -1])  # (B, V)
 
 
@@ -147,64 +249,138 @@ def generate(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    stop_ids: Sequence[int] = (),
     use_cache: bool = True,
     generator: torch.Generator | None = None,
-) -> Iterator[torch.Tensor]:
-    """Yield new tokens, one (B,) int64 tensor per step, for the prompts idx: (B, T).
+    start: torch.Tensor | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (tokens, logprobs), both (B,), for each of max_new_tokens steps.
 
-    Stops after max_new_tokens steps, or as soon as every row has produced one of stop_ids.
-    A row that has stopped while others go on keeps yielding the stop token it ended with,
-    so callers can cut each row at its first stop token. The stop token itself is yielded.
-
-    A prompt longer than the context (block_size) is cropped to its last block_size tokens.
-    Past the context, the cached path slides (see the module docstring); the uncached path
-    reruns the model on the last block_size tokens at every step.
+    idx: (B, T) prompts; start: (B,) first real slot of each row when they are left-padded
+    (left_pad), else None. tokens are int64, logprobs float32 (token_logprobs). Knows no
+    stop tokens: the caller stops iterating (completions does). The window and use_cache:
+    see the module docstring.
 
     Runs under torch.inference_mode: the yielded tensors are inference tensors; clone them
     outside inference mode before using them in anything that needs gradients. The model
     should be in eval mode (dropout off); its weights' dtype is the compute dtype.
     """
+    if idx.size(1) == 0 or (start is not None and int(start.max()) >= idx.size(1)):
+        raise ValueError("a prompt is empty: generation continues at least one token")
     if max_new_tokens < 1:
         return
-    block_size = model.config.block_size
-    B = idx.size(0)
-    device = idx.device
-    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)  # rows that produced a stop id
-
-    # The tokens the model currently sees: a fixed buffer, never re-allocated per step.
-    window = torch.empty(B, block_size, dtype=torch.long, device=device)  # (B, block_size)
-    prompt = idx[:, -block_size:]  # crop from the left
-    n = prompt.size(1)  # tokens in the window
-    window[:, :n] = prompt
-
-    cache = model.new_cache(B, block_size) if use_cache else None
-    logits = _last_logits(model, prompt, cache)  # prefill: (B, V)
-    prev = None
+    window = Window(idx, start, model.config.block_size)
+    cache = model.new_cache(idx.size(0), start=window.start) if use_cache else None
+    logits = _last_logits(model, window.tokens(), cache, window.start if cache is None else None)
     for step in range(max_new_tokens):
-        nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
-        if stops.numel():
-            if prev is not None:
-                nxt = torch.where(done, prev, nxt)  # finished rows repeat their stop token
-            done |= torch.isin(nxt, stops)
-        yield nxt
-        if step == max_new_tokens - 1 or (stops.numel() and bool(done.all())):
+        tokens = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+        yield tokens, token_logprobs(logits, tokens, temperature)
+        if step == max_new_tokens - 1:
             return
-        prev = nxt
+        slid = window.push(tokens)
+        if cache is None:  # rerun the whole window
+            logits = _last_logits(model, window.tokens(), None, window.start)
+        elif slid:  # prefill the kept tokens again, from slot 0
+            cache.reset(window.start)
+            logits = _last_logits(model, window.tokens(), cache)
+        else:  # only the new slot
+            logits = _last_logits(model, window.tokens()[:, -1:], cache)
 
-        # Feed the token back: append it to the window, or make room when the window is full.
-        if n < block_size:
-            window[:, n] = nxt
-            n += 1
-            # with the cache only the new position is run; without, the whole window again
-            fresh = window[:, n - 1 : n] if cache is not None else window[:, :n]
-        else:  # full: keep the last `keep` tokens (the newest included) at the front
-            keep = max(1, block_size // 2) if cache is not None else block_size
-            window[:, : keep - 1] = window[:, n - keep + 1 : n].clone()
-            window[:, keep - 1] = nxt
-            n = keep
-            fresh = window[:, :n]  # with the cache: re-prefill them from position 0
-            if cache is not None:
-                cache.reset()
-        logits = _last_logits(model, fresh, cache)  # (B, V)
+
+@dataclass
+class Completion:
+    """One prompt's new tokens, as complete / completions return them."""
+
+    tokens: list[int] = field(default_factory=list)  # the stop token included, last, if any
+    stopped: bool = False  # True: tokens[-1] is a stop token; False: the budget ran out
+    logprobs: list[float] | None = None  # per token of `tokens`, when asked for
+
+    @property
+    def text_tokens(self) -> list[int]:
+        """The tokens without the stop token: what to decode as the reply's text."""
+        return self.tokens[:-1] if self.stopped else self.tokens
+
+
+def _budgets(max_new_tokens: int | Sequence[int], n: int) -> list[int]:
+    budgets = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(budgets) != n or any(b < 0 for b in budgets):
+        raise ValueError(f"max_new_tokens: give one int >= 0, or one per prompt ({n})")
+    return budgets
+
+
+def completions(
+    model: GPT,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int | Sequence[int],
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_ids: Sequence[int] = (),
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+    logprobs: bool = False,
+) -> Iterator[list[Completion]]:
+    """Decode one batch of prompts, yielding its completions after every step.
+
+    The same Completion objects are yielded each time, each grown by the step's token
+    while it is live (not stopped, budget not spent); the last yield holds the finished
+    ones. Streaming reads tokens[-1] as it comes; `complete` keeps only the end.
+    Arguments as for `complete`; at least one yield, even with nothing to do.
+    """
+    budgets = _budgets(max_new_tokens, len(prompts))
+    out = [Completion(logprobs=[] if logprobs else None) for _ in prompts]
+    live = [b > 0 for b in budgets]
+    if not any(live):
+        yield out
+        return
+    device = model.embed.wte.weight.device
+    idx, start = left_pad(prompts, device=device)  # (B, T), (B,)
+    stops = set(stop_ids)
+    steps = generate(
+        model, idx, max(budgets), temperature, top_k, top_p, use_cache, generator, start
+    )
+    for tokens, lps in steps:
+        tokens, lps = tokens.tolist(), lps.tolist()  # one device sync per step
+        for row, c in enumerate(out):
+            if live[row]:
+                c.tokens.append(tokens[row])
+                if c.logprobs is not None:
+                    c.logprobs.append(lps[row])
+                c.stopped = tokens[row] in stops
+                live[row] = not c.stopped and len(c.tokens) < budgets[row]
+        yield out
+        if not any(live):
+            return
+
+
+def complete(
+    model: GPT,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int | Sequence[int],
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_ids: Sequence[int] = (),
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+    logprobs: bool = False,
+    batch_size: int | None = None,
+) -> list[Completion]:
+    """Run prompts (token id lists, any lengths >= 1) to completion: one Completion each.
+
+    A completion ends at its first token in stop_ids (kept as its last token, stopped=True)
+    or after max_new_tokens tokens (an int, or one budget per prompt). With logprobs=True
+    each completion carries its tokens' log-probabilities (module docstring). The prompts
+    go batch_size at a time (None: all in one batch), left-padded; within the context each
+    greedy reply is what the prompt gets alone. Same generator state, same completions.
+    """
+    budgets = _budgets(max_new_tokens, len(prompts))
+    size = batch_size or max(1, len(prompts))
+    results: list[Completion] = []
+    for first in range(0, len(prompts), size):
+        batch = slice(first, first + size)
+        *_, final = completions(  # the last yield holds the finished completions
+            model, prompts[batch], budgets[batch], temperature, top_k, top_p, stop_ids,
+            use_cache, generator, logprobs,
+        )  # fmt: skip
+        results += final
+    return results

@@ -5,6 +5,12 @@
     logits = LN_f(h_L) W_te^T                               (LM head tied to W_te)
     loss = mean over targets != -100 of  -log softmax(logits)[target]
 
+Prompts of different lengths go in one batch by left padding: `start` (B,) says where
+each row's real tokens begin; they then get positions 0 .. n-1 and attend to nothing before
+their start, so each row computes what it would alone (model/embedding.py,
+model/attention.py). Without `start` (None) nothing of this runs: the unpadded forward,
+the one training uses, is unchanged.
+
 Initialisation follows GPT-2: every weight ~ N(0, 0.02), biases 0, LayerNorm gain 1,
 and the projections that write into the residual stream (attn.c_proj, mlp.c_proj)
 ~ N(0, 0.02 / sqrt(2 n_layer)), so the stream's variance does not grow with depth.
@@ -16,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import padded_causal_mask
 from .block import LAYER_NORM_EPS, Block
 from .config import GPTConfig
 from .embedding import Embeddings
@@ -46,16 +53,30 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def hidden(
+        self,
+        idx: torch.Tensor,
+        cache: KVCache | None = None,
+        start: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The final normalised hidden states. idx: (B, T) -> (B, T, C).
 
-        With a cache, idx holds only the new tokens; they sit at positions
+        With a cache, idx holds only the new tokens; they fill slots
         cache.pos .. cache.pos+T-1, and the cache moves on by T.
+        start: (B,) int64, row b's first real slot when rows are left-padded, else None.
+        A cache carries its own (cache.start, set by new_cache or reset); pass it there.
         """
-        start = cache.pos if cache is not None else 0
-        x = self.embed(idx, start)  # (B, T, C)
+        offset = 0
+        if cache is not None:
+            if start is not None:
+                raise ValueError("with a KV cache, give start to new_cache/reset, not here")
+            offset, start = cache.pos, cache.start
+        mask = None
+        if start is not None:  # left padding: causal, and no padding keys
+            mask = padded_causal_mask(start, idx.size(1), offset + idx.size(1))  # (B,1,T,T_k)
+        x = self.embed(idx, offset, start)  # (B, T, C)
         for block in self.h:
-            x = block(x, cache)  # (B, T, C)
+            x = block(x, cache, mask)  # (B, T, C)
         if cache is not None:
             cache.advance(idx.size(1))
         return self.ln_f(x)  # (B, T, C)
@@ -65,13 +86,16 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        start: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx: (B, T) token ids; targets: (B, T) next-token ids or -100.
 
+        start: (B,) first real slot of each left-padded row, or None (see `hidden`); the
+        logits of padding slots mean nothing: give them targets -100.
         Returns logits (B, T, vocab_size) and, given targets, the mean cross-entropy in
         nats over the targets that are not -100 (else None).
         """
-        logits = self.lm_head(self.hidden(idx, cache))  # (B, T, V)
+        logits = self.lm_head(self.hidden(idx, cache, start))  # (B, T, V)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(
@@ -81,13 +105,17 @@ class GPT(nn.Module):
         )
         return logits, loss
 
-    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        """An empty KV cache for this model, on its device and in its dtype."""
+    def new_cache(
+        self, batch_size: int, max_len: int | None = None, start: torch.Tensor | None = None
+    ) -> KVCache:
+        """An empty KV cache for this model, on its device and in its dtype.
+
+        start: (batch_size,) first real slot of each left-padded row, or None.
+        """
         c = self.config
         w = self.embed.wte.weight
-        return KVCache(
-            c.n_layer, batch_size, c.n_head, c.head_dim, max_len or c.block_size, w.device, w.dtype
-        )
+        n = max_len or c.block_size
+        return KVCache(c.n_layer, batch_size, c.n_head, c.head_dim, n, w.device, w.dtype, start)
 
     def num_params(self, include_position_embedding: bool = True) -> int:
         """Number of distinct parameters (the tied LM head counts once)."""

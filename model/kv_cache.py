@@ -7,7 +7,13 @@ to the stored ones: one position's work per token.
 
 Layout: one preallocated tensor for keys and one for values,
     k, v: (n_layer, B, n_head, max_len, head_dim)
-and `pos`, the number of positions filled so far (the same for every layer).
+and `pos`, the number of slots filled so far (the same for every layer and row).
+
+Prompts of different lengths share a cache by left padding: row b's real tokens start at
+slot start[b] (`start`, a (B,) tensor, or None when no row is padded). Its slots before
+that hold padding, which the model gives no position and its real tokens never attend to
+(model/gpt.py). The cache remembers `start`, so that every decoding step after the prefill
+uses the same one.
 """
 
 import torch
@@ -23,20 +29,22 @@ class KVCache:
         max_len: int,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        start: torch.Tensor | None = None,
     ) -> None:
         shape = (n_layer, batch_size, n_head, max_len, head_dim)
         self.k = torch.empty(shape, device=device, dtype=dtype)  # only filled slots are read
         self.v = torch.empty(shape, device=device, dtype=dtype)
         self.max_len = max_len
-        self.pos = 0  # positions 0 .. pos-1 are filled
+        self.pos = 0  # slots 0 .. pos-1 are filled
+        self.start = start  # (B,) first real slot of each row, or None: no padding
 
     def append(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store one layer's new keys/values and return all of that layer's so far.
 
-        k, v: (B, n_head, T, head_dim) for the T new positions pos .. pos+T-1.
-        Returns keys and values of positions 0 .. pos+T-1: (B, n_head, pos+T, head_dim).
+        k, v: (B, n_head, T, head_dim) for the T new slots pos .. pos+T-1.
+        Returns keys and values of slots 0 .. pos+T-1: (B, n_head, pos+T, head_dim).
         `pos` itself moves on only in `advance`, once every layer has appended.
         """
         end = self.pos + k.size(2)
@@ -47,9 +55,10 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def advance(self, n: int) -> None:
-        """Mark n more positions as filled (called by the model after its last layer)."""
+        """Mark n more slots as filled (called by the model after its last layer)."""
         self.pos += n
 
-    def reset(self) -> None:
-        """Forget everything; the buffers are reused."""
+    def reset(self, start: torch.Tensor | None = None) -> None:
+        """Forget everything (the buffers are reused); `start` is the new rows' padding."""
         self.pos = 0
+        self.start = start

@@ -2,8 +2,11 @@
 
 - filtering keeps exactly the tokens a brute-force loop over the sorted probabilities keeps;
 - greedy generation, cached or not, picks argmax of the model's own full forward pass;
-- stop ids end generation, finished rows repeat their stop token;
-- past the context the cached path slides exactly as documented and keeps going.
+- past the context both paths slide exactly as documented (one window policy) and go on;
+- a left-padded batch of prompts of different lengths gives each prompt what it gets alone,
+  and past the context its rows slide together as documented;
+- log-probabilities equal those of a plain forward of [prompt + reply];
+- completions end at their first stop token (kept) or their own budget.
 """
 
 import copy
@@ -15,7 +18,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from model import GPT, GPTConfig
-from model.generate import filter_logits, generate, prepare_for_decoding, sample_next
+from model.generate import (
+    Completion,
+    complete,
+    filter_logits,
+    generate,
+    left_pad,
+    prepare_for_decoding,
+    sample_next,
+)
 
 NEG_INF = float("-inf")
 
@@ -35,7 +46,7 @@ def model(request) -> GPT:
 
 def run(model, idx, n, **kw) -> torch.Tensor:
     """All yielded tokens as (B, steps)."""
-    return torch.stack(list(generate(model, idx, n, **kw)), dim=1)
+    return torch.stack([tokens for tokens, _ in generate(model, idx, n, **kw)], dim=1)
 
 
 @torch.no_grad()
@@ -159,19 +170,15 @@ def test_greedy_is_deterministic_and_cached_equals_uncached_equals_full_forward(
     assert torch.equal(cached, reference_greedy(model, idx, n, lambda s: s))
 
 
-def test_uncached_past_the_context_reads_the_last_block_size_tokens(model):
-    idx = torch.randint(0, 64, (2, 20), generator=torch.Generator().manual_seed(3))  # > 16
-    got = run(model, idx, 12, temperature=0.0, use_cache=False)
-    assert torch.equal(got, reference_greedy(model, idx, 12, lambda s: s[:, -16:]))
-
-
-def test_sliding_window_engages_past_the_context_and_keeps_going(model):
-    """The cache fills at 16 positions; generation then re-reads the last 8 and goes on."""
+def test_past_the_context_both_paths_slide_as_documented_and_keep_going(model):
+    """The window fills at 16 slots; it then keeps the last 8 tokens and goes on, with the
+    cache (re-prefill) and without it (rerun on the window): use_cache changes speed only."""
     block, keep = 16, 8
     idx = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(4))
     n = 40  # the window slides at least three times
     got = run(model, idx, n, temperature=0.0)
     assert got.shape == (2, n)
+    assert torch.equal(got, run(model, idx, n, temperature=0.0, use_cache=False))
 
     start = 0  # the documented policy, by full forward passes
 
@@ -193,29 +200,6 @@ def test_a_prompt_longer_than_the_context_is_cropped_from_the_left(model):
     )
 
 
-def test_stop_ids_end_generation_and_finished_rows_repeat_their_stop(model):
-    idx = torch.randint(0, 64, (2, 3), generator=torch.Generator().manual_seed(6))
-    free = run(model, idx, 12, temperature=0.0)  # what greedy does without stops
-
-    def first(row, token):
-        hits = (free[row] == token).nonzero()
-        return int(hits[0]) if len(hits) else None
-
-    # a stop token row 0 reaches strictly before row 1 does (or row 1 never does)
-    stop = next(
-        int(t) for t in free[0] if first(1, int(t)) is None or first(1, int(t)) > first(0, int(t))
-    )
-    ends = [first(0, stop), first(1, stop)]
-    expected_len = 12 if None in ends else max(ends) + 1
-    assert ends[0] < expected_len - 1  # row 0 does wait for row 1 (the test is not vacuous)
-    got = run(model, idx, 12, temperature=0.0, stop_ids=(stop, 10_000))
-    assert got.shape == (2, expected_len)
-    for row, end in enumerate(ends):
-        stop_at = expected_len if end is None else end
-        assert torch.equal(got[row, :stop_at], free[row, :stop_at])
-        assert (got[row, stop_at:] == stop).all()  # the stop token, then repeated
-
-
 def test_no_tokens_for_max_new_tokens_zero(model):
     assert list(generate(model, torch.zeros(1, 1, dtype=torch.long), 0)) == []
 
@@ -230,3 +214,123 @@ def test_prepare_for_decoding_changes_the_layout_not_the_function(model):
     with torch.no_grad():
         assert torch.allclose(fast(idx)[0], model(idx)[0], atol=1e-5)
     assert torch.equal(run(fast, idx, 9, temperature=0.0), run(model, idx, 9, temperature=0.0))
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def prompts_of(lengths: list[int], seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 64, (n,), generator=g).tolist() for n in lengths]
+
+
+def test_left_pad_puts_each_prompt_at_the_right_end():
+    idx, start = left_pad([[7, 8], [9], [1, 2, 3]], pad_id=0)
+    assert idx.tolist() == [[0, 7, 8], [0, 0, 9], [1, 2, 3]]
+    assert start.tolist() == [1, 2, 0]
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_a_greedy_batch_of_mixed_lengths_gives_each_prompt_what_it_gets_alone(model, use_cache):
+    prompts = prompts_of([3, 9, 1, 12, 5, 9], seed=8)
+    n = 16 - 12 + 1  # the longest row's last token is drawn from a full window: no slide yet
+    batch = complete(model, prompts, n, temperature=0.0, use_cache=use_cache)
+    for p, c in zip(prompts, batch, strict=True):
+        alone = complete(model, [p], n, temperature=0.0, use_cache=use_cache)[0]
+        assert c.tokens == alone.tokens
+        assert c.tokens == reference_greedy(model, torch.tensor([p]), n, lambda s: s)[0].tolist()
+
+
+@torch.no_grad()
+def test_past_the_context_the_rows_of_a_batch_slide_together_as_documented(model):
+    block, keep = 16, 8
+    prompts = prompts_of([2, 11, 6], seed=9)
+    n = 30  # the longest row fills the window after 5 tokens, then every 8
+    cached = complete(model, prompts, n, temperature=0.0)
+    uncached = complete(model, prompts, n, temperature=0.0, use_cache=False)
+    assert [c.tokens for c in cached] == [c.tokens for c in uncached]
+
+    # Reference: each row alone, by full forward passes over its own real tokens; when the
+    # shared slots are full, every row keeps at most its last keep - 1 tokens, then the new one.
+    windows, expected = [list(p) for p in prompts], [[] for _ in prompts]
+    slots = max(map(len, prompts))
+    for _ in range(n):
+        for w, e in zip(windows, expected, strict=True):
+            e.append(int(model(torch.tensor([w]))[0][0, -1].argmax()))
+        if slots == block:
+            windows, slots = [w[-(keep - 1) :] for w in windows], keep - 1
+        for w, e in zip(windows, expected, strict=True):
+            w.append(e[-1])
+        slots += 1
+    assert [c.tokens for c in cached] == expected
+
+
+@pytest.mark.parametrize(("temperature", "top_k"), [(1.0, None), (0.5, 5), (0.0, None)])
+def test_logprobs_equal_those_of_a_plain_forward_of_prompt_and_reply(model, temperature, top_k):
+    """log softmax(logits / temperature)[token], unfiltered; temperature 0 counts as 1."""
+    prompts = prompts_of([3, 9, 1, 7], seed=10)
+    g = torch.Generator().manual_seed(0)
+    out = complete(model, prompts, 6, temperature, top_k, generator=g, logprobs=True)
+    t = temperature or 1.0
+    seqs = [p + c.tokens for p, c in zip(prompts, out, strict=True)]
+    idx, start = left_pad([s[:-1] for s in seqs])  # a padded training forward, as PPO's
+    with torch.no_grad():
+        padded = torch.log_softmax(model(idx, start=start)[0] / t, dim=-1)  # (B, T, V)
+    for row, (p, c) in enumerate(zip(prompts, out, strict=True)):
+        with torch.no_grad():
+            logits, _ = model(torch.tensor([seqs[row][:-1]]))  # alone
+        reply = torch.tensor(c.tokens)[:, None]
+        alone = torch.log_softmax(logits[0, len(p) - 1 :] / t, -1).gather(-1, reply)[:, 0]
+        got = torch.tensor(c.logprobs)
+        torch.testing.assert_close(got, alone, rtol=0, atol=1e-5)
+        together = padded[row, -len(c.tokens) :].gather(-1, reply)[:, 0]
+        torch.testing.assert_close(got, together, rtol=0, atol=1e-5)
+    assert all(lp <= 0 for c in out for lp in c.logprobs)
+    assert complete(model, prompts, 2)[0].logprobs is None  # only on request
+
+
+def test_completions_end_at_their_first_stop_token_or_their_own_budget(model):
+    prompts = prompts_of([3, 8, 5, 4], seed=14)
+    free = complete(model, prompts, 12, temperature=0.0)  # no stop tokens
+    budgets = [12, 12, 4, 0]
+    # a token row 0 writes after its first, and row 2 not within its budget
+    stop = next(t for t in free[0].tokens[1:] if t not in free[2].tokens[:4])
+    got = complete(model, prompts, budgets, temperature=0.0, stop_ids=(stop, 10_000))
+    for c, f, b in zip(got, free, budgets, strict=True):
+        if stop in f.tokens[:b]:
+            end = f.tokens.index(stop) + 1
+            assert c == Completion(f.tokens[:end], stopped=True)
+            assert c.text_tokens == f.tokens[: end - 1]
+        else:
+            assert c == Completion(f.tokens[:b], stopped=False)
+            assert c.text_tokens == c.tokens
+    assert got[0].stopped and len(got[0].tokens) > 1
+    assert not got[2].stopped and len(got[2].tokens) == 4
+    assert got[3].tokens == []
+    assert complete(model, [], 5) == []
+
+
+def test_completions_grow_one_token_per_step_while_live(model):
+    from model.generate import completions
+
+    prompts = prompts_of([2, 6, 4], seed=12)
+    lengths = [
+        [len(c.tokens) for c in out]
+        for out in completions(model, prompts, [3, 1, 5], temperature=0.0)
+    ]
+    assert lengths == [[1, 1, 1], [2, 1, 2], [3, 1, 3], [3, 1, 4], [3, 1, 5]]
+
+
+def test_batch_size_splits_the_prompts_without_changing_greedy_replies(model):
+    prompts = prompts_of([5, 2, 7, 3, 1], seed=13)
+    whole = complete(model, prompts, 6, temperature=0.0)
+    assert complete(model, prompts, 6, temperature=0.0, batch_size=2) == whole
+
+
+def test_an_empty_prompt_is_a_clear_error(model):
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        complete(model, [[1, 2], []], 3)
+    with pytest.raises(ValueError, match="empty"):
+        list(generate(model, torch.zeros(1, 0, dtype=torch.long), 3))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        complete(model, [[1], [2]], [3])  # one budget for two prompts

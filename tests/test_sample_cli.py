@@ -74,7 +74,7 @@ def expected_greedy(ckpt: Path, ids: list[int], max_new_tokens: int) -> str:
     model, tok, _ = load_model(ckpt)
     idx = torch.tensor([ids])
     new = []
-    for t in generate(model, idx, max_new_tokens, temperature=0.0):
+    for t, _ in generate(model, idx, max_new_tokens, temperature=0.0):
         if int(t[0]) in (tok.eos_id, tok.end_id):
             break
         new.append(int(t[0]))

@@ -26,7 +26,7 @@ from data.tasks import (
     usable_line,
 )
 from model import GPT, GPTConfig
-from model.generate import generate
+from model.generate import complete
 from tokenizer.chat import render_prompt
 from train import task_eval
 from train.task_eval import evaluate_tasks, format_table, is_correct, normalize, save_eval
@@ -360,7 +360,7 @@ def test_scores_per_task_overall_and_form_average(monkeypatch, tmp_path):
     replies = [" A b", "c d", "a.", "x", " hamlet"]
     monkeypatch.setattr(task_eval, "greedy_replies", lambda *args, **kw: replies)
     model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=16, vocab_size=32))
-    res = evaluate_tasks(model, FakeTok(), items, "cpu", progress=False)
+    res = evaluate_tasks(model, FakeTok(), items, progress=False)
     assert res["tasks"]["repeat"] == {"accuracy": 0.5, "correct": 1, "total": 2}
     assert res["tasks"]["first_word"]["accuracy"] == 1.0
     assert res["tasks"]["last_word"]["accuracy"] == 0.0
@@ -381,23 +381,24 @@ def test_greedy_chat_replies_from_a_real_model(corpus, taskset, monkeypatch):
     prompts = [render_prompt(tok, item["messages"][:1]) for item in items]  # the chat format
     calls = []
 
-    def recording_generate(model, idx, max_new_tokens, **kw):
-        calls.append((idx.tolist(), max_new_tokens, kw["temperature"]))
-        yield from generate(model, idx, max_new_tokens, **kw)
+    def recording_complete(model, prompts, max_new_tokens, **kw):
+        calls.append((list(prompts), list(max_new_tokens), kw["temperature"]))
+        return complete(model, prompts, max_new_tokens, **kw)
 
-    monkeypatch.setattr(task_eval, "generate", recording_generate)
-    res = evaluate_tasks(model, tok, items, "cpu", max_new_tokens=5, progress=False)
+    monkeypatch.setattr(task_eval, "complete", recording_complete)
+    res = evaluate_tasks(model, tok, items, max_new_tokens=5, progress=False, batch_size=8)
     assert res["overall"]["total"] == len(items)
-    assert sorted(row for rows, _, _ in calls for row in rows) == sorted(prompts)
-    assert all(budget == 5 and temperature == 0.0 for _, budget, temperature in calls)
-    assert any(len(rows) > 1 for rows, _, _ in calls)  # equal-length prompts share a batch
+    assert [row for rows, _, _ in calls for row in rows] == prompts
+    assert all(set(budgets) == {5} and temperature == 0.0 for _, budgets, temperature in calls)
+    assert [len(rows) for rows, _, _ in calls][0] == 8  # batch_size prompts per batch,
+    assert any(len({len(r) for r in rows}) > 1 for rows, _, _ in calls)  # of mixed lengths
 
     # Batched decoding gives what decoding each prompt alone gives.
     budgets = [1 + i % 6 for i in range(len(items))]
-    batched = task_eval.greedy_replies(model, tok, prompts, budgets, "cpu", batch_size=4)
-    alone = [task_eval.greedy_replies(model, tok, [p], [b], "cpu")[0]
+    batched = task_eval.greedy_replies(model, tok, prompts, budgets, batch_size=4)
+    alone = [task_eval.greedy_replies(model, tok, [p], [b])[0]
              for p, b in zip(prompts, budgets, strict=True)]  # fmt: skip
     assert batched == alone
     assert [r["reply"] for r in res["items"]] == task_eval.greedy_replies(
-        model, tok, prompts, [5] * len(items), "cpu", batch_size=1
+        model, tok, prompts, [5] * len(items), batch_size=1
     )

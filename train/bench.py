@@ -172,7 +172,7 @@ def bench_sampling(model: GPT, cfg: DictConfig, rt: Runtime) -> dict:
 
     def ours(use_cache: bool, n: int) -> None:
         gen = torch.Generator(device=rt.device).manual_seed(0)
-        for _ in generate(model, idx, n, temperature, top_k, None, (), use_cache, gen):
+        for _ in generate(model, idx, n, temperature, top_k, None, use_cache, gen):
             pass
 
     reset_peak_memory(rt)

@@ -21,7 +21,7 @@ from errors import UserError, report_user_errors
 from model import GPT, GPTConfig
 
 from .checkpoint import CHECKPOINT_NAME
-from .evaluate import language_model_metrics, sample_text
+from .lm_eval import language_model_metrics, sample_text
 from .losses import next_token_step
 from .settings import integer, optional
 from .stage import Stage

@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 from data.sources import read_utf8_file
 from errors import UserError, report_user_errors
 from model import GPT
-from model.generate import generate, prepare_for_decoding
+from model.generate import completions, prepare_for_decoding
 from tokenizer.chat import ChatFormatError, render_prompt
 
 from .checkpoint import CHECKPOINT_NAME, load_model
@@ -144,32 +144,25 @@ def stream_reply(
     model: GPT, tok, ids: list[int], settings: dict, generator: torch.Generator, use_cache: bool
 ) -> list[int]:
     """Generate after `ids`, print the text as it comes, return the new ids (no stop id)."""
-    device = model.embed.wte.weight.device
-    idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
-    stops = (tok.eos_id, tok.end_id)
     out = TextStream(tok)
-    new: list[int] = []
-    tokens = generate(
+    steps = completions(
         model,
-        idx,
+        [ids],
         settings["max_new_tokens"],
         settings["temperature"],
         settings["top_k"] or None,
         settings["top_p"],
-        stop_ids=stops,
+        stop_ids=(tok.eos_id, tok.end_id),
         use_cache=use_cache,
         generator=generator,
     )
-    for t in tokens:
-        token = int(t[0])
-        if token in stops:
-            break
-        new.append(token)
-        sys.stdout.write(out.push(token))
-        sys.stdout.flush()
+    for (reply,) in steps:  # one more token each step
+        if not reply.stopped:  # a stop token ends the reply and is not printed
+            sys.stdout.write(out.push(reply.tokens[-1]))
+            sys.stdout.flush()
     sys.stdout.write(out.flush())
     sys.stdout.flush()
-    return new
+    return reply.text_tokens
 
 
 def warn(message: str) -> None:

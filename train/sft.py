@@ -21,7 +21,7 @@ from model import GPT
 from tokenizer.chat import render_prompt
 
 from .checkpoint import CHECKPOINT_NAME, load_model
-from .evaluate import language_model_metrics, sample_text
+from .lm_eval import language_model_metrics, sample_text
 from .losses import next_token_step
 from .settings import integer, number
 from .stage import Stage

@@ -20,9 +20,9 @@ and the SFT model, so their numbers compare.
 Decoding stops at the end-of-turn (or end-of-text) token, or after
 min(max_new_tokens, 2 * len(encode(answer)) + 8) tokens: a reply that needs more than
 twice the answer's tokens plus eight is not going to match it, and a base model that
-never stops would otherwise cost max_new_tokens per item. Items whose prompts have the
-same length are decoded together in a batch (no padding, so each row computes what it
-would alone).
+never stops would otherwise cost max_new_tokens per item. Items are decoded in batches
+whatever their prompts' lengths (left padding, model/generate.py), and each row computes
+what it would alone.
 """
 
 import json
@@ -36,7 +36,7 @@ from data.instruct import load_instruction_data
 from data.sources import load_documents
 from data.tasks import TaskSet, build_tasks, task_sizes
 from errors import UserError
-from model.generate import generate
+from model.generate import complete
 from tokenizer.chat import render_prompt
 
 EXACT_TASKS = ("repeat",)
@@ -69,95 +69,76 @@ def prompt_messages(item: dict) -> list[dict]:
     return messages
 
 
-@torch.no_grad()
 def greedy_replies(
-    model, tok, prompts: Sequence[list[int]], budgets: Sequence[int], device, batch_size: int = 32
+    model,
+    tok,
+    prompts: Sequence[list[int]],
+    budgets: Sequence[int],
+    batch_size: int = 32,
+    progress: bool = False,
 ) -> list[str]:
     """Greedy replies to rendered prompts; reply i is at most budgets[i] tokens, cut before
     the first end-of-turn (or end-of-text) token.
 
-    Prompts of the same length are decoded together, up to batch_size at a time: no
-    padding is needed, so each row computes what it would alone.
+    Prompts are decoded batch_size at a time whatever their lengths (left padding,
+    model/generate.py complete): each reply is what its prompt gets alone.
     """
     stops = (tok.end_id, tok.eos_id)
-    replies: list[str] = [""] * len(prompts)
-    by_length: dict[int, list[int]] = {}
-    for i, ids in enumerate(prompts):
-        by_length.setdefault(len(ids), []).append(i)
-    groups = [
-        g[k : k + batch_size] for g in by_length.values() for k in range(0, len(g), batch_size)
-    ]
-    for group in groups:
-        idx = torch.tensor([prompts[i] for i in group], dtype=torch.long, device=device)  # (B, T)
-        budget = max(budgets[i] for i in group)
-        out: list[list[int]] = [[] for _ in group]
-        done = [False] * len(group)
-        steps = generate(model, idx, budget, temperature=0.0, stop_ids=stops)
-        for step, tokens in enumerate(steps):
-            for row, token in enumerate(tokens.tolist()):
-                if done[row] or step >= budgets[group[row]] or token in stops:
-                    done[row] = True
-                else:
-                    out[row].append(token)
-        for row, i in enumerate(group):
-            replies[i] = tok.decode(out[row])
+    replies: list[str] = []
+    batches = range(0, len(prompts), batch_size)
+    for first in tqdm(batches, desc="task eval", disable=not progress, leave=False):
+        batch = slice(first, first + batch_size)
+        done = complete(model, prompts[batch], budgets[batch], temperature=0.0, stop_ids=stops)
+        replies += [tok.decode(c.text_tokens) for c in done]
     return replies
-
-
-def reply(model, tok, messages: Sequence[dict], device, max_new_tokens: int) -> str:
-    """The model's greedy reply to one conversation, up to its end-of-turn token."""
-    return greedy_replies(model, tok, [render_prompt(tok, messages)], [max_new_tokens], device)[0]
 
 
 def evaluate_tasks(
     model,
     tok,
     items: Sequence[dict],
-    device,
     max_new_tokens: int = 48,
     progress: bool = True,
     batch_size: int = 32,
 ) -> dict:
     """Exact-match accuracy of the model on items, per task and overall.
 
-    The model should be in eval mode on `device`; wrap the call in the run's autocast for
-    reduced precision. Items whose prompts have the same length are decoded batch_size
-    at a time. Returns
+    Decodes with the model on its own device, in eval mode; wrap the call in the run's
+    autocast for reduced precision. Returns
         {"tasks": {task: {"accuracy", "correct", "total"}}, "overall": {...},
          "form_average": float or None, "form_tasks": [...],
          "items": [{"task", "prompt", "answer", "reply", "correct"}, ...]}
     """
-    was_training = model.training
-    model.eval()
     prompts = [render_prompt(tok, prompt_messages(item)) for item in items]
     budgets = [min(max_new_tokens, 2 * len(tok.encode(item["answer"])) + 8) for item in items]
-    texts: list[str] = []
-    chunk = 8 * batch_size  # decode in chunks so that the progress bar moves
-    for start in tqdm(
-        range(0, len(items), chunk), desc="task eval", disable=not progress, leave=False
-    ):
-        end = start + chunk
-        texts += greedy_replies(model, tok, prompts[start:end], budgets[start:end], device,
-                                batch_size)  # fmt: skip
+    was_training = model.training
+    model.eval()
+    replies = greedy_replies(model, tok, prompts, budgets, batch_size, progress)
     model.train(was_training)
-
-    per_task: dict[str, list[int]] = {}
     records = []
-    for item, text in zip(items, texts, strict=True):
-        task, answer = item["task"], item["answer"]
-        ok = is_correct(text, answer, task)
-        per_task.setdefault(task, [0, 0])
-        per_task[task][0] += int(ok)
-        per_task[task][1] += 1
+    for item, reply in zip(items, replies, strict=True):
         messages = prompt_messages(item)
-        prompt = messages[-1]["content"] if messages else ""
         records.append(
-            {"task": task, "prompt": prompt, "answer": answer, "reply": text, "correct": ok}
+            {
+                "task": item["task"],
+                "prompt": messages[-1]["content"] if messages else "",
+                "answer": item["answer"],
+                "reply": reply,
+                "correct": is_correct(reply, item["answer"], item["task"]),
+            }
         )
+    return {**tally(records), "items": records}
 
+
+def tally(records: Sequence[dict]) -> dict:
+    """Accuracy per task, overall (each item once) and the form average of scored records."""
+    per_task: dict[str, list[int]] = {}  # task -> [correct, total]
+    for r in records:
+        counts = per_task.setdefault(r["task"], [0, 0])
+        counts[0] += int(r["correct"])
+        counts[1] += 1
     tasks = {t: {"accuracy": c / n, "correct": c, "total": n} for t, (c, n) in per_task.items()}
-    correct = sum(c for c, _ in per_task.values())
-    total = sum(n for _, n in per_task.values())
+    correct, total = sum(int(r["correct"]) for r in records), len(records)
     form = [tasks[t]["accuracy"] for t in FORM_AVERAGE_TASKS if t in tasks]
     return {
         "tasks": tasks,
@@ -168,7 +149,6 @@ def evaluate_tasks(
         },
         "form_average": sum(form) / len(form) if form else None,
         "form_tasks": [t for t in FORM_AVERAGE_TASKS if t in tasks],
-        "items": records,
     }
 
 
@@ -241,4 +221,4 @@ def score(model, tok, items: Sequence[dict], runtime, max_new_tokens: int) -> di
         return {}
     model.eval()
     with torch.no_grad(), runtime.autocast():
-        return evaluate_tasks(model, tok, items, runtime.device, max_new_tokens)
+        return evaluate_tasks(model, tok, items, max_new_tokens)
