@@ -23,6 +23,10 @@ from train.reward_eval import spearman
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def env() -> dict:
+    return {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+
+
 # --- the loss and the batching -----------------------------------------------------------
 
 
@@ -233,16 +237,16 @@ def test_a_tiny_reward_model_learns_which_answer_is_better(rm_setup):
     d = rm_setup
     args = [f"init_from={d / 'sft.pt'}", f"out_dir={d / 'rm'}", "preferences.builtin=false",
             f"files=[{d / 'train.jsonl'}]", f"eval_files=[{d / 'test.jsonl'}]", "device=cpu",
-            "precision=float32", "batch_size=16", "lr=3e-3", "min_lr=3e-4", "epochs=6",
+            "precision=float32", "batch_size=16", "lr=3e-3", "min_lr=3e-4", "epochs=30",
             "warmup_iters=5", "eval_interval=50", "log_interval=10"]  # fmt: skip
     result = subprocess.run([sys.executable, "-m", "train.reward", *args], cwd=ROOT,
                             capture_output=True, text=True, timeout=600,
-                            env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-                                 "PATH": "/usr/bin:/bin"})  # fmt: skip
+                            env=env())  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((d / "rm" / "eval.json").read_text())["reward"]
-    assert report["pairwise_accuracy"] >= 0.9 and report["pairs"] == 60
-    assert report["tasks"]["test"]["pairs"] == 60
+    prompts = {json.loads(line)["prompt"] for line in open(d / "test.jsonl")}
+    assert report["pairs"] == report["tasks"]["test"]["pairs"] == len(prompts)  # merged per prompt
+    assert report["pairwise_accuracy"] >= 0.9
 
     # normalised: the training replies average 0 reward; the offset is in the checkpoint
     model, tok, ckpt = load_kind(d / "rm", "reward")
@@ -255,13 +259,21 @@ def test_a_tiny_reward_model_learns_which_answer_is_better(rm_setup):
     assert abs(rewards.mean().item()) < 1e-4 and rewards.std().item() > 0.1
     assert isinstance(ckpt["reward_offset"], float)
 
+    # python -m train.evaluate reproduces the held-out figures from the checkpoint alone
+    (d / "rm" / "eval.json").unlink()
+    again = subprocess.run([sys.executable, "-m", "train.evaluate", f"checkpoint={d / 'rm'}",
+                            f"eval_files=[{d / 'test.jsonl'}]"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300, env=env())  # fmt: skip
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((d / "rm" / "eval.json").read_text())["reward"] == report
+
 
 def test_no_preference_data_is_one_line(rm_setup, tmp_path):
     d = rm_setup
     args = [f"init_from={d / 'sft.pt'}", f"out_dir={tmp_path / 'rm'}", "preferences.builtin=false"]
     result = subprocess.run([sys.executable, "-m", "train.reward", *args], cwd=ROOT,
                             capture_output=True, text=True, timeout=300,
-                            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})  # fmt: skip
+                            env=env())  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: no preference data: set preferences.builtin=true or give files=[...]"]  # fmt: skip

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import tokenizer
+from data.judge import is_correct, normalize
 from data.plays import find_persons, find_speeches, resolve_speaker, without_persons_list
 from data.sources import Document
 from data.tasks import (
@@ -29,7 +30,7 @@ from model import GPT, GPTConfig
 from model.generate import complete
 from tokenizer.chat import render_prompt
 from train import task_eval
-from train.task_eval import evaluate_tasks, format_table, is_correct, normalize, save_eval
+from train.task_eval import evaluate_tasks, format_table, save_eval
 
 WORDS = ("thou art the king of night and every golden river sings to morning light "
          "where shall we find a noble heart or quiet grave beneath cold stars my lord "

@@ -10,17 +10,26 @@ built-in task items (train/task_eval.py), the same items for any checkpoint, so 
 model and its SFT model compare; results go to eval.json beside the checkpoint.
 
     python -m train.evaluate checkpoint=out/sft
+
+A reward model's checkpoint is scored on held-out comparisons instead (pairwise accuracy,
+right vs wrong, rank correlation with the judge: train/reward_eval.py), the built-in
+held-out pairs it was trained beside and any preference files given as eval_files:
+
+    python -m train.evaluate checkpoint=out/rm eval_files=[my_prefs.jsonl]
 """
 
 from pathlib import Path
 
 import hydra
+import torch
 from omegaconf import DictConfig
 
-from errors import report_user_errors
+from data.preferences import read_preference_file, render_group
+from errors import UserError, report_user_errors
 
-from .checkpoint import load_model
+from .checkpoint import load_checkpoint, load_kind, load_model
 from .lm_eval import file_bits_per_byte
+from .reward_eval import format_reward_table, reward_metrics
 from .runtime import runtime_session
 from .task_eval import (
     builtin_tasks,
@@ -34,7 +43,10 @@ from .task_eval import (
 
 def run(cfg: DictConfig) -> dict:
     with runtime_session(cfg.device, cfg.precision, cfg.seed) as rt:
-        model, tok, ckpt = load_model(cfg.checkpoint)
+        ckpt = load_checkpoint(cfg.checkpoint)
+        if ckpt["model_kind"] == "reward":
+            return score_reward_model(cfg, rt, ckpt["path"])
+        model, tok, ckpt = load_model(ckpt["path"])
         model.to(rt.device)
         results: dict = {"checkpoint": ckpt["path"]}
         if cfg.text_file:
@@ -51,11 +63,36 @@ def run(cfg: DictConfig) -> dict:
             if results[stage]:
                 print(f"{ckpt['path']}: held-out exact match (greedy, chat format)")
                 print(format_table({stage: results[stage]}))
-                # keep what is there (SFT writes the base model's scores beside its own)
-                run_dir = Path(ckpt["path"]).parent
-                path = save_eval({**load_eval(run_dir), **results}, run_dir)
-                print(f"written to {path}")
+                write_beside(ckpt["path"], results)
         return results
+
+
+def score_reward_model(cfg: DictConfig, rt, path: str) -> dict:
+    """A reward checkpoint: its held-out comparisons (the built-in set it was trained
+    beside, and the user's eval_files) scored as train/reward_eval.py describes."""
+    model, tok, ckpt = load_kind(path, "reward")
+    model.to(rt.device)
+    held_out = Path(ckpt.get("preferences") or ".") / "test.jsonl"
+    groups = read_preference_file(held_out) if cfg.tasks.weight > 0 and held_out.is_file() else []
+    for file in cfg.eval_files:
+        groups += read_preference_file(file)
+    block = model.config.block_size
+    rendered = [r for r in (render_group(tok, g, block) for g in groups) if r is not None]
+    if not rendered:
+        raise UserError(f"no held-out comparisons for {path}: give eval_files=[...]")
+    with torch.no_grad(), rt.autocast():
+        figures = reward_metrics(model.eval(), rendered, tok.pad_id, rt.device)
+    print(f"{path}: held-out comparisons\n" + format_reward_table(figures))
+    write_beside(path, {"checkpoint": path, "reward": figures})
+    return figures
+
+
+def write_beside(checkpoint: str, results: dict) -> None:
+    """Merge results into eval.json beside the checkpoint, keeping what is there (SFT
+    writes the base model's scores beside its own)."""
+    run_dir = Path(checkpoint).parent
+    path = save_eval({**load_eval(run_dir), **results}, run_dir)
+    print(f"written to {path}")
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="evaluate")

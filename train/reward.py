@@ -116,10 +116,11 @@ def run(cfg: DictConfig) -> dict:
                 "val_rank_correlation": figures["rank_correlation"],
             }
 
+        builtin_dir = str(cfg.preferences.dir) if cfg.preferences.builtin else None
         stage.train(model, tok, loader, reward_step, evaluate=evaluate, model_kind="reward",
                     flops_per_token=model.gpt.flops_per_token(T),
                     loop={"max_iters": max_iters}, init_from=init["path"],
-                    preferences=str(cfg.preferences.dir))  # fmt: skip
+                    preferences=builtin_dir)  # fmt: skip
         offset = normalise(model, train, tok.pad_id, stage)
         stage.log(f"normalised: the SFT samples' mean reward {offset:+.4f} is now 0")
         stage.update_checkpoint(model, reward_offset=offset)

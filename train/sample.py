@@ -35,6 +35,7 @@ from tokenizer.chat import ChatFormatError, render_prompt
 
 from .checkpoint import CHECKPOINT_NAME, load_model
 from .runtime import setup_runtime
+from .settings import RUNTIME, TEMPERATURE, check, choice, flag, integer, number, optional
 
 MODES = ("generate", "chat")
 
@@ -42,38 +43,22 @@ MODES = ("generate", "chat")
 # --------------------------------------------------------------------------- settings
 
 
+RULES = {
+    "max_new_tokens": integer(1),
+    "num_samples": integer(1),
+    "temperature": TEMPERATURE,
+    "top_k": optional(integer(0)),
+    "top_p": optional(number(above=0, high=1)),
+    "mode": choice(*MODES),
+    "use_cache": flag(),
+}
+
+
 def check_settings(cfg: DictConfig) -> dict:
-    """The decoding settings, validated, as plain Python values (else a UserError)."""
-
-    def number(name: str, kind: type):
-        value = cfg.get(name)
-        try:
-            if isinstance(value, bool) or value is None:
-                raise ValueError
-            return kind(value)
-        except (TypeError, ValueError):
-            raise UserError(f"{name}={value!r} is not a {kind.__name__}") from None
-
-    s = {
-        "max_new_tokens": number("max_new_tokens", int),
-        "num_samples": number("num_samples", int),
-        "temperature": number("temperature", float),
-        "top_k": number("top_k", int) if cfg.get("top_k") is not None else None,
-        "top_p": number("top_p", float) if cfg.get("top_p") is not None else None,
-    }
-    if s["max_new_tokens"] < 1:
-        raise UserError(f"max_new_tokens={s['max_new_tokens']} must be at least 1")
-    if s["num_samples"] < 1:
-        raise UserError(f"num_samples={s['num_samples']} must be at least 1")
-    if s["temperature"] < 0:
-        raise UserError(f"temperature={s['temperature']} must be >= 0 (0 means greedy)")
-    if s["top_k"] is not None and s["top_k"] < 0:
-        raise UserError(f"top_k={s['top_k']} must be >= 1 (or 0 / null for no top-k)")
-    if s["top_p"] is not None and not 0.0 < s["top_p"] <= 1.0:
-        raise UserError(f"top_p={s['top_p']} must be in (0, 1] (1 or null: no nucleus)")
-    if cfg.mode not in MODES:
-        raise UserError(f"mode={cfg.mode} is not known; use one of {', '.join(MODES)}")
-    return s
+    """The decoding settings, checked (train/settings.py), as plain Python values."""
+    check(cfg, {**RUNTIME, **RULES})
+    names = ("max_new_tokens", "num_samples", "temperature", "top_k", "top_p")
+    return {name: cfg.get(name) for name in names}
 
 
 def find_checkpoint(path: str | None, root: Path = Path("out")) -> str:

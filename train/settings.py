@@ -82,6 +82,12 @@ def pair(rule: Rule) -> Rule:
     )
 
 
+# Sampling temperature: 0 is greedy; tiny positive values would divide the logits into
+# infinities (1e-45 did), and below 1e-3 sampling is greedy in all but name anyway.
+TEMPERATURE = Rule(
+    "0 (greedy) or a number >= 0.001", lambda v: _is_number(v) and (v == 0 or v >= 1e-3)
+)
+
 # The settings every training stage has (conf/base.yaml and the stage's own file).
 RUNTIME = {
     "seed": integer(),

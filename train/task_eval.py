@@ -3,14 +3,9 @@
 Each item ({"task", "messages", "answer"}, see data/tasks.py) is asked in the chat format
 (tokenizer/chat.py: render_prompt of every message before the final answer), the model
 replies by greedy decoding (temperature 0) until it writes the end-of-turn token, and the
-reply is compared with the item's answer after normalisation:
-
-    repeat (the line must come back exactly):
-        both sides: surrounding whitespace removed; nothing else changes.
-    every other task (a word, a name, a title, a number):
-        both sides: surrounding whitespace removed, inner runs of whitespace made one
-        space, double quotes around it removed, trailing . , ; : ! ? removed (repeatedly),
-        and compared case-insensitively (str.casefold), so "Hamlet." matches "hamlet".
+reply is compared with the item's answer by the tasks' judge (data/judge.py: is_correct,
+the rule that also labels the reward model's preference data): exact for repeat,
+normalised (case, surrounding quotes and final punctuation forgiven) for the others.
 
 Scores: accuracy per task, overall (every item counts once), and `form_average`, the mean
 of the per-task accuracies of FORM_AVERAGE_TASKS (repeat, first word, last word: the
@@ -33,31 +28,17 @@ import torch
 from tqdm import tqdm
 
 from data.instruct import load_instruction_data
+from data.judge import is_correct
 from data.sources import load_documents
 from data.tasks import TaskSet, build_tasks, task_sizes
 from errors import UserError
 from model.generate import complete
 from tokenizer.chat import render_prompt
 
-EXACT_TASKS = ("repeat",)
+from .files import atomic_write_text
+
 FORM_AVERAGE_TASKS = ("repeat", "first_word", "last_word")
 EVAL_FILE = "eval.json"
-_TRAILING = ".,;:!?"
-
-
-def normalize(text: str, task: str) -> str:
-    """The form in which a reply and an answer are compared (see the module docstring)."""
-    text = text.strip()
-    if task in EXACT_TASKS:
-        return text
-    text = " ".join(text.split())
-    if len(text) >= 2 and text[0] == text[-1] == '"':
-        text = text[1:-1].strip()
-    return text.rstrip(_TRAILING).strip().casefold()
-
-
-def is_correct(reply: str, answer: str, task: str) -> bool:
-    return normalize(reply, task) == normalize(answer, task)
 
 
 def prompt_messages(item: dict) -> list[dict]:
@@ -162,13 +143,9 @@ def load_eval(run_dir: str | Path, name: str = EVAL_FILE) -> dict:
 
 
 def save_eval(results: dict, run_dir: str | Path, name: str = EVAL_FILE) -> Path:
-    """Write results as JSON to run_dir/eval.json (temporary name, then rename)."""
-    path = Path(run_dir) / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    return path
+    """Write results as JSON to run_dir/eval.json, atomically (train/files.py)."""
+    text = json.dumps(results, indent=2, ensure_ascii=False) + "\n"
+    return atomic_write_text(Path(run_dir) / name, text)
 
 
 def format_table(results: dict[str, dict]) -> str:
