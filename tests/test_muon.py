@@ -3,9 +3,10 @@
 import pytest
 import torch
 
+import train.runtime as runtime
 from errors import UserError
 from model import GPT, GPTConfig
-from train.muon import Muon, orthogonalize
+from train.muon import Muon, ns_dtype, orthogonalize
 from train.optim import build_optimizer, set_lr
 from train.settings import OPTIMIZER, check
 
@@ -155,3 +156,16 @@ def test_unknown_optimizer_is_an_error():
         build_optimizer(GPT(GPTConfig(**TINY)), lr=1e-3, weight_decay=0.0, kind="sgd")
     with pytest.raises(UserError, match="optimizer='sgd' is not valid: it must be one of adamw"):
         check({"optimizer": "sgd"}, OPTIMIZER)  # what the stages check before any work
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_newton_schulz_runs_in_bf16_only_where_it_is_native(monkeypatch, native):
+    """On a CPU without native bfloat16 (AVX2 only) bf16 matmuls are emulated and ~45x
+    slower than float32: the iterations run in float32 there, with the same result."""
+    monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: native)
+    assert ns_dtype(torch.device("cpu")) == (torch.bfloat16 if native else torch.float32)
+    g = torch.randn(48, 32, generator=torch.Generator().manual_seed(0))
+    out = orthogonalize(g)
+    assert out.dtype == torch.float32
+    s = torch.linalg.svdvals(out)
+    assert s.min() > 0.5 and s.max() < 1.3  # singular values pushed near 1 either way

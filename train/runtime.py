@@ -13,6 +13,7 @@ cuda:LOCAL_RANK. Nothing here is specific to one node, so several nodes work the
 """
 
 import contextlib
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -96,6 +97,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     raise UserError(f"device={name} is not known; use auto, cpu, cuda, cuda:N or mps")
 
 
+@functools.cache
 def cpu_supports_bf16() -> bool:
     """True when the CPU has native bfloat16 instructions (AVX-512 BF16 or AMX)."""
     try:
