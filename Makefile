@@ -9,7 +9,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 TORCH_VERSION := 2.13.0
 ARGS ?=
 
-.PHONY: install install-dev pretrain sft rm sample bench test lint format clean
+.PHONY: install install-dev pretrain sft rm ppo dpo align sample bench test lint format clean
 
 # torch first, chosen by machine: with an NVIDIA GPU, PyPI's default (CUDA) build; without
 # one, the CPU build (a local wheel when the machine has one, else PyTorch's CPU index),
@@ -46,6 +46,15 @@ sft: $(VENV)/.runtime
 
 rm: $(VENV)/.runtime
 	$(PY) -m train.reward $(ARGS)
+
+ppo: $(VENV)/.runtime
+	$(PY) -m train.ppo $(ARGS)
+
+dpo: $(VENV)/.runtime
+	$(PY) -m train.dpo $(ARGS)
+
+align: $(VENV)/.runtime
+	$(PY) -m train.align $(ARGS)
 
 sample: $(VENV)/.runtime
 	$(PY) -m train.sample checkpoint=out/pretrain $(ARGS)

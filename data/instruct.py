@@ -84,6 +84,33 @@ def to_conversation(record) -> Conversation:
     )
 
 
+def to_prompt_item(record) -> dict:
+    """A prompt record (PPO's prompts) as an item: {"messages": the conversation to reply
+    to, and, when the record has one, "answer"}. Records: {"prompt": "..."}, {"prompt":
+    [messages]} or {"messages": [...]} (a final assistant message is left out: the reply
+    is the policy's to write); an optional "answer" lets the tasks' judge score replies
+    (reward=tasks). ValueError says why a record is not one."""
+    if not isinstance(record, dict) or not ({"prompt", "messages"} & record.keys()):
+        raise ValueError("a prompt record needs 'prompt' (a string or messages) or 'messages'")
+    value = record.get("prompt", record.get("messages"))
+    messages = [{"role": "user", "content": value}] if isinstance(value, str) else value
+    try:
+        validate_messages(messages)
+    except ChatFormatError as e:
+        raise ValueError(str(e)) from None
+    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    if messages and messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+    if not messages or messages[-1]["role"] == "system":
+        raise ValueError("the prompt has no message to reply to")
+    item = {"messages": messages}
+    if "answer" in record:
+        if not isinstance(record["answer"], str) or not record["answer"].strip():
+            raise ValueError("'answer' must be a non-empty string")
+        item["answer"] = record["answer"]
+    return item
+
+
 def _is_json_array(path: Path) -> bool:
     suffix = path.suffix.lower()
     if suffix == ".json":

@@ -56,3 +56,23 @@ class ScalarModel(nn.Module):
         if lengths is not None:
             h = h[torch.arange(idx.size(0), device=idx.device), lengths - 1]  # (B, C)
         return self.head(h)  # (B, T) or (B,)
+
+
+class PolicyWithValue(nn.Module):
+    """PPO's two trained networks in one module: the policy (a GPT) and the value function
+    (its own trunk with a scalar head, initialised from the reward model, as InstructGPT
+    and TRL do). Separate trunks keep the value loss's gradients out of the policy."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.policy = GPT(config)
+        self.value = ScalarModel(config)
+
+    @property
+    def config(self) -> GPTConfig:
+        return self.policy.config
+
+    def forward(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """idx: (B, T) -> the policy's logits (B, T, V) and the values V(s_t) (B, T)."""
+        logits, _ = self.policy(idx)
+        return logits, self.value(idx)

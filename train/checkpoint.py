@@ -4,7 +4,7 @@ A checkpoint is a dict of plain values and tensors:
 
     format        CHECKPOINT_FORMAT
     stage         the stage that wrote it: "pretrain", "sft", "reward", ...
-    model_kind    what `model` holds (MODEL_KINDS): "gpt", "reward", ...; absent in the
+    model_kind    what `model` holds (MODEL_KINDS): "gpt", "reward", "policy_value"; absent in the
                   checkpoints of earlier versions, which all hold a "gpt"
     model_config  GPTConfig as a dict (the trunk's shape, for every kind)
     model         the model's state_dict (weights)
@@ -35,7 +35,7 @@ from torch import nn
 import tokenizer as tokenizers
 from errors import UserError
 from model import GPT, GPTConfig
-from model.heads import ScalarModel
+from model.heads import PolicyWithValue, ScalarModel
 
 from .files import atomic_write
 
@@ -56,6 +56,9 @@ class ModelKind:
 MODEL_KINDS: dict[str, ModelKind] = {
     "gpt": ModelKind("a language model", GPT, lambda m: m),
     "reward": ModelKind("a reward model", ScalarModel, lambda m: m.gpt),
+    "policy_value": ModelKind(
+        "a policy with a value function", PolicyWithValue, lambda m: m.policy
+    ),
 }
 
 

@@ -148,8 +148,10 @@ class Trainer:
         sample: Callable[[nn.Module], str] | None = None,
         flops_per_token: float | None = None,
         peak_flops: float | None = None,
+        show: tuple[str, ...] | None = None,  # the metrics the progress bar shows; None: all
     ) -> None:
         self.raw_model = model  # what checkpoints and evaluation see
+        self.show = show
         self.optimizer = optimizer
         self.runtime = runtime
         self.batches = batches
@@ -252,7 +254,7 @@ class Trainer:
                 record = self._log_record(loss, lr, metrics, interval_tokens, seconds)
                 if self.runtime.is_main:
                     log.write(record)
-                    progress.set_postfix(_postfix(record))
+                    progress.set_postfix(_postfix(record, self.show))
                 interval_tokens, interval_start = 0, time.perf_counter()
 
             if self.step % loop.eval_interval == 0:
@@ -449,12 +451,16 @@ _FORMATS = {
 _QUIET = {"step", "val_ppl"}  # in metrics.jsonl, not in the progress bar
 
 
-def _postfix(record: dict) -> str:
-    """Short 'key=value' text for the progress bar: the usual figures, then the stage's."""
+def _postfix(record: dict, show: tuple[str, ...] | None = None) -> str:
+    """Short 'key=value' text for the progress bar: the usual figures, then the stage's
+    (those in `show`, or all)."""
     parts = [fmt.format(record[k]) for k, fmt in _FORMATS.items() if record.get(k) is not None]
     parts += [
         f"{k}={v:.4g}"
         for k, v in record.items()
-        if k not in _FORMATS and k not in _QUIET and isinstance(v, (int, float))
+        if k not in _FORMATS
+        and k not in _QUIET
+        and isinstance(v, (int, float))
+        and (show is None or k in show)
     ]
     return " ".join(parts)

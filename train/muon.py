@@ -23,9 +23,9 @@ singular value s to a s + b s^3 + c s^5; these coefficients push every s quickly
 roughly [0.7, 1.2], which is all Muon needs and costs only matrix products, run in
 bfloat16 where the hardware multiplies it natively (GPUs, CPUs with AVX-512 BF16 or AMX)
 and in float32 elsewhere: on a CPU without it (AVX2 only) a bfloat16 matmul is emulated,
-~45x slower than float32 (0.98 vs 45 GFLOP/s measured, 512 x 512, one thread), and made
-the CPU demo's Muon step 20x slower than its AdamW step. For a wide X (out < in) we iterate on X; for a tall one on X^T, so X X^T is the
-smaller square.
+~45x slower than float32 (0.98 vs 45 GFLOP/s measured, 512 x 512, one thread), and it
+made the CPU demo's training 8x slower (440 vs 3,660 tokens/s). For a wide X (out < in)
+we iterate on X; for a tall one on X^T, so X X^T is the smaller square.
 
 Embeddings (the token table is also the LM head), LayerNorm gains and biases are not
 hidden-layer matrices; their groups (use_muon=False) take plain AdamW steps:

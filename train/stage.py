@@ -13,6 +13,7 @@ the config, with the checkpoint's metadata (stage, model kind, model config, tok
 resolved config), restores the run being resumed, and runs the loop.
 """
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,15 +24,16 @@ from torch import nn
 from errors import UserError
 
 from .checkpoint import BEST_NAME, CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from .files import remove_stale_temporaries
+from .files import atomic_write_text, remove_stale_temporaries
 from .loop import Batches, LoopConfig, StepFn, Trainer
 from .optim import optimizer_from_config
 from .runtime import Runtime, peak_flops, setup_runtime, teardown_runtime
 from .settings import LOOP, OPTIMIZER, RUNTIME, Rule, check, check_relations
 from .task_eval import save_eval
 
+DONE_FILE = "done.json"  # written when a stage finished (train/align.py skips such stages)
 # What a run writes into its out_dir (overwrite=true removes exactly these).
-RUN_FILES = (CHECKPOINT_NAME, BEST_NAME, "metrics.jsonl", "config.yaml", "eval.json")
+RUN_FILES = (CHECKPOINT_NAME, BEST_NAME, "metrics.jsonl", "config.yaml", "eval.json", DONE_FILE)
 
 
 def resumable_checkpoint(out_dir: Path) -> dict:
@@ -71,6 +73,8 @@ class Stage:
                 self.resumed = resumable_checkpoint(self.out_dir)
             else:
                 self._claim_out_dir()
+            if self.runtime.is_main:
+                (self.out_dir / DONE_FILE).unlink(missing_ok=True)  # not finished until exit
         except BaseException:
             teardown_runtime(self.runtime)
             raise
@@ -94,7 +98,9 @@ class Stage:
         if self.runtime.distributed:
             dist.barrier()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None and self.runtime.is_main:  # finished: make align may skip it
+            atomic_write_text(self.out_dir / DONE_FILE, json.dumps({"stage": self.name}) + "\n")
         teardown_runtime(self.runtime)
 
     @property
@@ -125,12 +131,14 @@ class Stage:
         model_kind: str = "gpt",
         flops_per_token: float | None = None,
         loop: dict | None = None,
+        show: tuple[str, ...] | None = None,
         **meta,
     ) -> dict:
         """Run the loop on `model`; returns the last evaluation's figures.
 
         loop: loop settings the stage decides itself (e.g. max_iters from a number of
-        epochs), over the config's. meta: more entries for every checkpoint (init_from=...).
+        epochs), over the config's. show: the step metrics the progress bar shows (None:
+        all). meta: more entries for every checkpoint (init_from=...).
         """
         rt, cfg = self.runtime, self.cfg
         model.to(rt.device)
@@ -154,6 +162,7 @@ class Stage:
             sample=sample,
             flops_per_token=flops_per_token,
             peak_flops=peak_flops(rt, cfg.get("peak_tflops")) if rt.is_main else None,
+            show=show,
         )
         if self.resumed is not None:
             trainer.load_state(self.resumed)

@@ -1,0 +1,206 @@
+"""PPO: the per-token KL reward, GAE and group advantages against hand computations, the
+clipped losses on hand-made numbers, rollouts whose log-probabilities a training forward
+reproduces, the end-of-turn penalty, and a tiny `python -m train.ppo` run that learns."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import tokenizer
+from data.batching import collate
+from model import GPT, GPTConfig
+from tokenizer.chat import render_conversation
+from train.advantages import gae, group_advantages, kl_rewards, whiten
+from train.checkpoint import load_checkpoint, save_checkpoint
+from train.losses import clipped_policy_loss, clipped_value_loss, reply_logprobs
+from train.rollouts import Rollouts, RolloutSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- the maths -------------------------------------------------------------------------
+
+
+def test_kl_rewards_by_hand():
+    logp, ref = torch.tensor([-1.0, -2.0, -0.5]), torch.tensor([-1.5, -1.0, -0.5])
+    r = kl_rewards(logp, ref, score=2.0, beta=0.1)
+    assert r.tolist() == pytest.approx([-0.05, 0.1, 2.0])  # -beta (logp - ref), + score last
+
+
+def test_gae_by_hand():
+    """gamma 1, lambda 0.5, three tokens; V after the last token is 0."""
+    r, v = torch.tensor([0.0, 0.0, 1.0]), torch.tensor([0.5, 0.25, 0.75])
+    adv, ret = gae(r, v, gamma=1.0, lam=0.5)
+    d2 = 1.0 + 0.0 - 0.75  # delta_2 = r_2 + V(terminal) - V_2 = 0.25
+    d1 = 0.0 + 0.75 - 0.25  # 0.5
+    d0 = 0.0 + 0.25 - 0.5  # -0.25
+    expected = [d0 + 0.5 * d1 + 0.25 * d2, d1 + 0.5 * d2, d2]
+    assert adv.tolist() == pytest.approx(expected)
+    assert ret.tolist() == pytest.approx([a + b for a, b in zip(expected, v.tolist(), strict=True)])
+
+
+def test_gae_with_lambda_one_is_the_return_minus_the_value():
+    r, v = torch.tensor([0.1, -0.2, 0.3, 1.0]), torch.tensor([0.4, 0.1, -0.3, 0.2])
+    adv, ret = gae(r, v, gamma=1.0, lam=1.0)
+    future = torch.flip(torch.cumsum(torch.flip(r, [0]), 0), [0])  # sum of rewards from t on
+    assert torch.allclose(adv, future - v) and torch.allclose(ret, future)
+
+
+def test_group_advantages_by_hand():
+    returns = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0])
+    group = torch.tensor([0, 0, 0, 0, 1, 1])
+    a = group_advantages(returns, group)
+    mean, std = 0.5, 0.5  # group 0: population std of 1, 0, 0, 1
+    assert a[:4].tolist() == pytest.approx([(x - mean) / std for x in (1, 0, 0, 1)], rel=1e-5)
+    assert a[4:].tolist() == [0.0, 0.0]  # all the same: nothing to learn
+
+
+def test_whiten_uses_only_masked_entries():
+    x = torch.tensor([[1.0, 3.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    assert whiten(x, mask)[0].tolist() == pytest.approx([-1.0, 1.0, 0.0], abs=1e-6)
+
+
+def test_clipped_policy_loss_by_hand():
+    old = torch.log(torch.tensor([[0.5, 0.5, 0.5, 0.5]]))
+    new = torch.log(torch.tensor([[0.75, 0.75, 0.25, 0.55]]))  # ratios 1.5, 1.5, 0.5, 1.1
+    adv = torch.tensor([[1.0, -1.0, -1.0, 2.0]])
+    mask = torch.ones(1, 4)
+    loss, clip_frac, approx_kl = clipped_policy_loss(new, old, adv, mask, clip=0.2)
+    # min(rho A, clip(rho) A): 1.2 (clipped), -1.5 (unclipped is lower), -0.8, 2.2
+    assert loss.item() == pytest.approx(-(1.2 - 1.5 - 0.8 + 2.2) / 4)
+    assert clip_frac.item() == pytest.approx(3 / 4)
+    rho = torch.tensor([1.5, 1.5, 0.5, 1.1])
+    assert approx_kl.item() == pytest.approx(((rho - 1) - rho.log()).mean().item(), rel=1e-6)
+
+
+def test_clipped_value_loss_by_hand():
+    values, old, ret = (
+        torch.tensor([[1.0, 0.0]]),
+        torch.tensor([[0.0, 0.0]]),
+        torch.tensor([[2.0, 1.0]]),
+    )
+    loss = clipped_value_loss(values, old, ret, torch.ones(1, 2), clip=0.2)
+    # token 0: max((1-2)^2, (0.2-2)^2) = 3.24; token 1: max(1, 1) = 1
+    assert loss.item() == pytest.approx(0.5 * (3.24 + 1.0) / 2)
+
+
+# --- rollouts ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tokenizer and a small GPT trained for a moment to answer 'Say yes' with ' yes' or
+    ' no', half and half: a stand-in SFT model with something for RL to sharpen."""
+    d = tmp_path_factory.mktemp("ppo")
+    tok = tokenizer.train_tokenizer(["Say yes or no please. yes no " * 200], vocab_size=280)
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=tok.vocab_size)
+    model = GPT(config)
+    prompt = [{"role": "user", "content": "Say yes"}]
+    examples = [render_conversation(tok, prompt + [{"role": "assistant", "content": a}])
+                for a in (" yes", " no") * 8]  # fmt: skip
+    x, y = collate(examples, tok.pad_id)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss = model(x, y)[1]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    state = {"stage": "sft", "model_config": config.to_dict(), "tokenizer": tok.state()}
+    save_checkpoint(d / "sft.pt", {**state, "model": model.state_dict()})
+    (d / "prompts.jsonl").write_text(json.dumps({"prompt": "Say yes", "answer": "yes"}) + "\n")
+    return {"dir": d, "tok": tok, "model": model.eval()}
+
+
+def rollouts_for(tiny, **settings):
+    model = tiny["model"]
+    items = [{"messages": [{"role": "user", "content": "Say yes"}], "answer": "yes", "task": "t"}]
+    s = RolloutSettings(rollout_prompts=1, group_size=8, advantage="group", reward="tasks",
+                        **settings)  # fmt: skip
+    models = {"policy": model, "reference": model, "value": None, "reward": None}
+    return Rollouts(models, tiny["tok"], items, s, torch.device("cpu"))
+
+
+def test_rollout_logprobs_equal_those_of_a_training_forward(tiny):
+    batches = rollouts_for(tiny, ppo_epochs=1, minibatch_size=8).collect()
+    (batch,) = batches
+    with torch.no_grad():
+        recomputed = reply_logprobs(tiny["model"](batch["ids"])[0], batch["ids"])
+    m = batch["mask"].bool()
+    assert m.any()
+    assert torch.allclose(recomputed[m], batch["old_logprobs"][m], atol=1e-5)
+    assert batch["rollout_kl"].abs().item() < 1e-4  # the policy is the reference here
+
+
+def test_a_reply_that_never_ends_its_turn_gets_the_penalty(tiny):
+    source = rollouts_for(tiny, reply_tokens=1, unfinished_penalty=-3.0)  # 1 token: no <|end|>
+    source.collect()
+    assert source.last["unfinished"] == 1.0 and source.last["score"] == -3.0
+    assert source.last["gold"] == 0.0
+
+
+def test_the_judge_scores_a_finished_right_reply_one(tiny):
+    source = rollouts_for(tiny, reply_tokens=4)
+    source.collect()
+    assert 0.0 < source.last["gold"] < 1.0  # some " yes" (1), some " no" (0)
+    assert source.last["score"] == pytest.approx(source.last["gold"])  # reward=tasks: the judge
+
+
+# --- a tiny run ---------------------------------------------------------------------------
+
+
+def test_a_tiny_ppo_run_learns_to_say_yes_and_keeps_its_reference(tiny):
+    d = tiny["dir"]
+    args = [f"init_from={d / 'sft.pt'}", f"out_dir={d / 'ppo'}", "reward=tasks",
+            "advantage=group", "group_size=8", "rollout_prompts=1", "minibatch_size=8",
+            "ppo_epochs=2", "iterations=30", "tasks.weight=0",
+            f"prompt_files=[{d / 'prompts.jsonl'}]",
+            "lr=3e-3", "min_lr=3e-4", "warmup_iters=0", "beta=0.0", "reply_tokens=4",
+            "eval_interval=1000", "log_interval=2", "device=cpu", "precision=float32",
+            "max_minutes=null"]  # fmt: skip
+    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-m", "train.ppo", *args], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in open(d / "ppo" / "metrics.jsonl")]
+    gold = [r["rollout_gold"] for r in records if "rollout_gold" in r]
+    assert gold[0] < 0.8 and sum(gold[-5:]) / 5 > 0.9, gold  # it learnt to say yes
+    assert (d / "ppo" / "reward_vs_kl.png").stat().st_size > 1000
+    ckpt = load_checkpoint(d / "ppo")
+    assert ckpt["stage"] == "ppo" and ckpt["model_kind"] == "gpt"
+    sft = load_checkpoint(d / "sft.pt")["model"]
+    assert any(not torch.equal(sft[k], v) for k, v in ckpt["model"].items())  # the policy moved
+
+
+def test_the_reference_never_changes_while_the_policy_learns(tiny, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from train.losses import ppo_step
+    from train.ppo import build_models
+
+    d = tiny["dir"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = compose(config_name="ppo", overrides=[f"init_from={d / 'sft.pt'}",
+                      "reward=tasks", "advantage=group", "device=cpu"])  # fmt: skip
+
+    class FakeStage:
+        resumed, runtime = None, type("R", (), {"device": torch.device("cpu")})
+
+    model, frozen, tok, _ = build_models(cfg, FakeStage)
+    before = {k: v.clone() for k, v in frozen["reference"].state_dict().items()}
+    source = rollouts_for({**tiny, "model": model}, minibatch_size=8)
+    source.models["reference"] = frozen["reference"]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(4):
+        loss = ppo_step(model, source.next_batch()).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(torch.equal(before[k], v) for k, v in frozen["reference"].state_dict().items())
+    assert not all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(p.requires_grad for p in frozen["reference"].parameters())

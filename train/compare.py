@@ -1,0 +1,62 @@
+"""Several models side by side on the same held-out items: the table `make align` ends with.
+
+For each checkpoint (any kind: its language model is scored):
+    exact match    greedy replies to the held-out task items, per task and overall
+                   (train/task_eval.py), the same items for every model
+    sampled        one reply per held-out prompt at temperature 1: the KL to the SFT model
+                   (sum over the reply's tokens of log pi - log pi_sft, mean over replies),
+                   the reward model's mean score, and the judge's mean grade (the gold)
+
+    python -m train.evaluate checkpoints=[out/pretrain,out/sft,out/ppo,out/dpo]
+"""
+
+from pathlib import Path
+
+from .checkpoint import load_kind, load_model
+from .plots import accuracy_bars
+from .rollouts import Rollouts, RolloutSettings
+from .task_eval import format_table, score
+
+
+def sampled(policy, reference, reward_model, tok, items, rt, reply_tokens: int, seed: int) -> dict:
+    """Mean reward-model score, gold and KL to the reference of one sampled reply per item."""
+    settings = RolloutSettings(reply_tokens=reply_tokens, seed=seed,
+                               reward="model" if reward_model is not None else "tasks")  # fmt: skip
+    models = {"policy": policy, "reference": reference, "value": None, "reward": reward_model}
+    probe = Rollouts(models, tok, items, settings, rt.device, autocast=rt.autocast)
+    return probe.measure(items)
+
+
+def compare(checkpoints: dict, sft: str, reward: str | None, items, rt, max_new_tokens=48, seed=0):
+    """{name: exact-match results with a "sampled" entry} for each named checkpoint."""
+    reference, tok, _ = load_model(sft)
+    reference.to(rt.device)
+    rm = load_kind(reward, "reward")[0].to(rt.device) if reward else None
+    results = {}
+    for name, path in checkpoints.items():
+        model, _, _ = load_model(path)
+        model.to(rt.device)
+        results[name] = score(model, tok, items, rt, max_new_tokens)
+        results[name]["sampled"] = sampled(
+            model, reference, rm, tok, items, rt, max_new_tokens, seed
+        )
+        results[name]["checkpoint"] = str(path)
+    return results
+
+
+def format_comparison(results: dict) -> str:
+    """The exact-match table, then each model's KL to SFT, reward and gold."""
+    lines = [format_table(results), ""]
+    lines.append(f"{'sampled replies':<16} " + "  ".join(f"{n:>8}" for n in results))
+    for key, label in (("kl", "KL to SFT"), ("score", "reward model"), ("gold", "judge (gold)")):
+        cells = [f"{r['sampled'][key]:8.3f}" for r in results.values()]
+        lines.append(f"{label:<16} " + "  ".join(cells))
+    return "\n".join(lines)
+
+
+def write_report(results: dict, out_dir: str | Path, save_eval) -> Path:
+    """report.json and a bar chart of exact match per task (accuracy.png) in out_dir."""
+    out_dir = Path(out_dir)
+    path = save_eval(results, out_dir, name="report.json")
+    accuracy_bars(results, out_dir / "accuracy.png")
+    return path

@@ -1,0 +1,152 @@
+"""python -m train.dpo: Direct Preference Optimization (make dpo), Rafailov et al. 2023.
+
+The preference objective without a reward model and without sampling:
+
+    policy, and a frozen reference: both the SFT weights at the start
+    data: the reward model's preference set (built in: the SFT model's samples ranked by
+          the tasks' judge, train/preference_data.py; generated here when missing) and/or
+          the user's preference files, in the layouts the reward model reads
+    log pi_ref(y | x) of every response computed once, before training, and reused
+    train with the shared loop on (train/losses.py: dpo_loss)
+
+        h    = beta [ (log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x)) ]
+        loss = -log sigmoid(h)          (with label smoothing s: -(1-s) log s(h) - s log s(-h))
+
+    log-probabilities summed over the response's tokens only (the chat format's mask).
+
+It optimises the same objective as PPO against a reward model with a KL penalty: the
+optimal policy of max E[r] - beta KL(pi || pi_ref) is pi_ref exp(r / beta) / Z, so
+r = beta log(pi / pi_ref) + beta log Z, and the reward model's Bradley-Terry loss written
+with that r is DPO's loss (Z cancels in the difference). docs/alignment.md says more.
+"""
+
+import copy
+import math
+from functools import partial
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from data.batching import LengthGroupedLoader
+from data.preferences import collate_groups
+from errors import report_user_errors
+
+from .checkpoint import CHECKPOINT_NAME, load_model
+from .losses import dpo_step, sequence_logprobs
+from .reward import preference_groups, rendered
+from .rollouts import Rollouts, RolloutSettings
+from .settings import integer, number, optional
+from .stage import Stage
+from .task_eval import builtin_tasks, format_table, score
+
+RULES = {
+    "batch_size": integer(1),
+    "epochs": number(above=0),
+    "beta": number(above=0),
+    "label_smoothing": number(0, below=0.5),
+    "max_bad_fraction": number(0, 1),
+    "eval_max_new_tokens": integer(1),
+    "max_iters": optional(integer(0)),
+}
+
+
+@torch.no_grad()
+def attach_reference_logps(reference, groups, pad_id: int, device, autocast) -> None:
+    """Each group's ref_logps: log pi_ref(response | prompt) of its rows, computed once."""
+    for first in range(0, len(groups), 16):
+        chunk = groups[first : first + 16]
+        batch = collate_groups(chunk, pad_id)
+        ids, mask = batch["ids"].to(device), batch["mask"].to(device).float()
+        with autocast():
+            logps = sequence_logprobs(reference(ids)[0], ids, mask).float().cpu()
+        for group, part in zip(
+            chunk, torch.split(logps, [len(g.rows) for g in chunk]), strict=True
+        ):
+            group.ref_logps = part.tolist()
+
+
+@torch.no_grad()
+def preference_accuracy(model, groups, pad_id: int, device, beta: float) -> dict:
+    """Held-out pairs whose chosen reply gets the higher implicit reward, and the margin."""
+    hits, margins = [], []
+    for first in range(0, len(groups), 16):
+        batch = collate_groups(groups[first : first + 16], pad_id)
+        ids, mask = batch["ids"].to(device), batch["mask"].to(device).float()
+        rewards = beta * (
+            sequence_logprobs(model(ids)[0], ids, mask).float().cpu() - batch["ref_logps"]
+        )
+        margin = rewards[batch["better"]] - rewards[batch["worse"]]
+        hits += (margin > 0).tolist()
+        margins += margin.tolist()
+    if not hits:
+        return {}
+    return {"val_pref_accuracy": sum(hits) / len(hits), "val_margin": sum(margins) / len(margins)}
+
+
+def sampled_report(cfg, policy, reference, tok, items, stage: Stage) -> dict:
+    """One reply per held-out prompt, sampled: the judge's grade and the KL to the reference."""
+    settings = RolloutSettings(reply_tokens=cfg.eval_max_new_tokens, reward="tasks", seed=cfg.seed)
+    models = {"policy": policy, "reference": reference, "value": None, "reward": None}
+    rt = stage.runtime
+    probe = Rollouts(models, tok, items, settings, rt.device, autocast=rt.autocast)
+    return probe.measure(items)
+
+
+def run(cfg: DictConfig) -> dict:
+    with Stage("dpo", cfg, RULES) as stage:
+        rt = stage.runtime
+        policy, tok, init = load_model(cfg.init_from)
+        groups = preference_groups(cfg, stage, policy, tok, init["path"])
+        reference = copy.deepcopy(policy).requires_grad_(False).to(rt.device).eval()
+        if stage.resumed is not None:
+            policy, tok, _ = load_model(stage.resumed["path"])
+        T = policy.config.block_size
+        train = rendered(tok, groups["train"], T, "training comparisons", stage.log)
+        test = rendered(tok, groups["test"], T, "held-out comparisons", stage.log)
+        for part in (train, test):
+            attach_reference_logps(reference, part, tok.pad_id, rt.device, rt.autocast)
+        pad = partial(collate_groups, pad_id=tok.pad_id)
+        loader = LengthGroupedLoader(train, lambda g: g.length, pad, cfg.batch_size, cfg.seed,
+                                     rt.rank, rt.world_size)  # fmt: skip
+        per_step = cfg.batch_size * cfg.grad_accum * rt.world_size
+        max_iters = (
+            cfg.max_iters
+            if cfg.max_iters is not None
+            else math.ceil(cfg.epochs * len(train) / per_step)
+        )
+        items = builtin_tasks(cfg).test if cfg.tasks.weight > 0 else []
+        policy.to(rt.device)
+        before = score(policy, tok, items, rt, cfg.eval_max_new_tokens) if not stage.resumed else {}
+
+        def evaluate(m) -> dict:
+            figures = preference_accuracy(m, test, tok.pad_id, rt.device, cfg.beta)
+            tasks = score(m, tok, items, rt, cfg.eval_max_new_tokens) if cfg.eval_tasks else {}
+            return {**figures, **({"val_accuracy": tasks["overall"]["accuracy"]} if tasks else {})}
+
+        step = partial(dpo_step, beta=cfg.beta, label_smoothing=cfg.label_smoothing)
+        stage.train(policy, tok, loader, step, evaluate=evaluate, loop={"max_iters": max_iters},
+                    flops_per_token=policy.flops_per_token(T), init_from=init["path"])  # fmt: skip
+        after = score(policy, tok, items, rt, cfg.eval_max_new_tokens)
+        if not after:
+            return {}
+        results = {"sft": before, "dpo": after} if before else {"dpo": after}
+        for name, model in (("sft", reference), ("dpo", policy)):
+            if name in results:
+                results[name]["sampled"] = sampled_report(cfg, model, reference, tok, items, stage)
+        stage.log("held-out exact match (greedy, chat format):\n" + format_table(results))
+        stage.log(f"dpo: KL to the reference {results['dpo']['sampled']['kl']:.3f} nats per reply")
+        prefs = preference_accuracy(policy, test, tok.pad_id, rt.device, cfg.beta)
+        path = str(stage.out_dir / CHECKPOINT_NAME)
+        stage.save_eval({"checkpoint": path, **results, "preferences": prefs})
+        return after
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="dpo")
+@report_user_errors
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
