@@ -1,0 +1,164 @@
+"""DPO: the loss against a hand computation, log-probabilities of the reply tokens only, the
+reference's log-probabilities computed once and equal to a fresh computation, a tiny
+`python -m train.dpo` run that learns the preferences; and `make align`'s skipping."""
+
+import contextlib
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from omegaconf import OmegaConf
+
+import tokenizer
+import train.align as align
+from data.preferences import collate_groups, read_preference_file, render_group
+from model import GPT, GPTConfig
+from train.checkpoint import load_model, save_checkpoint
+from train.dpo import attach_reference_logps
+from train.losses import dpo_loss, sequence_logprobs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_dpo_loss_by_hand():
+    policy = torch.tensor([-1.0, -3.0, -2.0, -2.5])  # rows: (chosen, rejected) x 2 pairs
+    ref = torch.tensor([-2.0, -2.0, -2.0, -2.0])
+    better, worse = torch.tensor([0, 2]), torch.tensor([1, 3])
+    beta = 0.5
+    loss, chosen, rejected = dpo_loss(policy, ref, better, worse, beta)
+    h = [beta * ((-1 + 2) - (-3 + 2)), beta * ((-2 + 2) - (-2.5 + 2))]  # 1.0, 0.25
+    nll = lambda x: -math.log(1 / (1 + math.exp(-x)))  # noqa: E731
+    assert loss.item() == pytest.approx((nll(h[0]) + nll(h[1])) / 2, rel=1e-6)
+    assert chosen.tolist() == pytest.approx([0.5, 0.0])
+    assert rejected.tolist() == pytest.approx([-0.5, -0.25])
+    smooth, _, _ = dpo_loss(policy, ref, better, worse, beta, label_smoothing=0.1)
+    expected = sum(0.9 * nll(x) + 0.1 * nll(-x) for x in h) / 2  # conservative DPO
+    assert smooth.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_sequence_logprobs_sum_the_reply_tokens_only():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 5, 7)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    mask = torch.tensor([[0, 0, 0, 1, 1]])  # the reply: ids 4 and 5
+    logp = torch.log_softmax(logits, -1)
+    expected = logp[0, 2, 4] + logp[0, 3, 5]  # position t predicts ids[t + 1]
+    assert sequence_logprobs(logits, ids, mask).item() == pytest.approx(expected.item(), rel=1e-6)
+    mask_all = torch.ones(1, 5, dtype=torch.long)
+    assert sequence_logprobs(logits, ids, mask_all).item() < expected.item()  # the prompt adds
+
+
+def make_pairs(numbers, seed):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for k in numbers:
+        word = "yes" if torch.rand(1, generator=g).item() < 0.5 else "no"
+        other = "no" if word == "yes" else "yes"
+        out.append({"prompt": f"Say {word} {k}", "chosen": f" {word}", "rejected": f" {other}"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def dpo_setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dpo")
+    text = " ".join(f"Say yes {k} Say no {k}" for k in range(100)) + " yes no\n"
+    tok = tokenizer.train_tokenizer([text * 5], vocab_size=290)
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=tok.vocab_size)
+    state = {"stage": "sft", "model_config": config.to_dict(), "tokenizer": tok.state()}
+    save_checkpoint(d / "sft.pt", {**state, "model": GPT(config).state_dict()})
+    for name, numbers, seed in (("train", range(0, 80), 1), ("test", range(80, 100), 2)):
+        rows = make_pairs(numbers, seed)
+        (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+def test_cached_reference_logprobs_equal_a_fresh_computation(dpo_setup):
+    model, tok, _ = load_model(dpo_setup / "sft.pt")
+    read = read_preference_file(dpo_setup / "test.jsonl", log=print)
+    groups = [render_group(tok, g, 32) for g in read]
+    attach_reference_logps(model, groups, tok.pad_id, torch.device("cpu"), contextlib.nullcontext)
+    for g in groups[:5]:
+        for (ids, mask), cached in zip(g.rows, g.ref_logps, strict=True):
+            fresh = sequence_logprobs(model(torch.tensor([ids]))[0], torch.tensor([ids]),
+                                      torch.tensor([mask]).float())  # fmt: skip
+            assert cached == pytest.approx(fresh.item(), abs=1e-5)
+    batch = collate_groups(groups[:3], tok.pad_id)
+    assert batch["ref_logps"].shape == (batch["ids"].size(0),)
+
+
+def test_a_tiny_dpo_run_learns_the_preferences(dpo_setup):
+    d = dpo_setup
+    args = [f"init_from={d / 'sft.pt'}", f"out_dir={d / 'dpo'}", "preferences.builtin=false",
+            "tasks.weight=0", f"files=[{d / 'train.jsonl'}]", f"eval_files=[{d / 'test.jsonl'}]",
+            "device=cpu", "precision=float32", "batch_size=16", "lr=3e-3", "min_lr=3e-4",
+            "epochs=20", "warmup_iters=5", "eval_interval=25", "log_interval=5", "beta=0.5",
+            "max_minutes=null"]  # fmt: skip
+    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-m", "train.dpo", *args], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in open(d / "dpo" / "metrics.jsonl")]
+    evals = [r for r in records if "val_pref_accuracy" in r]
+    # at the start the policy is the reference: every implicit reward is 0, no pair is won
+    assert evals[-1]["val_pref_accuracy"] >= 0.9
+    logs = [r for r in records if "chosen_reward" in r]
+    assert logs[-1]["chosen_reward"] > 0 > logs[-1]["rejected_reward"]  # chosen made likelier
+    assert logs[-1]["margin"] > logs[0]["margin"]
+
+
+# --- make align's skipping ----------------------------------------------------------------
+
+
+def finished_run(out: Path, cfg: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (out / "done.json").write_text("{}")
+
+
+def test_a_stage_with_an_unchanged_config_is_not_run_again(tmp_path, monkeypatch):
+    calls = []
+    cfgs = {name: {"out_dir": str(tmp_path / name), "lr": 1.0} for name in align.STAGES}
+
+    def fake_config(name, overrides):
+        cfg = dict(cfgs[name])
+        for o in overrides:
+            k, v = o.split("=")
+            cfg[k] = {"true": True}.get(v, float(v) if v.replace(".", "").isdigit() else v)
+        return OmegaConf.create(cfg)
+
+    class FakeModule:
+        def __init__(self, name):
+            self.name = name
+
+        def run(self, cfg):
+            calls.append(self.name)
+            finished_run(Path(cfg.out_dir), {k: v for k, v in OmegaConf.to_container(cfg).items()})
+
+    monkeypatch.setattr(align, "stage_config", fake_config)
+    monkeypatch.setattr(align.importlib, "import_module", lambda m: FakeModule(m.split(".")[-1]))
+    plan = OmegaConf.create({"stages": list(align.STAGES), "overrides": {"all": []}})
+    assert set(align.run_stages(plan, log=lambda m: None).values()) == {"ran"}
+    assert calls == ["pretrain", "sft", "reward", "ppo", "dpo"]
+
+    calls.clear()  # nothing changed: everything is skipped
+    assert set(align.run_stages(plan, log=lambda m: None).values()) == {"skipped"}
+    assert calls == []
+
+    plan.overrides["rm"] = ["lr=2.0"]  # the reward model changed: it and what follows run
+    done = align.run_stages(plan, log=lambda m: None)
+    assert done == {
+        "pretrain": "skipped",
+        "sft": "skipped",
+        "rm": "ran",
+        "ppo": "ran",
+        "dpo": "ran",
+    }
+
+    (tmp_path / "sft" / "done.json").unlink()  # an unfinished stage runs again
+    assert align.run_stages(plan, log=lambda m: None)["sft"] == "ran"
