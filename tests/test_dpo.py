@@ -111,6 +111,25 @@ def test_a_tiny_dpo_run_learns_the_preferences(dpo_setup):
     assert logs[-1]["chosen_reward"] > 0 > logs[-1]["rejected_reward"]  # chosen made likelier
     assert logs[-1]["margin"] > logs[0]["margin"]
 
+    # the side-by-side table for any checkpoints (make align's), on the held-out file
+    held_out = d / "test_items.jsonl"
+    records = [{"instruction": f"Say yes {k}", "output": "yes"} for k in range(80, 90)]
+    held_out.write_text("".join(json.dumps(r) + "\n" for r in records))
+    args = [
+        "tasks.weight=0",
+        f"checkpoints=[{d / 'sft.pt'},{d / 'dpo'}]",
+        f"reference={d / 'sft.pt'}",
+        f"eval_files=[{held_out}]",
+        f"report_dir={d / 'report'}",
+    ]
+    table = subprocess.run([sys.executable, "-m", "train.evaluate", *args], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert table.returncode == 0, table.stderr[-3000:]
+    report = json.loads((d / "report" / "report.json").read_text())
+    assert set(report) == {"sft", "dpo"} and "KL to SFT" in table.stdout
+    assert report["sft"]["sampled"]["kl"] == pytest.approx(0.0, abs=1e-3)  # itself
+    assert (d / "report" / "accuracy.png").is_file()
+
 
 # --- make align's skipping ----------------------------------------------------------------
 

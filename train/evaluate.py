@@ -16,6 +16,11 @@ right vs wrong, rank correlation with the judge: train/reward_eval.py), the buil
 held-out pairs it was trained beside and any preference files given as eval_files:
 
     python -m train.evaluate checkpoint=out/rm eval_files=[my_prefs.jsonl]
+
+Several checkpoints side by side (make align's table), with each one's KL to the
+reference (default out/sft) and the reward model's mean score of its sampled replies:
+
+    python -m train.evaluate checkpoints=[out/pretrain,out/sft,out/ppo,out/dpo]
 """
 
 from pathlib import Path
@@ -27,7 +32,8 @@ from omegaconf import DictConfig
 from data.preferences import read_preference_file, render_group
 from errors import UserError, report_user_errors
 
-from .checkpoint import load_checkpoint, load_kind, load_model
+from .checkpoint import BEST_NAME, CHECKPOINT_NAME, load_checkpoint, load_kind, load_model
+from .compare import compare, format_comparison, write_report
 from .lm_eval import file_bits_per_byte
 from .reward_eval import format_reward_table, reward_metrics
 from .runtime import runtime_session
@@ -43,6 +49,8 @@ from .task_eval import (
 
 def run(cfg: DictConfig) -> dict:
     with runtime_session(cfg.device, cfg.precision, cfg.seed) as rt:
+        if cfg.checkpoints:
+            return side_by_side(cfg, rt)
         ckpt = load_checkpoint(cfg.checkpoint)
         if ckpt["model_kind"] == "reward":
             return score_reward_model(cfg, rt, ckpt["path"])
@@ -85,6 +93,32 @@ def score_reward_model(cfg: DictConfig, rt, path: str) -> dict:
     print(f"{path}: held-out comparisons\n" + format_reward_table(figures))
     write_beside(path, {"checkpoint": path, "reward": figures})
     return figures
+
+
+def run_name(path: str) -> str:
+    """out/ppo -> "ppo"; out/ppo/best.pt -> "ppo"; models/tuned.pt -> "tuned"."""
+    p = Path(path)
+    if p.is_dir():
+        return p.name
+    return p.parent.name if p.name in (CHECKPOINT_NAME, BEST_NAME) else p.stem
+
+
+def side_by_side(cfg: DictConfig, rt) -> dict:
+    """Several checkpoints on the same held-out items, with their KL to the reference and
+    the reward model's mean score (train/compare.py): make align's table, for any models."""
+    paths = [str(p) for p in cfg.checkpoints]
+    names = [run_name(p) for p in paths]
+    if len(set(names)) < len(names):
+        names = paths  # two runs of one name: tell them apart by their paths
+    items = builtin_tasks(cfg).test if cfg.tasks.weight > 0 else []
+    items += eval_file_items(cfg.eval_files)
+    reward = cfg.reward_model if cfg.reward_model and Path(cfg.reward_model).exists() else None
+    results = compare(dict(zip(names, paths, strict=True)), cfg.reference, reward, items, rt,
+                      cfg.eval_max_new_tokens, cfg.seed)  # fmt: skip
+    print(format_comparison(results))
+    if cfg.report_dir:
+        print(f"written to {write_report(results, cfg.report_dir, save_eval)}")
+    return results
 
 
 def write_beside(checkpoint: str, results: dict) -> None:
