@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from data.judge import grade
 from data.preferences import PreferenceGroup, pair_records, read_preference_file
@@ -75,9 +76,12 @@ def sample_groups(model, tok, items: list[dict], cfg, device, log=print) -> list
     k = p.samples
     start = time.perf_counter()
     repeated = [x for x in prompts for _ in range(k)]  # each prompt k times in a row
-    done = complete(model, repeated, [b for b in budgets for _ in range(k)],
-                    temperature=p.temperature, stop_ids=(tok.end_id, tok.eos_id),
-                    generator=generator, batch_size=p.batch_size)  # fmt: skip
+    budgets = [b for b in budgets for _ in range(k)]
+    done = []
+    for first in tqdm(range(0, len(repeated), p.batch_size), desc="sampling", leave=False):
+        chunk = slice(first, first + p.batch_size)
+        done += complete(model, repeated[chunk], budgets[chunk], temperature=p.temperature,
+                         stop_ids=(tok.end_id, tok.eos_id), generator=generator)  # fmt: skip
     log(f"sampled {len(done)} replies in {time.perf_counter() - start:.0f}s")
     groups = []
     for n, item in enumerate(items):

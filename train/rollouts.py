@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from data.batching import pad_rows
 from data.judge import grade
@@ -59,6 +60,7 @@ class RolloutSettings:
     lam: float = 0.95
     reward: str = "model"  # model: the reward model | tasks: the judge
     seed: int = 0
+    sample_batch: int = 64  # prompts decoded together
 
 
 class Rollouts:
@@ -122,9 +124,15 @@ class Rollouts:
     def measure(self, items: list[dict]) -> dict:
         """One reply sampled per item and scored as in a rollout: the mean score, gold and
         KL to the reference (for reports on held-out prompts); nothing is learnt."""
-        with self.autocast():
-            self.score(items, self.sample(items))
-        return {k: self.last[k] for k in ("score", "gold", "kl", "length", "unfinished")}
+        keys, size = ("score", "gold", "kl", "length", "unfinished"), self.s.sample_batch
+        sums = dict.fromkeys(keys, 0.0)
+        for first in tqdm(range(0, len(items), size), desc="sampled replies", leave=False):
+            chunk = items[first : first + size]
+            with self.autocast():
+                self.score(chunk, self.sample(chunk))
+            for k in keys:
+                sums[k] += self.last[k] * len(chunk)
+        return {k: v / len(items) for k, v in sums.items()}
 
     def sample(self, items: list[dict]) -> list[tuple[list[int], Completion]]:
         policy = self.models["policy"]
@@ -134,8 +142,12 @@ class Rollouts:
         prompts = [render_prompt(self.tok, prompt_messages(item))[-(T - 1) :] for item in items]
         budgets = [min(self.s.reply_tokens, T - len(p)) for p in prompts]
         g = torch.Generator(device=self.device).manual_seed(self.s.seed * 7919 + self.iteration)
-        done = complete(policy, prompts, budgets, temperature=1.0, logprobs=True,
-                        stop_ids=(self.tok.end_id, self.tok.eos_id), generator=g)  # fmt: skip
+        size, done = self.s.sample_batch, []
+        chunks = range(0, len(prompts), size)
+        for first in tqdm(chunks, desc="sampling", leave=False, disable=len(chunks) < 4):
+            done += complete(policy, prompts[first : first + size], budgets[first : first + size],
+                             temperature=1.0, logprobs=True, generator=g,
+                             stop_ids=(self.tok.end_id, self.tok.eos_id))  # fmt: skip
         policy.train(was_training)
         return list(zip(prompts, done, strict=True))
 
