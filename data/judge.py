@@ -15,18 +15,23 @@ Comparison (is_correct): both sides are normalised first.
         inner runs of whitespace made one space, double quotes around it removed, trailing
         . , ; : ! ? removed (repeatedly), compared case-insensitively (str.casefold).
 
-Grades of a wrong reply (an item carries its task, answer and source line or name):
-    repeat              0.9 * the share of the line's words the reply reproduces in order
-                        (difflib's ratio over words): a near copy ranks high, noise low
+Grades of a wrong reply (an item carries its task, answer and source line or name), in a
+few coarse levels, as a person ranking replies would: replies within a level are ties,
+so no pair is made of two near-identical mistakes:
+    repeat              how much of the line comes back, in order (difflib's ratio over
+                        the words): 0.75 for at least 90% (a near copy), 0.5 for at least
+                        60%, 0.25 for at least 30%, else 0
     first/last_word,    0.5 for one word of the line (the right kind of answer, the wrong
     one_word            word), 0.2 for another single word, 0 for anything else
-    count_words         0.9 / (1 + |n - k|) for a number n when the answer is k: off by one
-                        scores 0.45, off by three 0.225; 0 for no number
+    count_words         a number n when the answer is k: 0.5 if off by one, 0.25 if off by
+                        two or three, else 0; 0 for no number
     play_of_character,  0.5 for the title of another play (the right kind of answer),
     play_of_line        0 for anything else
     speaker_of_line     0.3 for a name-like reply (one to three capitalised words), else 0
 An empty reply scores 0 everywhere.
 """
+
+REPEAT_LEVELS = ((0.9, 0.75), (0.6, 0.5), (0.3, 0.25))  # (share of the line, grade)
 
 import difflib
 import re
@@ -65,17 +70,16 @@ def grade(item: Mapping, reply: str) -> float:
     if not said:
         return 0.0
     if task == "repeat":
-        ratio = difflib.SequenceMatcher(None, said.split(), answer.strip().split()).ratio()
-        return 0.9 * ratio
+        share = difflib.SequenceMatcher(None, said.split(), answer.strip().split()).ratio()
+        return next((grade for least, grade in REPEAT_LEVELS if share >= least), 0.0)
     if task in ("first_word", "last_word", "one_word"):
         if " " in said:
             return 0.0
         words = {strip_word(w).casefold() for w in item["source"].split()}
         return 0.5 if said in words else 0.2
     if task == "count_words":
-        if not said.isdigit():
-            return 0.0
-        return 0.9 / (1 + abs(int(said) - int(answer)))
+        off = abs(int(said) - int(answer)) if said.isdigit() else None
+        return 0.5 if off == 1 else 0.25 if off in (2, 3) else 0.0
     if task in ("play_of_character", "play_of_line"):
         return 0.5 if said in _TITLES else 0.0
     if task == "speaker_of_line":

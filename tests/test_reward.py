@@ -187,7 +187,9 @@ def test_the_judge_ranks_a_right_answer_above_every_wrong_one(item, wrong):
 def test_the_judge_grades_near_misses_above_far_ones():
     repeat, count = ITEMS[0][0], ITEMS[2][0]
     assert grade(repeat, "Now is the winter of our") > grade(repeat, "Now is the summer") > 0
-    assert grade(count, "5") == grade(count, "3") > grade(count, "7") > grade(count, "four") == 0
+    assert grade(repeat, "Now is the winter of our") == 0.75  # a near copy (6 of 7 words)
+    assert grade(count, "5") == grade(count, "3") > grade(count, "7") > grade(count, "9") == 0
+    assert grade(count, "four") == 0
     first = ITEMS[1][0]
     assert grade(first, "winter") > grade(first, "Hamlet") > grade(first, "Now is") == 0
 
