@@ -16,21 +16,35 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def reward_vs_kl(records: list[dict], path: str | Path, title: str = "") -> Path:
-    """Plot rollout_score and rollout_gold against rollout_kl from metrics.jsonl records."""
+    """Plot rollout_score and rollout_gold against rollout_kl (left) and against the rollout
+    number (right), from metrics.jsonl records."""
     rows = [r for r in records if r.get("rollout_kl") is not None]
-    kl = [r["rollout_kl"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(kl, [r["rollout_score"] for r in rows], "o-", ms=3, label="reward model (proxy)")
-    ax.plot(kl, [r["rollout_gold"] for r in rows], "s-", ms=3, label="judge (gold)")
-    ax.set_xlabel("KL to the reference, nats per reply")
-    ax.set_ylabel("mean score of the rollout")
-    ax.set_title(title or "PPO: proxy and gold reward against KL")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    window = max(1, len(rows) // 15)  # one rollout's figures are noisy: running means
+    kl = _running_mean([r["rollout_kl"] for r in rows], window)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, style, label in (("rollout_score", "o-", "reward model (proxy)"),
+                              ("rollout_gold", "s-", "judge (gold)")):  # fmt: skip
+        values = [r[key] if r.get(key) is not None else float("nan") for r in rows]
+        left.plot(kl, _running_mean(values, window), style, ms=3, label=label)
+        right.plot(range(1, len(values) + 1), values, style, ms=2, lw=0.8, label=label)
+    left.set_xlabel(f"KL to the reference, nats per reply (running mean of {window})")
+    right.set_xlabel("rollout")
+    for ax in (left, right):
+        ax.set_ylabel("mean score of the rollout's replies")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title or "PPO: proxy and gold reward against KL")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def _running_mean(values: list[float], window: int) -> list[float]:
+    """The mean of each value and the window - 1 before it (fewer at the start)."""
+    return [
+        sum(values[max(0, i - window + 1) : i + 1]) / min(window, i + 1) for i in range(len(values))
+    ]
 
 
 def accuracy_bars(results: dict[str, dict], path: str | Path) -> Path:
