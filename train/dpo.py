@@ -33,9 +33,9 @@ from data.preferences import collate_groups
 from errors import report_user_errors
 
 from .checkpoint import CHECKPOINT_NAME, load_model
+from .compare import sampled
 from .losses import dpo_step, sequence_logprobs
 from .reward import preference_groups, rendered
-from .rollouts import Rollouts, RolloutSettings
 from .settings import integer, number, optional
 from .stage import Stage
 from .task_eval import builtin_tasks, format_table, score
@@ -84,15 +84,6 @@ def preference_accuracy(model, groups, pad_id: int, device, beta: float) -> dict
     return {"val_pref_accuracy": sum(hits) / len(hits), "val_margin": sum(margins) / len(margins)}
 
 
-def sampled_report(cfg, policy, reference, tok, items, stage: Stage) -> dict:
-    """One reply per held-out prompt, sampled: the judge's grade and the KL to the reference."""
-    settings = RolloutSettings(reply_tokens=cfg.eval_max_new_tokens, reward="tasks", seed=cfg.seed)
-    models = {"policy": policy, "reference": reference, "value": None, "reward": None}
-    rt = stage.runtime
-    probe = Rollouts(models, tok, items, settings, rt.device, autocast=rt.autocast)
-    return probe.measure(items)
-
-
 def run(cfg: DictConfig) -> dict:
     with Stage("dpo", cfg, RULES) as stage:
         rt = stage.runtime
@@ -133,7 +124,8 @@ def run(cfg: DictConfig) -> dict:
         results = {"sft": before, "dpo": after} if before else {"dpo": after}
         for name, model in (("sft", reference), ("dpo", policy)):
             if name in results:
-                results[name]["sampled"] = sampled_report(cfg, model, reference, tok, items, stage)
+                results[name]["sampled"] = sampled(model, reference, None, tok, items, rt,
+                                                   cfg.eval_max_new_tokens, cfg.seed)  # fmt: skip
         stage.log("held-out exact match (greedy, chat format):\n" + format_table(results))
         stage.log(f"dpo: KL to the reference {results['dpo']['sampled']['kl']:.3f} nats per reply")
         prefs = preference_accuracy(policy, test, tok.pad_id, rt.device, cfg.beta)
