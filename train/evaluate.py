@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 from data.preferences import read_preference_file, render_group
 from errors import UserError, report_user_errors
 
-from .checkpoint import load_checkpoint, load_kind, load_model
+from .checkpoint import language_model, load_checkpoint, load_kind
 from .lm_eval import file_bits_per_byte
 from .reward_eval import format_reward_table, reward_metrics
 from .runtime import runtime_session
@@ -46,7 +46,7 @@ def run(cfg: DictConfig) -> dict:
         ckpt = load_checkpoint(cfg.checkpoint)
         if ckpt["model_kind"] == "reward":
             return score_reward_model(cfg, rt, ckpt["path"])
-        model, tok, ckpt = load_model(ckpt["path"])
+        model, tok = language_model(ckpt)
         model.to(rt.device)
         results: dict = {"checkpoint": ckpt["path"]}
         if cfg.text_file:
@@ -63,7 +63,8 @@ def run(cfg: DictConfig) -> dict:
             if results[stage]:
                 print(f"{ckpt['path']}: held-out exact match (greedy, chat format)")
                 print(format_table({stage: results[stage]}))
-                write_beside(ckpt["path"], results)
+                if not ckpt.get("huggingface"):  # a Hugging Face model has no run directory
+                    write_beside(ckpt["path"], results)
         return results
 
 
