@@ -175,7 +175,9 @@ def pretrained_config(name_or_dir: str | os.PathLike) -> GPTConfig:
     try:  # HF reports a missing directory, file or hub repo (or no network) as OSError
         hf_config = transformers.AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as e:
-        raise UserError(f"could not load Hugging Face model {source!r} ({_first_line(e)})") from None
+        raise UserError(
+            f"could not load Hugging Face model {source!r} ({_first_line(e)})"
+        ) from None
     try:
         return config_from_hf(hf_config)
     except UserError as e:

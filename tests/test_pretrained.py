@@ -234,7 +234,8 @@ def test_chat_with_the_fine_tuned_model(sft_run, capsys, monkeypatch):
                                 stdin=question + "\n")  # fmt: skip
     assert code == 0, err
     model, tok, _ = load_model(run_dir)
-    reply = expected_greedy(model, tok, render_prompt(tok, [{"role": "user", "content": question}]), 8)
+    prompt = render_prompt(tok, [{"role": "user", "content": question}])
+    reply = expected_greedy(model, tok, prompt, 8)
     assert out == f"you> {question}\nassistant> {reply}\n"
     assert reply == "OK"  # what it was fine-tuned to say
 

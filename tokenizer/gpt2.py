@@ -113,7 +113,9 @@ class GPT2BPETokenizer(Tokenizer):
         try:
             hf = transformers.AutoTokenizer.from_pretrained(source)
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UserError(f"could not load the tokenizer of {source} ({_first_line(e)})") from None
+            raise UserError(
+                f"could not load the tokenizer of {source} ({_first_line(e)})"
+            ) from None
         backend = getattr(hf, "backend_tokenizer", None)  # the `tokenizers` object it runs
         if backend is None:
             raise UserError(f"the tokenizer of {source} is not a byte-level BPE like GPT-2's")

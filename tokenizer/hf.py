@@ -39,6 +39,7 @@ from tokenizer.base import Tokenizer
 from tokenizer.gpt2 import _tokenizers
 from tokenizer.special import BOS, EOS, PAD, SPECIAL_TOKENS
 
+CHAT_TOKENS = ("system", "user", "assistant", "end")  # the special tokens besides bos, eos, pad
 ESCAPE = "\ufdd0"  # a Unicode noncharacter; see the module docstring
 SPACE_SYMBOL = "\u2581"  # "▁", SentencePiece's stand-in for a space
 
@@ -70,7 +71,7 @@ def save_hf_tokenizer(tok: Tokenizer, out_dir: str | Path, model_max_length: int
         "bos_token": BOS,
         "eos_token": EOS,
         "pad_token": PAD,
-        "additional_special_tokens": [SPECIAL_TOKENS[n] for n in ("system", "user", "assistant", "end")],
+        "additional_special_tokens": [SPECIAL_TOKENS[n] for n in CHAT_TOKENS],
         "chat_template": CHAT_TEMPLATE,
         "clean_up_tokenization_spaces": False,  # else decode() drops spaces before punctuation
         "split_special_tokens": False,  # the chat template's tokens are found; messages escaped

@@ -27,8 +27,7 @@ import torch
 
 import tokenizer as tokenizers
 from errors import UserError
-from model import GPT, GPTConfig
-from model import hf
+from model import GPT, GPTConfig, hf
 from model.vocab import grow_vocab
 from tokenizer.gpt2 import GPT2BPETokenizer
 
@@ -79,7 +78,9 @@ def read_export_meta(source: str) -> dict | None:
         GPTConfig(**meta["model_config"])  # a usable config
         meta["tokenizer"]["kind"]
     except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path} is damaged ({e}); delete it to load {source} as a plain GPT-2")
+        raise UserError(
+            f"{path} is damaged ({e}); delete it to load {source} as a plain GPT-2"
+        ) from None
     return meta
 
 
