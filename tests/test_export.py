@@ -150,7 +150,8 @@ def test_special_tokens_and_text_ids(exported):
     assert [hf.convert_tokens_to_ids(s) for s in SPECIAL_TOKENS.values()] == list(
         tok.special_ids.values()
     )
-    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
+    ids = (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id)
+    assert ids == (tok.bos_id, tok.eos_id, tok.pad_id)
     for text in TEXT:
         assert hf(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
         assert hf(text)["input_ids"] == [tok.eos_id] + tok.encode(text)  # as train.sample reads

@@ -63,7 +63,9 @@ def run(cfg: DictConfig) -> dict:
             if results[stage]:
                 print(f"{ckpt['path']}: held-out exact match (greedy, chat format)")
                 print(format_table({stage: results[stage]}))
-                if not ckpt.get("huggingface"):  # a Hugging Face model has no run directory
+                if ckpt.get("huggingface"):  # a Hugging Face model has no run directory
+                    print("(a Hugging Face model: the results are not written to disk)")
+                else:
                     write_beside(ckpt["path"], results)
         return results
 
