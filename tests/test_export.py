@@ -241,6 +241,17 @@ def test_importing_the_export_gives_back_the_checkpoint(exported):
         assert torch.equal(mine[name], theirs[name]), name
 
 
+def test_an_export_without_its_metadata_is_refused_not_misread(exported, tmp_path):
+    """Without handgpt.json the folder would read as a plain GPT-2 whose tokenizer already
+    holds our control tokens (the gpt2 kind) or is no byte-level BPE (SentencePiece)."""
+    import shutil
+
+    copy = shutil.copytree(exported["out"], tmp_path / "copy")
+    (copy / "handgpt.json").unlink()
+    with pytest.raises(UserError, match="exported by this project|not a byte-level BPE"):
+        load_model(copy)
+
+
 def test_the_output_folder_is_protected(tmp_path):
     ckpt = sentencepiece_checkpoint(tmp_path / "ckpt.pt")
     out = tmp_path / "hf"

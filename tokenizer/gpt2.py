@@ -75,6 +75,12 @@ class GPT2BPETokenizer(Tokenizer):
                 "use another checkpoint or model directory"
             ) from None
         _check_byte_level(json.loads(model))
+        ours = sorted(set(SPECIAL_TOKENS.values()) & bpe.get_vocab(with_added_tokens=True).keys())
+        if ours:  # a tokenizer.json that train.export wrote: its ids are ours already
+            raise UserError(
+                f"this tokenizer has {ours[0]} already: it was exported by this project; load "
+                "the exported folder with the handgpt.json written beside it"
+            )
         bpe.encode_special_tokens = True  # its own special tokens are text, like any other
         bpe.no_truncation()
         bpe.no_padding()

@@ -124,7 +124,9 @@ def _from_sentencepiece(tok) -> Any:
       as SentencePieceTokenizer.encode writes it;
     - byte_fallback: a character with no piece becomes one <0xNN> piece per UTF-8 byte;
     - no pre-tokenizer: SentencePiece, too, encodes the text as one sequence;
-    - decoder: <0xNN> pieces back to bytes, then everything joined.
+    - decoder: <0xNN> pieces back to bytes, then everything joined. (A run of byte pieces
+      that is not valid UTF-8 becomes one U+FFFD per byte, where SentencePiece keeps the
+      valid bytes in it: only broken text, which encode never gives, decodes differently.)
     """
     tokenizers = _tokenizers()
     sp = tok.sp
