@@ -9,7 +9,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 TORCH_VERSION := 2.13.0
 ARGS ?=
 
-.PHONY: install install-dev pretrain sft rm ppo dpo align sample bench test lint format clean
+.PHONY: install install-dev pretrain sft rm ppo dpo align sample bench export test lint format clean
 
 # torch first, chosen by machine: with an NVIDIA GPU, PyPI's default (CUDA) build; without
 # one, the CPU build (a local wheel when the machine has one, else PyTorch's CPU index),
@@ -33,6 +33,11 @@ $(VENV)/.runtime: $(VENV)/.torch pyproject.toml
 
 $(VENV)/.dev: $(VENV)/.runtime pyproject.toml
 	$(PIP) install -e '.[dev,hf]'
+	@touch $@
+
+# transformers (a pretrained GPT-2 with init_from=gpt2, the export to Hugging Face)
+$(VENV)/.hf: $(VENV)/.runtime pyproject.toml
+	$(PIP) install -e '.[hf]'
 	@touch $@
 
 install: $(VENV)/.runtime
@@ -61,6 +66,9 @@ sample: $(VENV)/.runtime
 
 bench: $(VENV)/.dev
 	$(PY) -m train.bench $(ARGS)
+
+export: $(VENV)/.hf
+	$(PY) -m train.export $(ARGS)
 
 test: $(VENV)/.dev
 	$(PY) -m pytest $(ARGS)

@@ -31,8 +31,6 @@ so no pair is made of two near-identical mistakes:
 An empty reply scores 0 everywhere.
 """
 
-REPEAT_LEVELS = ((0.9, 0.75), (0.6, 0.5), (0.3, 0.25))  # (share of the line, grade)
-
 import difflib
 import re
 from collections.abc import Mapping
@@ -41,6 +39,7 @@ from .plays import PLAY_TITLES
 from .tasks import strip_word
 
 EXACT_TASKS = ("repeat",)
+REPEAT_LEVELS = ((0.9, 0.75), (0.6, 0.5), (0.3, 0.25))  # (share of the line, grade)
 _TRAILING = ".,;:!?"
 _TITLES = {title.casefold() for title in PLAY_TITLES.values()}
 _NAME_LIKE = re.compile(r"^[A-Z][A-Za-z']*(?: [A-Za-z][A-Za-z']*){0,2}$")

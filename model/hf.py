@@ -25,8 +25,9 @@ Biases have the same shape in both.
 
 Biases: HF's GPT-2 always has biases. A model imported from HF therefore gets bias=True.
 A model of ours with bias=False is exported with all biases set to zero (Linear biases and
-LayerNorm shifts), which computes exactly the same function; imported back, it becomes a
-bias=True model whose biases are zero.
+LayerNorm shifts), which computes exactly the same function; imported back by this module
+alone, it becomes a bias=True model whose biases are zero. (train/export.py also writes our
+own config beside the weights, and train/pretrained.py restores bias=False from it.)
 
 Dropout is a training setting, not a weight: an imported model gets the `dropout` you pass
 (default 0.0); an export writes our single dropout rate into HF's three (embd_pdrop,
@@ -166,6 +167,23 @@ def from_hf_model(hf_model: GPT2LMHeadModel, attention: str = "sdpa", dropout: f
     return model
 
 
+def pretrained_config(name_or_dir: str | os.PathLike) -> GPTConfig:
+    """Our GPTConfig for a Hugging Face GPT-2 (directory or hub name), from its config.json
+    alone: a model of another architecture is refused before any weights are read."""
+    transformers = _transformers()
+    source = _source(name_or_dir)
+    try:  # HF reports a missing directory, file or hub repo (or no network) as OSError
+        hf_config = transformers.AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"could not load Hugging Face model {source!r} ({_first_line(e)})"
+        ) from None
+    try:
+        return config_from_hf(hf_config)
+    except UserError as e:
+        raise UserError(f"{source}: {e}") from None
+
+
 def load_pretrained(
     name_or_dir: str | os.PathLike, attention: str = "sdpa", dropout: float = 0.0
 ) -> GPT:
@@ -177,20 +195,30 @@ def load_pretrained(
     An existing local directory wins over a hub name spelled the same.
     """
     transformers = _transformers()
+    pretrained_config(name_or_dir)  # refuse non-GPT-2 models before loading their weights
+    source = _source(name_or_dir)
+    try:
+        hf_model = transformers.GPT2LMHeadModel.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load the weights of {source!r} ({_first_line(e)})") from None
+    # Recent transformers keep the dtype the weights were saved in; we train in float32.
+    return from_hf_model(hf_model.float(), attention=attention, dropout=dropout)
+
+
+def _source(name_or_dir: str | os.PathLike) -> str:
+    """What to hand transformers: an existing directory's path, else the hub name."""
     path = Path(name_or_dir).expanduser()
     if path.exists() and not path.is_dir():
         raise UserError(f"{path} is a file; expected a Hugging Face model directory or hub name")
     if not path.exists() and _looks_like_path(str(name_or_dir)):
         raise UserError(f"no such directory: {path} (expected a Hugging Face model directory)")
-    source = str(path) if path.is_dir() else str(name_or_dir)
-    try:
-        hf_config = transformers.AutoConfig.from_pretrained(source)
-        config_from_hf(hf_config)  # refuse non-GPT-2 models before loading their weights
-        hf_model = transformers.GPT2LMHeadModel.from_pretrained(source)
-    except OSError as e:  # HF reports a missing directory, file or hub repo as OSError
-        raise UserError(f"could not load Hugging Face model {source!r}: {e}") from e
-    # Recent transformers keep the dtype the weights were saved in; we train in float32.
-    return from_hf_model(hf_model.float(), attention=attention, dropout=dropout)
+    return str(path) if path.is_dir() else str(name_or_dir)
+
+
+def _first_line(e: Exception) -> str:
+    """HF's messages run over several lines; the first says what went wrong."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def _looks_like_path(name: str) -> bool:
@@ -202,16 +230,22 @@ def _looks_like_path(name: str) -> bool:
 
 
 def to_hf_model(
-    model: GPT, bos_token_id: int | None = None, eos_token_id: int | None = None
+    model: GPT,
+    bos_token_id: int | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
 ) -> GPT2LMHeadModel:
     """A transformers GPT2LMHeadModel (on the CPU, in our dtype) computing what `model` does.
 
     A bias=False model gets zero biases (HF's GPT-2 always has them; adding zero changes
-    nothing). bos/eos token ids go into HF's config, where `generate` reads them; by default
-    there are none (our tokenizers do not use GPT-2's 50256).
+    nothing). The token ids go where `generate` reads them (generation_config): it stops at
+    any of eos_token_id (give a list for several: a chat model ends a turn with <|end|> and
+    a document with <|eos|>) and pads with pad_token_id; config.json gets the first eos id.
+    By default there are none: the ids belong to the tokenizer (train/export.py passes them).
     """
     transformers = _transformers()
     c = model.config
+    eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
     hf_config = transformers.GPT2Config(
         vocab_size=c.vocab_size,
         n_positions=c.block_size,
@@ -226,7 +260,8 @@ def to_hf_model(
         resid_pdrop=c.dropout,
         tie_word_embeddings=True,
         bos_token_id=bos_token_id,
-        eos_token_id=eos_token_id,
+        eos_token_id=eos[0] if eos else None,
+        pad_token_id=pad_token_id,
     )
     hf_model = transformers.GPT2LMHeadModel(hf_config)
 
@@ -243,6 +278,11 @@ def to_hf_model(
             raise RuntimeError(f"no weight of ours maps to {hf_key}")  # a bug in this module
     hf_model.load_state_dict(state)  # copies (and casts) into HF's own parameters
     hf_model.to(model.embed.wte.weight.dtype)
+    hf_model.generation_config = transformers.GenerationConfig(
+        bos_token_id=bos_token_id,
+        eos_token_id=(eos if len(eos) > 1 else eos[0]) if eos else None,
+        pad_token_id=pad_token_id,
+    )
     hf_model.eval()
     return hf_model
 
@@ -261,16 +301,17 @@ def export_pretrained(
     model: GPT,
     out_dir: str | os.PathLike,
     bos_token_id: int | None = None,
-    eos_token_id: int | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
 ) -> Path:
     """Write `model` as a Hugging Face GPT-2 directory (config.json, model.safetensors,
     generation_config.json) that `GPT2LMHeadModel.from_pretrained(out_dir)` loads and can
-    `generate` from. Returns the directory.
+    `generate` from; the token ids as in `to_hf_model`. Returns the directory.
 
-    Only the model is written: our tokenizer is SentencePiece, not GPT-2's BPE, so token ids
-    must be produced and decoded with our tokenizer.
+    Only the model is written; train/export.py writes the tokenizer beside it
+    (tokenizer/hf.py), with the ids it passes here.
     """
-    hf_model = to_hf_model(model, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+    hf_model = to_hf_model(model, bos_token_id, eos_token_id, pad_token_id)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     hf_model.save_pretrained(out)

@@ -1,4 +1,5 @@
-"""Text to token ids and back: SentencePiece training and loading, special tokens, chat format.
+"""Text to token ids and back: SentencePiece training and loading, GPT-2's BPE, special tokens,
+the chat format, and the Hugging Face form of our tokenizers (tokenizer/hf.py).
 
     tok = train_tokenizer(texts, vocab_size=4096)     # or load_tokenizer(path)
     ids = tok.encode("To be, or not to be")
@@ -15,12 +16,14 @@ from pathlib import Path
 
 from errors import UserError
 from tokenizer.base import Tokenizer
+from tokenizer.gpt2 import GPT2BPETokenizer
 from tokenizer.sentencepiece import SentencePieceTokenizer, train_sentencepiece
 from tokenizer.special import SPECIAL_TOKENS
 
 # kind -> class; from_state and load_tokenizer dispatch on it.
 KINDS: dict[str, type[Tokenizer]] = {
     SentencePieceTokenizer.kind: SentencePieceTokenizer,
+    GPT2BPETokenizer.kind: GPT2BPETokenizer,  # a pretrained GPT-2's (loaded, never trained here)
 }
 
 # kind -> function(texts, vocab_size) training a new tokenizer of that kind.
@@ -30,6 +33,7 @@ TRAINERS: dict[str, Callable[..., Tokenizer]] = {
 
 __all__ = [
     "KINDS",
+    "GPT2BPETokenizer",
     "SPECIAL_TOKENS",
     "SentencePieceTokenizer",
     "Tokenizer",

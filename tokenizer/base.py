@@ -1,8 +1,10 @@
 """The interface every tokenizer kind implements, and all the rest of the code relies on.
 
 A tokenizer turns text into a list of integer ids and back. Callers use only what is
-defined here, so a second kind (GPT-2's byte-level BPE, say) plugs in by subclassing
-`Tokenizer` and registering itself in tokenizer/__init__.py, without touching them.
+defined here, so a kind plugs in by subclassing `Tokenizer` and registering itself in
+tokenizer/__init__.py, without touching them: SentencePiece (tokenizer/sentencepiece.py,
+trained by this project) and GPT-2's byte-level BPE (tokenizer/gpt2.py, from a pretrained
+model) are the two kinds.
 
 Contract:
 - lossless: decode(encode(s)) == s for every Unicode string s;

@@ -21,9 +21,13 @@ It is written with train/files.py: atomic_write (temporary file, fsync, rename),
 kill at any moment leaves either the old file or the new one. It is read with
 torch.load(weights_only=True), which unpickles only tensors and plain containers: a
 checkpoint from the internet cannot run code.
+
+Wherever a checkpoint is read, a Hugging Face GPT-2 may stand instead (hf_source): a
+model directory, or a hub name like gpt2; train/pretrained.py turns it into the same dict.
 """
 
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +42,13 @@ from model import GPT, GPTConfig
 from model.heads import PolicyWithValue, ScalarModel
 
 from .files import atomic_write
+from .pretrained import checkpoint_from_hf
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_NAME = "ckpt.pt"
 BEST_NAME = "best.pt"
+HUB_PREFIX = "hf:"  # hf:openai-community/gpt2: a hub name with an owner
+HUB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # gpt2, gpt2-medium, distilgpt2
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,26 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
     atomic_write(path, lambda f: torch.save({"format": CHECKPOINT_FORMAT, **state}, f))
 
 
+def hf_source(path: str | Path) -> str | None:
+    """The Hugging Face model that `path` names, or None when it means one of our checkpoints.
+
+    - "hf:owner/name" (or "hf:name"): a model on the Hugging Face hub;
+    - a directory with config.json and no ckpt.pt or best.pt: a Hugging Face model directory;
+    - a bare name that is no file or directory here ("gpt2", "distilgpt2"): a hub model.
+    Anything else (a file, a run directory, a missing path like out/pretrain) is ours.
+    """
+    text = str(path)
+    if text.startswith(HUB_PREFIX):
+        return text.removeprefix(HUB_PREFIX)
+    p = Path(text).expanduser()
+    if p.is_dir():
+        ours = any((p / name).is_file() for name in (CHECKPOINT_NAME, BEST_NAME))
+        return str(p) if not ours and (p / "config.json").is_file() else None
+    if p.exists() or text.endswith(".pt") or not HUB_NAME.fullmatch(text):
+        return None
+    return text
+
+
 def resolve_checkpoint_path(path: str | Path) -> Path:
     """A checkpoint file, or a run directory holding ckpt.pt (or best.pt)."""
     path = Path(path)
@@ -79,12 +106,19 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
             "train one first or point to a checkpoint file"
         )
     if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist; train one first or fix the path")
+        raise UserError(
+            f"checkpoint {path} does not exist; train one first or fix the path (a Hugging Face "
+            f"model: a directory, a name like gpt2, or {HUB_PREFIX}owner/name)"
+        )
     return path
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint safely onto the CPU; a clear UserError if it cannot be used."""
+    """Read a checkpoint safely onto the CPU; a clear UserError if it cannot be used.
+    A Hugging Face source (hf_source) is converted into the same dict."""
+    source = hf_source(path)
+    if source is not None:
+        return checkpoint_from_hf(source)
     path = resolve_checkpoint_path(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -162,13 +196,19 @@ def tokenizer_from_checkpoint(ckpt: dict, vocab_size: int) -> "tokenizers.Tokeni
     return tok
 
 
-def load_model(path: str | Path, **overrides) -> tuple[GPT, "tokenizers.Tokenizer", dict]:
-    """The language model of a checkpoint of any kind (CPU, fp32, eval mode), its
-    tokenizer and the raw checkpoint dict. For a reward model it is the trunk's GPT."""
-    ckpt = load_checkpoint(path)
+def language_model(ckpt: dict, **overrides) -> tuple[GPT, "tokenizers.Tokenizer"]:
+    """The language model of a loaded checkpoint of any kind (CPU, fp32, eval mode) and its
+    tokenizer. For a reward model it is the trunk's GPT."""
     model = model_from_checkpoint(ckpt, **overrides)
     gpt = MODEL_KINDS[ckpt["model_kind"]].language_model(model).eval()
-    return gpt, tokenizer_from_checkpoint(ckpt, gpt.config.vocab_size), ckpt
+    return gpt, tokenizer_from_checkpoint(ckpt, gpt.config.vocab_size)
+
+
+def load_model(path: str | Path, **overrides) -> tuple[GPT, "tokenizers.Tokenizer", dict]:
+    """The language model of a checkpoint of any kind, its tokenizer and the raw checkpoint
+    dict (see language_model)."""
+    ckpt = load_checkpoint(path)
+    return (*language_model(ckpt, **overrides), ckpt)
 
 
 def load_kind(

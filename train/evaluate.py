@@ -32,7 +32,7 @@ from omegaconf import DictConfig
 from data.preferences import read_preference_file, render_group
 from errors import UserError, report_user_errors
 
-from .checkpoint import BEST_NAME, CHECKPOINT_NAME, load_checkpoint, load_kind, load_model
+from .checkpoint import BEST_NAME, CHECKPOINT_NAME, language_model, load_checkpoint, load_kind
 from .compare import compare, format_comparison, write_report
 from .lm_eval import file_bits_per_byte
 from .reward_eval import format_reward_table, reward_metrics
@@ -54,7 +54,7 @@ def run(cfg: DictConfig) -> dict:
         ckpt = load_checkpoint(cfg.checkpoint)
         if ckpt["model_kind"] == "reward":
             return score_reward_model(cfg, rt, ckpt["path"])
-        model, tok, ckpt = load_model(ckpt["path"])
+        model, tok = language_model(ckpt)
         model.to(rt.device)
         results: dict = {"checkpoint": ckpt["path"]}
         if cfg.text_file:
@@ -71,7 +71,10 @@ def run(cfg: DictConfig) -> dict:
             if results[stage]:
                 print(f"{ckpt['path']}: held-out exact match (greedy, chat format)")
                 print(format_table({stage: results[stage]}))
-                write_beside(ckpt["path"], results)
+                if ckpt.get("huggingface"):  # a Hugging Face model has no run directory
+                    print("(a Hugging Face model: the results are not written to disk)")
+                else:
+                    write_beside(ckpt["path"], results)
         return results
 
 
