@@ -40,6 +40,30 @@ def test_orthogonalize_is_batched_block_by_block():
         assert torch.allclose(together[i], orthogonalize(g[i]), atol=1e-6)
 
 
+def test_batched_newton_schulz_equals_one_matrix_at_a_time():
+    """Muon stacks a model's blocks by shape (tall c_fc transposed beside wide mlp.c_proj,
+    c_attn's three blocks beside the square c_proj) for one bmm per shape: its steps equal
+    the module docstring's formula applied to one matrix at a time."""
+    torch.manual_seed(5)
+    model = GPT(GPTConfig(**TINY))
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.1, kind="muon", muon_lr=0.02)
+    groups = [g for g in opt.param_groups if g["use_muon"]]
+    weights = [(p, p.detach().clone(), g) for g in groups for p in g["params"]]
+    momentum = [torch.zeros_like(w) for _, w, _ in weights]
+    for _ in range(3):
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+        for (p, w, g), m in zip(weights, momentum, strict=True):
+            m.mul_(g["momentum"]).add_(p.grad)  # M = mu M + G
+            u = p.grad + g["momentum"] * m  # U = G + mu M
+            blocks = [orthogonalize(b, g["ns_steps"]) for b in u.chunk(g["parts"])]
+            rows, cols = blocks[0].shape
+            w.mul_(1 - g["lr"] * g["weight_decay"])
+            w.sub_(g["lr"] * max(1, rows / cols) ** 0.5 * torch.cat(blocks))
+            assert torch.allclose(p, w, atol=1e-6)
+
+
 def run_muon_steps(opt_class, steps=4, **kwargs) -> torch.Tensor:
     """The weight change of a (96, 32) matrix after `steps` steps on fixed gradients."""
     torch.manual_seed(2)

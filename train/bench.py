@@ -48,7 +48,8 @@ from model.generate import generate, prepare_for_decoding
 from .loop import LoopConfig, Trainer
 from .losses import next_token_step
 from .optim import build_optimizer
-from .runtime import Runtime, peak_flops, setup_runtime
+from .peak import peak_flops
+from .runtime import Runtime, setup_runtime
 from .settings import OPTIMIZER, RUNTIME, check, integer, number, optional
 
 
@@ -125,7 +126,7 @@ def bench_training(model: GPT, cfg: DictConfig, rt: Runtime) -> dict:
     flops = model.flops_per_token(T)
     # A measured peak (CPU) is itself slowed by any background load: take the best of 3,
     # as for the throughputs, so that MFU is not inflated by one disturbed measurement.
-    peak = max(peak_flops(rt, cfg.get("peak_tflops")) for _ in range(3))
+    peak = peak_flops(rt.device, rt.dtype, cfg.get("peak_tflops")).flops
     return {
         "batch_size": B,
         "seq_len": T,

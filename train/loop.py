@@ -163,6 +163,8 @@ class Trainer:
         self.sample_fn = sample
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops
+        # the optimizer's own matrix products per step (Muon's Newton-Schulz), kept out of MFU
+        self.optimizer_flops = getattr(optimizer, "newton_schulz_flops", lambda: 0)()
         self.scaler = runtime.grad_scaler()
         self.step = 0  # optimizer steps completed
         self.elapsed_s = 0.0  # wall time spent in earlier runs (resume)
@@ -234,7 +236,7 @@ class Trainer:
         """Optimizer steps until a bound is reached; True when stopped by Ctrl-C."""
         loop = self.loop
         schedule = (loop.lr, loop.min_lr, loop.warmup_iters, loop.schedule, loop.cooldown)
-        interval_tokens, interval_start = 0, time.perf_counter()
+        interval_tokens, interval_steps, interval_start = 0, 0, time.perf_counter()
         self.model.train()
         while True:
             elapsed = self.elapsed_s + time.perf_counter() - start_time
@@ -247,19 +249,21 @@ class Trainer:
             loss, tokens, metrics = self.train_step()
             self.step += 1
             interval_tokens += tokens
+            interval_steps += 1
             progress.update(self.step, self.elapsed_s + time.perf_counter() - start_time)
 
             if self.step % loop.log_interval == 0 or self.step == loop.max_iters:
                 seconds = time.perf_counter() - interval_start
-                record = self._log_record(loss, lr, metrics, interval_tokens, seconds)
+                record = self._log_record(loss, lr, metrics, interval_tokens, interval_steps,
+                                          seconds)  # fmt: skip
                 if self.runtime.is_main:
                     log.write(record)
                     progress.set_postfix(_postfix(record, self.show))
-                interval_tokens, interval_start = 0, time.perf_counter()
+                interval_tokens, interval_steps, interval_start = 0, 0, time.perf_counter()
 
             if self.step % loop.eval_interval == 0:
                 self._evaluate_and_save(log, start_time)
-                interval_tokens, interval_start = 0, time.perf_counter()
+                interval_tokens, interval_steps, interval_start = 0, 0, time.perf_counter()
 
     # ----------------------------------------------------------------- pieces
     def train_step(self) -> tuple[float, int | torch.Tensor, dict[str, float]]:
@@ -311,12 +315,17 @@ class Trainer:
         loss, *rest = values.tolist()
         return loss, dict(zip(sums, rest, strict=True))
 
-    def _log_record(self, loss, lr, metrics: dict, tokens: int, seconds: float) -> dict:
+    def _log_record(self, loss, lr, metrics: dict, tokens: int, steps: int, seconds: float):
+        """The log line: tokens/s over all ranks; MFU (model FLOPs of one rank over one
+        device's peak); optimizer_mfu, the optimizer's own products (Muon's Newton-Schulz)
+        over the same peak: device time spent, but not model FLOPs, so never in MFU."""
         rt = self.runtime
         tok_s = float(tokens) * rt.world_size / seconds
         record = {"step": self.step, "train_loss": loss, "lr": lr, "tokens_per_sec": tok_s}
         if self.flops_per_token and self.peak_flops:
             record["mfu"] = tok_s / rt.world_size * self.flops_per_token / self.peak_flops
+        if self.peak_flops and self.optimizer_flops:
+            record["optimizer_mfu"] = self.optimizer_flops * steps / seconds / self.peak_flops
         return {**record, **metrics}
 
     def _agree(self, elapsed: float, stop: bool) -> tuple[float, bool]:
@@ -448,7 +457,7 @@ _FORMATS = {
     "tokens_per_sec": "tok/s={:.0f}",
     "mfu": "mfu={:.1%}",
 }
-_QUIET = {"step", "val_ppl"}  # in metrics.jsonl, not in the progress bar
+_QUIET = {"step", "val_ppl", "optimizer_mfu"}  # in metrics.jsonl, not in the progress bar
 
 
 def _postfix(record: dict, show: tuple[str, ...] | None = None) -> str:
