@@ -529,6 +529,36 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     assert a[0]["train_loss"] != pytest.approx(a[-2]["train_loss"], abs=1e-4)  # it trained
 
 
+def test_micro_batches_share_one_autocast_cast_of_the_weights(tmp_path):
+    """bf16, grad_accum=3: the loop casts each weight once per step (one autocast context
+    over the micro-batches, backward outside it) and steps exactly as a context per
+    micro-batch, which casts every weight three times, does."""
+    from torch.profiler import profile
+
+    trainer = make_trainer(tmp_path, rt=Runtime(CPU, torch.bfloat16), grad_accum=3, max_iters=1,
+                           grad_clip=0.5, evaluate=False)  # fmt: skip
+    reference = make_trainer(tmp_path / "ref", rt=Runtime(CPU, torch.bfloat16), evaluate=False)
+    batches = [trainer.batches.next_batch() for _ in range(3)]
+    trainer.batches = RandomBatches(4)  # the same three batches again
+    with profile() as loop_prof:
+        trainer.train_step()
+    with profile() as ref_prof:
+        for batch in batches:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = lm_loss(reference.model, batch) / 3
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(reference.raw_model.parameters(), 0.5)
+        reference.optimizer.step()
+    for p, q in zip(trainer.raw_model.parameters(), reference.raw_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+    def casts(prof) -> int:
+        return sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy")
+
+    weights = sum(1 for p in trainer.raw_model.parameters() if p.dim() == 2)
+    assert casts(ref_prof) - casts(loop_prof) >= 2 * (weights - 1)  # the tied table: one use
+
+
 @pytest.mark.parametrize("clip", [0.01, 0.0])
 def test_gradient_norm_is_clipped(tmp_path, clip):
     trainer = make_trainer(tmp_path, max_iters=3, grad_clip=clip)

@@ -276,19 +276,23 @@ class Trainer:
         loss_sum = torch.zeros((), device=rt.device)
         sums: dict[str, torch.Tensor] = {}
         tokens = 0
-        for micro in range(loop.grad_accum):
-            batch = to_device(self.batches.next_batch(), rt.device)
-            if isinstance(self.model, DDP):  # all-reduce gradients only on the last micro-step
-                self.model.require_backward_grad_sync = micro == loop.grad_accum - 1
-            with rt.autocast():
+        # One autocast context for all the micro-batches: it casts each weight to the compute
+        # dtype once and reuses the copy, as the weights do not change until the optimizer
+        # step (a context per micro-batch would cast them all again every time).
+        with rt.autocast():
+            for micro in range(loop.grad_accum):
+                batch = to_device(self.batches.next_batch(), rt.device)
+                if isinstance(self.model, DDP):  # all-reduce gradients on the last micro-step
+                    self.model.require_backward_grad_sync = micro == loop.grad_accum - 1
                 result = self.step_fn(self.model, batch)
                 loss = result.loss / loop.grad_accum
-            self.scaler.scale(loss).backward()
-            loss_sum += loss.detach()
-            tokens = tokens + result.tokens  # an int, or a tensor (no device sync here)
-            for name, value in result.metrics.items():
-                value = torch.as_tensor(value, dtype=torch.float32, device=rt.device).detach()
-                sums[name] = sums.get(name, 0.0) + value / loop.grad_accum
+                with rt.no_autocast():  # backward runs in the dtypes the forward chose
+                    self.scaler.scale(loss).backward()
+                loss_sum += loss.detach()
+                tokens = tokens + result.tokens  # an int, or a tensor (no device sync here)
+                for name, value in result.metrics.items():
+                    value = torch.as_tensor(value, dtype=torch.float32, device=rt.device).detach()
+                    sums[name] = sums.get(name, 0.0) + value / loop.grad_accum
         if loop.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.raw_model.parameters(), loop.grad_clip)

@@ -50,6 +50,12 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
+    def no_autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast off inside self.autocast() (for backward), keeping its cast weights."""
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, enabled=False)
+
     def grad_scaler(self) -> "torch.amp.GradScaler":
         """A loss scaler, enabled only for float16 (bf16 has fp32's exponent range)."""
         return torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
