@@ -74,8 +74,6 @@ class Stage:
                 self.resumed = resumable_checkpoint(self.out_dir)
             else:
                 self._claim_out_dir()
-            if self.runtime.is_main:
-                (self.out_dir / DONE_FILE).unlink(missing_ok=True)  # not finished until exit
         except BaseException:
             teardown_runtime(self.runtime)
             raise
@@ -170,6 +168,8 @@ class Stage:
         )
         if self.resumed is not None:
             trainer.load_state(self.resumed)
+        if rt.is_main:  # training changes the run: not finished until the stage exits
+            (self.out_dir / DONE_FILE).unlink(missing_ok=True)
         self.log(self.describe(model))
         if peak:
             self.log(peak.describe())
