@@ -11,7 +11,8 @@ Peak FLOP/s of one device (`peak_flops`), in this order:
 Why measure once and cache: a peak measured at every start with a short matmul follows
 whatever else the machine is doing. On a shared machine a 0.3-second measurement gave
 169 to 422 GFLOP/s for the same setting, so the same throughput read as 17% or 83% MFU.
-The measurement is the best of several one-second runs of a 2048 x 2048 matmul, stored
+The measurement is the best of several one-second runs of a 2048 x 2048 matmul, timed on
+a CPU by the threads' CPU time (so that other programs do not lower it), stored
 in ~/.cache/handgpt/peak_flops.json (or $HANDGPT_CACHE) under a key naming everything
 that changes it: the device (CPU model and instruction set, or GPU name), the core and
 thread counts, the dtype and the torch version. Another machine, another thread count
@@ -64,19 +65,28 @@ class Peak:
 
 
 def measured_matmul_flops(device: torch.device, dtype: torch.dtype, seconds: float = 0.3) -> float:
-    """FLOP/s of a 2048 x 2048 matmul on `device` in `dtype`, over at least `seconds`."""
+    """FLOP/s of a 2048 x 2048 matmul on `device` in `dtype`, over at least `seconds`.
+
+    On a CPU the time is the threads' own CPU time, (process CPU seconds) / threads: what
+    the cores do while they run, however many other programs share them. Wall time would
+    measure this process's share of a busy machine instead (on the project's 2-core machine,
+    with others training: 30-43 GFLOP/s by the wall clock, 59-67 by CPU time, one thread).
+    """
     n = 2048
     g = torch.Generator(device=device).manual_seed(0)  # leave the global RNG (dropout) alone
     a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     a @ b  # warm-up
     _sync(device)
-    count, start = 0, time.perf_counter()
+    count, start, cpu_start = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - start < seconds:
         a @ b
         count += 1
         _sync(device)
-    return 2 * n**3 * count / (time.perf_counter() - start)
+    busy = time.perf_counter() - start
+    if device.type == "cpu":
+        busy = (time.process_time() - cpu_start) / torch.get_num_threads()
+    return 2 * n**3 * count / busy
 
 
 def read_bandwidth(device: torch.device, repeats: int = 5, mib: int = 256) -> float:
