@@ -9,7 +9,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 TORCH_VERSION := 2.13.0
 ARGS ?=
 
-.PHONY: install install-dev pretrain sft rm ppo dpo align sample bench export test lint format clean
+.PHONY: install install-dev pretrain sft rm ppo dpo align sample bench export gpu-check gpu-deps test lint format clean
 
 # torch first, chosen by machine: with an NVIDIA GPU, PyPI's default (CUDA) build; without
 # one, the CPU build (a local wheel when the machine has one, else PyTorch's CPU index),
@@ -69,6 +69,28 @@ bench: $(VENV)/.dev
 
 export: $(VENV)/.hf
 	$(PY) -m train.export $(ARGS)
+
+# The CUDA paths in one short run (scripts/gpu_check.py). It installs nothing from the network:
+# on a GPU machine it runs with that machine's torch (python3, or .venv when there is one)
+# and takes the other packages and the corpus from .gpu-deps/, which `make gpu-deps` makes
+# here (needs network); carry .gpu-deps with the working tree.
+GPU_PYTHON := $(shell [ -x $(PY) ] && echo $(PY) || echo $(PYTHON))
+GPU_DEPS := hydra-core==1.3.8 omegaconf==2.3.1 PyYAML tqdm sentencepiece pytest pluggy iniconfig packaging \
+	exceptiongroup tomli pygments typing_extensions
+
+gpu-check:
+	$(GPU_PYTHON) scripts/gpu_check.py $(ARGS)
+
+gpu-deps: $(VENV)/.runtime
+	rm -rf .gpu-deps/wheels && mkdir -p .gpu-deps/wheels
+	$(PIP) wheel --no-deps -w .gpu-deps/wheels antlr4-python3-runtime==4.9.3
+	for v in 3.10 3.11 3.12 3.13; do \
+		$(PIP) download --no-deps --only-binary=:all: --python-version $$v \
+			--platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
+			-d .gpu-deps/wheels $(GPU_DEPS) || exit 1; \
+	done
+	$(PY) -m data.prepare data.root=.gpu-deps/data data.cache_dir=out/data/cache
+	du -sh .gpu-deps
 
 test: $(VENV)/.dev
 	$(PY) -m pytest $(ARGS)

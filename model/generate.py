@@ -49,7 +49,8 @@ Stops: a completion ends with the first stop token (which it includes) or when i
 of new tokens is spent; `completions` is the one place that decides this.
 """
 
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -125,35 +126,73 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def prepare_for_decoding(model: GPT) -> GPT:
-    """Store the widening Linear weights transposed in memory, for batch-1 decoding on a CPU.
+def prepare_for_decoding(
+    model: GPT, choose: Callable[[list[torch.Tensor]], bool] | None = None
+) -> GPT:
+    """Store each set of same-shaped Linear weights in the layout this CPU reads fastest.
 
-    A decode step is a row vector times each weight matrix, y = x W^T (W: out x in), so it
-    is bound by reading W. nn.Linear keeps W row-major (out, in). MKL's CPU kernels read a
-    widening matrix (out >= in: c_attn, c_fc and the LM head) faster as (in, out) row-major,
-    the layout GPT-2's Conv1D uses, and the narrowing mlp.c_proj (in = 4 out) faster as it
-    is. Measured on a 2-core AMD EPYC, 2 threads, GB/s of weights read:
+    A batch-1 decode step is a row vector times every weight matrix, y = x W^T (W: out x
+    in), so it is bound by reading the weights: all of them, once per token. nn.Linear
+    keeps W row-major (out, in); `w.t().contiguous().t()` keeps its shape and values and
+    stores it column-major, (in, out) row-major as GPT-2's Conv1D does. Which of the two a
+    CPU's kernels read faster depends on the kernel, hence on the dtype and the CPU.
+    Measured on a 2-core AMD EPYC (AVX2, no native bfloat16), 12 matrices of each shape
+    (far more than the caches hold), one thread, GB/s read (the machine's read bandwidth,
+    a sum over 256 MiB: about 13):
 
-        (out, in)        row-major   transposed
-        3072 x 768          12.5        20.3
-        2304 x 768          12.3        16.7
-         768 x 768          11.9        12.7
-         768 x 3072         16.4        13.4
-        50257 x 768 (LM head): 12.8 vs 6.6 ms per token
+        (out, in)     float32: row-major  transposed    bfloat16: row-major  transposed
+        2304 x 768                 8.7       11.6                   7.2         1.0
+        3072 x 768                 8.6       11.6                   6.5         0.7
+         768 x 3072               11.9        8.7                   7.0         0.7
+         768 x 768                 6.6        8.3                   6.3         1.0
 
-    `w.t().contiguous().t()` has the same shape and values, only its strides change, so
-    the model computes exactly the same function, and the tied LM head / token embedding
-    stays one tensor. Applied only on the CPU in float32, where it was measured; returns
-    the model, changed in place.
+    so the choice is measured, not assumed: `choose(weights)` says whether to transpose one
+    set (default transposed_reads_faster, which times both layouts on this machine). The
+    model computes the same function either way (up to the order of the sums inside a
+    matmul; tests/test_generate.py); the tied LM head / token embedding stays one tensor.
+    CPU only (GPU kernels read either layout at full speed); returns the model, changed
+    in place.
     """
-    w = model.embed.wte.weight
-    if w.device.type != "cpu" or w.dtype != torch.float32:
+    if model.embed.wte.weight.device.type != "cpu":
         return model
+    choose = choose or transposed_reads_faster
+    by_shape: dict[tuple[int, ...], list[nn.Parameter]] = {}
+    for module in model.modules():  # the LM head is a Linear; the embedding it shares is not
+        if isinstance(module, nn.Linear):
+            by_shape.setdefault(tuple(module.weight.shape), []).append(module.weight)
     with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.Linear) and module.out_features >= module.in_features:
-                module.weight.data = module.weight.data.t().contiguous().t()
+        for weights in by_shape.values():
+            if choose([w.data for w in weights]):
+                for w in weights:
+                    w.data = w.data.t().contiguous().t()
     return model
+
+
+def transposed_reads_faster(weights: list[torch.Tensor], budget_mib: int = 64) -> bool:
+    """Whether x W^T with a batch-1 x runs faster on these (out, in) weights stored
+    transposed: the best of 3 passes of each layout, alternately, over as many of them as
+    fill budget_mib (more than a CPU's caches hold, so that they are read from memory, as
+    in decoding)."""
+    plain, total = [], 0
+    for w in weights:
+        plain.append(w)
+        total += w.numel() * w.element_size()
+        if total >= budget_mib << 20:
+            break
+    flipped = [w.t().contiguous().t() for w in plain]
+    x = torch.randn(1, plain[0].size(1), dtype=plain[0].dtype)  # (1, in)
+
+    def seconds(ws: list[torch.Tensor]) -> float:
+        start = time.perf_counter()
+        for w in ws:
+            F.linear(x, w)
+        return time.perf_counter() - start
+
+    best = {"plain": float("inf"), "flipped": float("inf")}
+    for _ in range(4):  # the first pass of each is a warm-up
+        best["plain"] = min(best["plain"], seconds(plain))
+        best["flipped"] = min(best["flipped"], seconds(flipped))
+    return best["flipped"] < best["plain"]
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -1,5 +1,8 @@
 """Settings shared by every test file."""
 
+import os
+import tempfile
+
 import pytest
 import torch
 
@@ -24,3 +27,8 @@ def corpus(tmp_path_factory) -> dict:
     d = tmp_path_factory.mktemp("corpus")
     (d / "plays.txt").write_text(fake_play(0, 1200))
     return {"file": d / "plays.txt", "root": d / "data"}
+
+
+# The measured peak FLOP/s is cached per machine (train/peak.py); the tests keep theirs in a
+# folder of their own, never in the user's ~/.cache (subprocesses inherit the variable).
+os.environ["HANDGPT_CACHE"] = tempfile.mkdtemp(prefix="handgpt-test-cache-")

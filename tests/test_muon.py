@@ -6,7 +6,15 @@ import torch
 import train.runtime as runtime
 from errors import UserError
 from model import GPT, GPTConfig
-from train.muon import Muon, ns_dtype, orthogonalize
+from train.muon import (
+    NS_COEFFICIENTS,
+    Muon,
+    _gram_form,
+    newton_schulz_flops,
+    ns_dtype,
+    orthogonalize,
+    uses_gram_form,
+)
 from train.optim import build_optimizer, set_lr
 from train.settings import OPTIMIZER, check
 
@@ -38,6 +46,66 @@ def test_orthogonalize_is_batched_block_by_block():
     together = orthogonalize(g)
     for i in range(3):
         assert torch.allclose(together[i], orthogonalize(g[i]), atol=1e-6)
+
+
+def test_batched_newton_schulz_equals_one_matrix_at_a_time():
+    """Muon stacks a model's blocks by shape (tall c_fc transposed beside wide mlp.c_proj,
+    c_attn's three blocks beside the square c_proj) for one bmm per shape: its steps equal
+    the module docstring's formula applied to one matrix at a time."""
+    torch.manual_seed(5)
+    model = GPT(GPTConfig(**TINY))
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.1, kind="muon", muon_lr=0.02)
+    groups = [g for g in opt.param_groups if g["use_muon"]]
+    weights = [(p, p.detach().clone(), g) for g in groups for p in g["params"]]
+    momentum = [torch.zeros_like(w) for _, w, _ in weights]
+    for _ in range(3):
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+        for (p, w, g), m in zip(weights, momentum, strict=True):
+            m.mul_(g["momentum"]).add_(p.grad)  # M = mu M + G
+            u = p.grad + g["momentum"] * m  # U = G + mu M
+            blocks = [orthogonalize(b, g["ns_steps"]) for b in u.chunk(g["parts"])]
+            rows, cols = blocks[0].shape
+            w.mul_(1 - g["lr"] * g["weight_decay"])
+            w.sub_(g["lr"] * max(1, rows / cols) ** 0.5 * torch.cat(blocks))
+            assert torch.allclose(p, w, atol=1e-6)
+
+
+def standard_iterations(x: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """The module docstring's iteration, written out (x already normalised, wide)."""
+    a, b, c = NS_COEFFICIENTS
+    for _ in range(steps):
+        g = x @ x.mT
+        x = a * x + (b * g + c * g @ g) @ x
+    return x
+
+
+@pytest.mark.parametrize("shape", [(4, 48, 128), (2, 32, 64), (192, 768)])
+def test_the_gram_form_equals_the_standard_iteration(shape):
+    """float32, wide blocks: orthogonalize iterates on the small Gram matrices; the result
+    is the standard iteration's (computed in float64) to 1e-3."""
+    *_, m, n = shape
+    assert uses_gram_form(m, n, torch.float32) and not uses_gram_form(m, n, torch.bfloat16)
+    assert not uses_gram_form(m, m, torch.float32)  # square: the standard form is cheaper
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(6))
+    x = (g / g.norm(dim=(-2, -1), keepdim=True)).double()
+    exact = standard_iterations(x)
+    for update in (g, g.mT):  # wide, and tall (transposed inside)
+        out = orthogonalize(update)
+        out = out.mT if update is not g else out
+        assert ((out.double() - exact).norm() / exact.norm()) < 1e-3
+
+
+@pytest.mark.parametrize("gram", [True, False])
+def test_newton_schulz_flops_counts_what_runs(gram):
+    """newton_schulz_flops (what optimizer_mfu counts) equals torch's own FLOP counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(3, 16, 64, generator=torch.Generator().manual_seed(7))
+    with FlopCounterMode(display=False) as counter:
+        _gram_form(x, 5) if gram else standard_iterations(x, 5)
+    assert counter.get_total_flops() == 3 * newton_schulz_flops(16, 64, 5, gram)
 
 
 def run_muon_steps(opt_class, steps=4, **kwargs) -> torch.Tensor:

@@ -13,7 +13,9 @@ on random tokens, weights in float32 under autocast, as the training loop runs t
 
     tokens/s = batch * seq_len / seconds per step
     MFU      = flops_per_token(seq_len) * tokens/s / peak FLOP/s
-(flops_per_token: model/gpt.py; peak_flops: train/runtime.py).
+(flops_per_token: model/gpt.py; the peak: train/peak.py, measured once per machine and
+cached, or a GPU's datasheet figure; the table says which). Muon's Newton-Schulz products
+are not model FLOPs: their share of the peak is a line of its own, never part of MFU.
 
 Sampling: batch 1, a random prompt, top-k sampling of a fixed number of new tokens (no
 stop token), weights cast to the run's precision (no autocast), as python -m train.sample does:
@@ -21,6 +23,12 @@ stop token), weights cast to the run's precision (no autocast), as python -m tra
   - uncached:      the same, rerunning the model over the whole context for every token
   - transformers:  GPT2LMHeadModel.generate with the same weights and settings (model/hf.py)
     tokens/s = new tokens / wall time of the whole generation, prefill included.
+A batch-1 token reads every weight once, so memory bandwidth bounds it:
+    limit tokens/s = read bytes/s (a sum over 256 MiB) / bytes of weights
+and the table gives each figure as a share of that limit.
+
+Batched sampling: `complete` on batch_sizes prompts of mixed lengths at once (left padding),
+batch_new_tokens each: tokens/s and the share of the peak FLOP/s (bench_batched).
 
 Peak memory: on CUDA, torch.cuda.max_memory_allocated per phase; on the CPU the process's
 peak resident set size so far (sampling runs first, so its figure is sampling alone).
@@ -33,7 +41,7 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import hydra
@@ -43,12 +51,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from errors import UserError, report_user_errors
 from model import GPT, GPTConfig
-from model.generate import generate, prepare_for_decoding
+from model.generate import complete, generate, prepare_for_decoding
 
 from .loop import LoopConfig, Trainer
 from .losses import next_token_step
 from .optim import build_optimizer
-from .runtime import Runtime, peak_flops, setup_runtime
+from .peak import Peak, peak_flops, read_bandwidth
+from .runtime import Runtime, setup_runtime
 from .settings import OPTIMIZER, RUNTIME, check, integer, number, optional
 
 
@@ -99,7 +108,7 @@ class FixedBatch:
         pass
 
 
-def bench_training(model: GPT, cfg: DictConfig, rt: Runtime) -> dict:
+def bench_training(model: GPT, cfg: DictConfig, rt: Runtime, peak: Peak) -> dict:
     """Training tokens/s and MFU of the training loop's own optimizer step (train/loop.py:
     forward and backward under autocast, gradient clipping, optimizer step)."""
     B, steps = cfg.train_batch_size, cfg.train_steps
@@ -123,18 +132,19 @@ def bench_training(model: GPT, cfg: DictConfig, rt: Runtime) -> dict:
         seconds = timed(lambda: [step() for _ in range(steps)], rt)
         runs.append(B * T * steps / seconds)
     flops = model.flops_per_token(T)
-    # A measured peak (CPU) is itself slowed by any background load: take the best of 3,
-    # as for the throughputs, so that MFU is not inflated by one disturbed measurement.
-    peak = max(peak_flops(rt, cfg.get("peak_tflops")) for _ in range(3))
-    return {
+    result = {
         "batch_size": B,
         "seq_len": T,
         "tokens_per_sec": summary(runs),
-        "mfu": summary([r * flops / peak for r in runs]),
+        "mfu": summary([r * flops / peak.flops for r in runs]),
         "flops_per_token": flops,
-        "peak_flops": peak,
         "peak_memory_mb": peak_memory_mb(rt),
     }
+    ns = getattr(optimizer, "newton_schulz_flops", lambda: 0)()  # Muon: not model FLOPs
+    if ns:
+        result["newton_schulz_flops_per_step"] = ns
+        result["optimizer_mfu"] = summary([r / (B * T) * ns / peak.flops for r in runs])
+    return result
 
 
 # --------------------------------------------------------------------------- sampling
@@ -205,7 +215,69 @@ def bench_sampling(model: GPT, cfg: DictConfig, rt: Runtime) -> dict:
     result["cached_over_uncached"] = best["cached"] / best["uncached"]
     if "transformers" in best:
         result["cached_over_transformers"] = best["cached"] / best["transformers"]
+    result.update(bandwidth_limit(model, rt))
+    for k in ("cached", "transformers"):
+        if k in result:
+            result[k]["of_limit"] = result[k]["best"] / result["limit_tokens_per_sec"]
     return result
+
+
+def bandwidth_limit(model: GPT, rt: Runtime) -> dict:
+    """The batch-1 decoding limit: a token reads every weight once (the position table
+    but one row), so tokens/s <= read bytes/s / bytes of weights."""
+    w = model.embed.wte.weight
+    weight_bytes = model.num_params(include_position_embedding=False) * w.element_size()
+    bandwidth = read_bandwidth(rt.device)
+    return {
+        "read_bytes_per_sec": bandwidth,
+        "weight_bytes_per_token": weight_bytes,
+        "limit_tokens_per_sec": bandwidth / weight_bytes,
+    }
+
+
+def mixed_prompts(n: int, length: int, vocab: int, longest: int, seed: int) -> list[list[int]]:
+    """n random prompts of mixed lengths, from length // 2 to 2 * length (at most longest)."""
+    g = torch.Generator().manual_seed(seed)
+    low, high = max(1, length // 2), max(1, min(2 * length, longest))
+    lengths = torch.randint(low, max(low, high) + 1, (n,), generator=g).tolist()
+    return [torch.randint(0, vocab, (t,), generator=g).tolist() for t in lengths]
+
+
+def bench_batched(model: GPT, cfg: DictConfig, rt: Runtime, peak: Peak) -> dict:
+    """Generation throughput with `complete` at each batch size: prompts of mixed lengths,
+    left-padded together, batch_new_tokens each, top-k sampling (no stop token), as
+    reward-model data, PPO rollouts and evaluation decode.
+
+        tokens/s        = batch * new tokens / wall time, prefill included
+        share of peak   = forward FLOPs per token * tokens/s / peak FLOP/s
+    forward FLOPs per token = a third of the training figure (2 N + 4 L T C, T the mean
+    context while decoding); padding slots are computed but not counted.
+    """
+    N, c = cfg.batch_new_tokens, model.config
+    dtype = rt.dtype
+    model = prepare_for_decoding(model.to(rt.device, dtype).eval())
+    longest = c.block_size - N
+    results = {}
+    for B in cfg.batch_sizes:
+        prompts = mixed_prompts(B, cfg.prompt_tokens, c.vocab_size, longest, cfg.seed)
+        mean_context = sum(len(p) for p in prompts) / B + N / 2
+        flops = model.flops_per_token(round(mean_context)) / 3
+
+        def run(prompts=prompts) -> None:
+            gen = torch.Generator(device=rt.device).manual_seed(0)
+            complete(model, prompts, N, float(cfg.temperature), cfg.top_k, generator=gen)
+
+        note(f"batched sampling: {B} prompts of {min(map(len, prompts))}-"
+             f"{max(map(len, prompts))} tokens, {N} new each, {cfg.repeats} runs")  # fmt: skip
+        run()  # warm-up
+        runs = [B * N / timed(run, rt) for _ in range(cfg.repeats)]
+        results[str(B)] = {"tokens_per_sec": summary(runs),
+                           "of_peak": summary([r * flops / peak.flops for r in runs])}  # fmt: skip
+    out = {"new_tokens": N, "dtype": str(dtype).removeprefix("torch."), "batches": results}
+    if "1" in results and len(results) > 1:
+        top = results[str(max(cfg.batch_sizes))]["tokens_per_sec"]["best"]
+        out["largest_over_batch_1"] = top / results["1"]["tokens_per_sec"]["best"]
+    return out
 
 
 def transformers_runner(
@@ -242,42 +314,74 @@ def transformers_runner(
 # --------------------------------------------------------------------------- report
 
 
+def row(name: str, s: dict, fmt: str = "{:10.1f}", times: float = 1.0) -> str:
+    """One line of the table: a figure's best and median run (times `times`)."""
+    return f"{name:38}" + fmt.format(times * s["best"]) + fmt.format(times * s["median"])
+
+
 def table(results: dict) -> str:
     m = results["machine"]
     lines = [
         f"{results['preset']} ({results['params'] / 1e6:.1f}M parameters) on {m['device']}, "
         f"{m['dtype']}, {m['threads']} threads, load average {m['load_before']:.1f} -> "
         f"{m['load_after']:.1f}",
-        f"{'':34}{'best':>10}{'median':>10}",
+        f"peak {m['peak_flops'] / 1e9:,.0f} GFLOP/s ({m['peak_source']})",
+        f"{'':38}{'best':>10}{'median':>10}",
     ]
-
-    def row(name: str, s: dict, fmt: str = "{:10.1f}") -> None:
-        lines.append(f"{name:34}" + fmt.format(s["best"]) + fmt.format(s["median"]))
-
     if "train" in results:
         t = results["train"]
-        row(f"train tokens/s (batch {t['batch_size']}x{t['seq_len']})", t["tokens_per_sec"])
-        pct = {k: 100 * t["mfu"][k] for k in ("best", "median")}
-        row(f"train MFU % (peak {t['peak_flops'] / 1e9:.0f} GFLOP/s)", pct, "{:10.2f}")
+        lines.append(row(f"train tokens/s (batch {t['batch_size']}x{t['seq_len']})",
+                         t["tokens_per_sec"]))  # fmt: skip
+        lines.append(row("train MFU %", t["mfu"], "{:10.2f}", 100))
+        if "optimizer_mfu" in t:
+            gflop = t["newton_schulz_flops_per_step"] / 1e9
+            name = f"Newton-Schulz % ({gflop:.1f} GFLOP/step)"
+            lines.append(row(name, t["optimizer_mfu"], "{:10.2f}", 100))
     if "sample" in results:
-        s = results["sample"]
-        lines.append(
-            f"sampling in {s['dtype']}, batch 1, {s['prompt_tokens']} + {s['new_tokens']} tokens"
-        )
-        row("sample tokens/s, KV cache", s["cached"])
-        row(f"sample tokens/s, no cache ({s['uncached']['new_tokens']} tok)", s["uncached"])
-        if "transformers" in s:
-            row("sample tokens/s, transformers", s["transformers"])
-        ratio = f"cached / uncached {s['cached_over_uncached']:.1f}x"
-        if "cached_over_transformers" in s:
-            ratio += f", cached / transformers {s['cached_over_transformers']:.2f}x"
-        lines.append(ratio + " (best runs)")
+        lines += sampling_lines(results["sample"])
+    if "batched" in results:
+        lines += batched_lines(results["batched"])
     memory = [
         f"{k} {results[k]['peak_memory_mb']:.0f} MiB" for k in ("sample", "train") if k in results
     ]
     if memory:
         lines.append("peak memory: " + ", ".join(memory))
     return "\n".join(lines)
+
+
+def sampling_lines(s: dict) -> list[str]:
+    """The batch-1 decoding part of the table, with the bandwidth limit."""
+    lines = [
+        f"sampling in {s['dtype']}, batch 1, {s['prompt_tokens']} + {s['new_tokens']} tokens",
+        row("sample tokens/s, KV cache", s["cached"]),
+        row(f"sample tokens/s, no cache ({s['uncached']['new_tokens']} tok)", s["uncached"]),
+    ]
+    if "transformers" in s:
+        lines.append(row("sample tokens/s, transformers", s["transformers"]))
+    ratio = f"cached / uncached {s['cached_over_uncached']:.1f}x"
+    if "cached_over_transformers" in s:
+        ratio += f", cached / transformers {s['cached_over_transformers']:.2f}x"
+    limit = (
+        f"read bandwidth {s['read_bytes_per_sec'] / 1e9:.1f} GB/s, "
+        f"{s['weight_bytes_per_token'] / 1e6:.1f} MB of weights per token: limit "
+        f"{s['limit_tokens_per_sec']:.1f} tokens/s; cached {100 * s['cached']['of_limit']:.0f}%"
+    )
+    if "transformers" in s:
+        limit += f", transformers {100 * s['transformers']['of_limit']:.0f}%"
+    return lines + [ratio + " (best runs)", limit + " of it (best runs)"]
+
+
+def batched_lines(b: dict) -> list[str]:
+    lines = [
+        f"batched sampling in {b['dtype']} (complete, mixed-length prompts, "
+        f"{b['new_tokens']} new tokens each)"
+    ]
+    for size, r in b["batches"].items():
+        lines.append(row(f"batch {size} tokens/s", r["tokens_per_sec"]))
+        lines.append(row(f"batch {size} % of peak FLOP/s", r["of_peak"], "{:10.2f}", 100))
+    if "largest_over_batch_1" in b:
+        lines.append(f"largest batch / batch 1: {b['largest_over_batch_1']:.1f}x (best runs)")
+    return lines
 
 
 def preset_name() -> str:
@@ -295,6 +399,7 @@ RULES = {
     "temperature": number(above=0),  # the benchmark samples
     "optimizer": OPTIMIZER["optimizer"],
     "peak_tflops": optional(number(above=0)),
+    "batch_new_tokens": integer(1),
 }
 
 
@@ -304,6 +409,14 @@ def check_settings(cfg: DictConfig) -> None:
     if cfg.prompt_tokens > cfg.model.block_size:
         raise UserError(
             f"prompt_tokens={cfg.prompt_tokens} exceeds block_size={cfg.model.block_size}"
+        )
+    sizes = cfg.batch_sizes
+    if not isinstance(sizes, Sequence) or not all(type(b) is int and b > 0 for b in sizes):
+        raise UserError(f"batch_sizes={sizes} must be a list of positive integers, e.g. [1,8,64]")
+    if cfg.batch_new_tokens >= cfg.model.block_size:
+        raise UserError(
+            f"batch_new_tokens={cfg.batch_new_tokens} must be below block_size="
+            f"{cfg.model.block_size}: the batched runs stay within the context"
         )
 
 
@@ -315,6 +428,8 @@ def run(cfg: DictConfig) -> dict:
     except (TypeError, ValueError) as e:
         raise UserError(f"model config: {e}") from None
     model = GPT(config).to(rt.device)  # float32 master weights
+    peak = peak_flops(rt.device, rt.dtype, cfg.get("peak_tflops"))
+    note(peak.describe())
     preset = preset_name()
     results: dict = {
         "preset": preset,
@@ -326,12 +441,16 @@ def run(cfg: DictConfig) -> dict:
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "load_before": os.getloadavg()[0],
+            "peak_flops": peak.flops,
+            "peak_source": peak.source,
         },
     }
     if cfg.sample:  # first: on the CPU its peak RSS is then sampling's alone
         results["sample"] = bench_sampling(copy.deepcopy(model), cfg, rt)
+    if cfg.batch_sizes:
+        results["batched"] = bench_batched(copy.deepcopy(model), cfg, rt, peak)
     if cfg.train:
-        results["train"] = bench_training(model, cfg, rt)
+        results["train"] = bench_training(model, cfg, rt, peak)
     results["machine"]["load_after"] = os.getloadavg()[0]
 
     print(table(results))

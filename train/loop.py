@@ -163,6 +163,8 @@ class Trainer:
         self.sample_fn = sample
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops
+        # the optimizer's own matrix products per step (Muon's Newton-Schulz), kept out of MFU
+        self.optimizer_flops = getattr(optimizer, "newton_schulz_flops", lambda: 0)()
         self.scaler = runtime.grad_scaler()
         self.step = 0  # optimizer steps completed
         self.elapsed_s = 0.0  # wall time spent in earlier runs (resume)
@@ -234,7 +236,7 @@ class Trainer:
         """Optimizer steps until a bound is reached; True when stopped by Ctrl-C."""
         loop = self.loop
         schedule = (loop.lr, loop.min_lr, loop.warmup_iters, loop.schedule, loop.cooldown)
-        interval_tokens, interval_start = 0, time.perf_counter()
+        interval_tokens, interval_steps, interval_start = 0, 0, time.perf_counter()
         self.model.train()
         while True:
             elapsed = self.elapsed_s + time.perf_counter() - start_time
@@ -247,19 +249,21 @@ class Trainer:
             loss, tokens, metrics = self.train_step()
             self.step += 1
             interval_tokens += tokens
+            interval_steps += 1
             progress.update(self.step, self.elapsed_s + time.perf_counter() - start_time)
 
             if self.step % loop.log_interval == 0 or self.step == loop.max_iters:
                 seconds = time.perf_counter() - interval_start
-                record = self._log_record(loss, lr, metrics, interval_tokens, seconds)
+                record = self._log_record(loss, lr, metrics, interval_tokens, interval_steps,
+                                          seconds)  # fmt: skip
                 if self.runtime.is_main:
                     log.write(record)
                     progress.set_postfix(_postfix(record, self.show))
-                interval_tokens, interval_start = 0, time.perf_counter()
+                interval_tokens, interval_steps, interval_start = 0, 0, time.perf_counter()
 
             if self.step % loop.eval_interval == 0:
                 self._evaluate_and_save(log, start_time)
-                interval_tokens, interval_start = 0, time.perf_counter()
+                interval_tokens, interval_steps, interval_start = 0, 0, time.perf_counter()
 
     # ----------------------------------------------------------------- pieces
     def train_step(self) -> tuple[float, int | torch.Tensor, dict[str, float]]:
@@ -272,19 +276,23 @@ class Trainer:
         loss_sum = torch.zeros((), device=rt.device)
         sums: dict[str, torch.Tensor] = {}
         tokens = 0
-        for micro in range(loop.grad_accum):
-            batch = to_device(self.batches.next_batch(), rt.device)
-            if isinstance(self.model, DDP):  # all-reduce gradients only on the last micro-step
-                self.model.require_backward_grad_sync = micro == loop.grad_accum - 1
-            with rt.autocast():
+        # One autocast context for all the micro-batches: it casts each weight to the compute
+        # dtype once and reuses the copy, as the weights do not change until the optimizer
+        # step (a context per micro-batch would cast them all again every time).
+        with rt.autocast():
+            for micro in range(loop.grad_accum):
+                batch = to_device(self.batches.next_batch(), rt.device)
+                if isinstance(self.model, DDP):  # all-reduce gradients on the last micro-step
+                    self.model.require_backward_grad_sync = micro == loop.grad_accum - 1
                 result = self.step_fn(self.model, batch)
                 loss = result.loss / loop.grad_accum
-            self.scaler.scale(loss).backward()
-            loss_sum += loss.detach()
-            tokens = tokens + result.tokens  # an int, or a tensor (no device sync here)
-            for name, value in result.metrics.items():
-                value = torch.as_tensor(value, dtype=torch.float32, device=rt.device).detach()
-                sums[name] = sums.get(name, 0.0) + value / loop.grad_accum
+                with rt.no_autocast():  # backward runs in the dtypes the forward chose
+                    self.scaler.scale(loss).backward()
+                loss_sum += loss.detach()
+                tokens = tokens + result.tokens  # an int, or a tensor (no device sync here)
+                for name, value in result.metrics.items():
+                    value = torch.as_tensor(value, dtype=torch.float32, device=rt.device).detach()
+                    sums[name] = sums.get(name, 0.0) + value / loop.grad_accum
         if loop.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.raw_model.parameters(), loop.grad_clip)
@@ -311,12 +319,17 @@ class Trainer:
         loss, *rest = values.tolist()
         return loss, dict(zip(sums, rest, strict=True))
 
-    def _log_record(self, loss, lr, metrics: dict, tokens: int, seconds: float) -> dict:
+    def _log_record(self, loss, lr, metrics: dict, tokens: int, steps: int, seconds: float):
+        """The log line: tokens/s over all ranks; MFU (model FLOPs of one rank over one
+        device's peak); optimizer_mfu, the optimizer's own products (Muon's Newton-Schulz)
+        over the same peak: device time spent, but not model FLOPs, so never in MFU."""
         rt = self.runtime
         tok_s = float(tokens) * rt.world_size / seconds
         record = {"step": self.step, "train_loss": loss, "lr": lr, "tokens_per_sec": tok_s}
         if self.flops_per_token and self.peak_flops:
             record["mfu"] = tok_s / rt.world_size * self.flops_per_token / self.peak_flops
+        if self.peak_flops and self.optimizer_flops:
+            record["optimizer_mfu"] = self.optimizer_flops * steps / seconds / self.peak_flops
         return {**record, **metrics}
 
     def _agree(self, elapsed: float, stop: bool) -> tuple[float, bool]:
@@ -448,7 +461,7 @@ _FORMATS = {
     "tokens_per_sec": "tok/s={:.0f}",
     "mfu": "mfu={:.1%}",
 }
-_QUIET = {"step", "val_ppl"}  # in metrics.jsonl, not in the progress bar
+_QUIET = {"step", "val_ppl", "optimizer_mfu"}  # in metrics.jsonl, not in the progress bar
 
 
 def _postfix(record: dict, show: tuple[str, ...] | None = None) -> str:

@@ -27,7 +27,8 @@ from .checkpoint import BEST_NAME, CHECKPOINT_NAME, load_checkpoint, save_checkp
 from .files import atomic_write_text, remove_stale_temporaries
 from .loop import Batches, LoopConfig, StepFn, Trainer
 from .optim import optimizer_from_config
-from .runtime import Runtime, peak_flops, setup_runtime, teardown_runtime
+from .peak import peak_flops
+from .runtime import Runtime, setup_runtime, teardown_runtime
 from .settings import LOOP, OPTIMIZER, RUNTIME, Rule, check, check_relations
 from .task_eval import save_eval
 
@@ -73,8 +74,6 @@ class Stage:
                 self.resumed = resumable_checkpoint(self.out_dir)
             else:
                 self._claim_out_dir()
-            if self.runtime.is_main:
-                (self.out_dir / DONE_FILE).unlink(missing_ok=True)  # not finished until exit
         except BaseException:
             teardown_runtime(self.runtime)
             raise
@@ -142,6 +141,9 @@ class Stage:
         """
         rt, cfg = self.runtime, self.cfg
         model.to(rt.device)
+        peak = None
+        if rt.is_main and flops_per_token:  # MFU's denominator (train/peak.py)
+            peak = peak_flops(rt.device, rt.dtype, cfg.get("peak_tflops"))
         trainer = Trainer(
             model,
             optimizer_from_config(model, cfg, rt.device.type),
@@ -161,12 +163,16 @@ class Stage:
             evaluate=evaluate,
             sample=sample,
             flops_per_token=flops_per_token,
-            peak_flops=peak_flops(rt, cfg.get("peak_tflops")) if rt.is_main else None,
+            peak_flops=peak.flops if peak else None,
             show=show,
         )
         if self.resumed is not None:
             trainer.load_state(self.resumed)
+        if rt.is_main:  # training changes the run: not finished until the stage exits
+            (self.out_dir / DONE_FILE).unlink(missing_ok=True)
         self.log(self.describe(model))
+        if peak:
+            self.log(peak.describe())
         return trainer.run()
 
     def describe(self, model: nn.Module) -> str:
