@@ -49,7 +49,7 @@ from .task_eval import (
 
 def run(cfg: DictConfig) -> dict:
     with runtime_session(cfg.device, cfg.precision, cfg.seed) as rt:
-        if cfg.checkpoints:
+        if cfg.get("checkpoints"):
             return side_by_side(cfg, rt)
         ckpt = load_checkpoint(cfg.checkpoint)
         if ckpt["model_kind"] == "reward":
