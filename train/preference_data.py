@@ -14,8 +14,8 @@ Held-out pairs come only from held-out prompts.
 
 The set is written as JSONL in the pair layout (data/preferences.py) with the judge's
 scores, `train.jsonl` and `test.jsonl` in `preferences.dir`, with a meta.json holding the
-key of everything it depends on (the SFT checkpoint's bytes, the task settings, K, the
-number of prompts, temperature, budget, seed). When the key matches, the files are read
+key of everything it depends on (the SFT checkpoint's bytes, the judge's version, the task
+settings, K, the number of prompts, temperature, budget, seed). When the key matches, the files are read
 back instead of sampled again: the reward model and DPO train on the same file, and users
 can read exactly what they learn from.
 """
@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from data import judge
 from data.judge import grade
 from data.preferences import PreferenceGroup, pair_records, read_preference_file
 from data.sources import sha256_file
@@ -47,6 +48,7 @@ def preference_key(cfg, sft_path: str) -> str:
     p, t = cfg.preferences, cfg.tasks
     settings = {
         "format": FORMAT,
+        "judge": judge.VERSION,
         "sft": sha256_file(sft_path),
         "tasks": {"seed": t.seed, "n_train": str(t.n_train), "n_test": t.n_test},
         "data": cfg.data.name,
