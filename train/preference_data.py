@@ -15,9 +15,9 @@ Held-out pairs come only from held-out prompts.
 The set is written as JSONL in the pair layout (data/preferences.py) with the judge's
 scores, `train.jsonl` and `test.jsonl` in `preferences.dir`, with a meta.json holding the
 key of everything it depends on (the SFT checkpoint's bytes, the judge's version, the task
-settings, K, the number of prompts, temperature, budget, seed). When the key matches, the files are read
-back instead of sampled again: the reward model and DPO train on the same file, and users
-can read exactly what they learn from.
+settings, K, the number of prompts, temperature, budget, seed). When the key matches, the
+files are read back instead of sampled again: the reward model and DPO train on the same
+file, and users can read exactly what they learn from.
 """
 
 import hashlib
