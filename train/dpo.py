@@ -21,6 +21,7 @@ with that r is DPO's loss (Z cancels in the difference). docs/alignment.md says 
 """
 
 import copy
+import dataclasses
 import math
 from functools import partial
 
@@ -45,10 +46,25 @@ RULES = {
     "epochs": number(above=0),
     "beta": number(above=0),
     "label_smoothing": number(0, below=0.5),
+    "nll_coef": number(0),
+    "min_chosen_score": optional(number(0, 1)),
     "max_bad_fraction": number(0, 1),
     "eval_max_new_tokens": integer(1),
     "max_iters": optional(integer(0)),
 }
+
+
+def keep_pairs(groups, min_chosen_score: float | None) -> list:
+    """The groups with only the pairs whose chosen reply scored at least min_chosen_score
+    (1.0: only right-over-wrong pairs, no preference between two mistakes); None: all."""
+    if min_chosen_score is None:
+        return groups
+    out = []
+    for g in groups:
+        pairs = [(a, b) for a, b in g.pairs if (g.scores[a] or 0.0) >= min_chosen_score]
+        if pairs:
+            out.append(dataclasses.replace(g, pairs=pairs))
+    return out
 
 
 @torch.no_grad()
@@ -93,6 +109,7 @@ def run(cfg: DictConfig) -> dict:
         if stage.resumed is not None:
             policy, tok, _ = load_model(stage.resumed["path"])
         T = policy.config.block_size
+        groups["train"] = keep_pairs(groups["train"], cfg.min_chosen_score)
         train = rendered(tok, groups["train"], T, "training comparisons", stage.log)
         test = rendered(tok, groups["test"], T, "held-out comparisons", stage.log)
         for part in (train, test):
@@ -115,7 +132,8 @@ def run(cfg: DictConfig) -> dict:
             tasks = score(m, tok, items, rt, cfg.eval_max_new_tokens) if cfg.eval_tasks else {}
             return {**figures, **({"val_accuracy": tasks["overall"]["accuracy"]} if tasks else {})}
 
-        step = partial(dpo_step, beta=cfg.beta, label_smoothing=cfg.label_smoothing)
+        step = partial(dpo_step, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
+                       nll_coef=cfg.nll_coef)  # fmt: skip
         stage.train(policy, tok, loader, step, evaluate=evaluate, loop={"max_iters": max_iters},
                     flops_per_token=policy.flops_per_token(T), init_from=init["path"])  # fmt: skip
         after = score(policy, tok, items, rt, cfg.eval_max_new_tokens)

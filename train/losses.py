@@ -183,15 +183,33 @@ def dpo_loss(
 
 
 def dpo_step(
-    model: nn.Module, batch: dict, beta: float = 0.1, label_smoothing: float = 0.0
+    model: nn.Module,
+    batch: dict,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    nll_coef: float = 0.0,
 ) -> StepResult:
     """One batch of preference groups (data/preferences.py: collate_groups, with each
-    row's reference log-prob in batch["ref_logps"], computed once before training)."""
+    row's reference log-prob in batch["ref_logps"], computed once before training).
+
+    With nll_coef > 0 the chosen replies' next-token loss is added (per token, averaged):
+
+        loss = dpo_loss + nll_coef * mean over pairs of -log pi(y_w|x) / |y_w|
+
+    DPO alone can lower the likelihood of the chosen replies as well as the rejected ones
+    (only their difference counts) and move the freed probability to replies neither pair
+    holds; the added term keeps the chosen ones likely (Pang et al. 2024's RPO)."""
     logits, _ = model(batch["ids"])
-    logps = sequence_logprobs(logits, batch["ids"], batch["mask"].float())  # (R,)
+    mask = batch["mask"].float()
+    logps = sequence_logprobs(logits, batch["ids"], mask)  # (R,)
     loss, chosen, rejected = dpo_loss(logps, batch["ref_logps"], batch["better"], batch["worse"],
                                       beta, label_smoothing)  # fmt: skip
     margin = chosen - rejected
     metrics = {"chosen_reward": chosen.mean(), "rejected_reward": rejected.mean(),
                "margin": margin.mean(), "accuracy": (margin > 0).float().mean()}  # fmt: skip
+    if nll_coef > 0:
+        per_token = -logps / mask[:, 1:].sum(-1).clamp(min=1)  # (R,)
+        nll = per_token[batch["better"]].mean()
+        loss = loss + nll_coef * nll
+        metrics["chosen_nll"] = nll
     return StepResult(loss, batch["lengths"].sum(), metrics)
