@@ -33,9 +33,10 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from data.instruct import read_data_file, to_prompt_item
+from data.instruct import to_prompt_item
 from data.loader import TokenLoader, eval_windows
 from data.prepare import prepare
+from data.records import read_data_file
 from errors import UserError, report_user_errors
 from model.heads import PolicyWithValue
 
