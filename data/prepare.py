@@ -41,14 +41,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 import tokenizer as tokenizers
 from data.sources import Document, input_hashes, load_documents
-from errors import UserError, report_user_errors
+from errors import UserError, entry_point
 from tokenizer import Tokenizer
 
 FORMAT = 1  # bump when the layout of the prepared files changes: forces a rebuild
@@ -346,11 +345,10 @@ def run(cfg: DictConfig) -> Prepared:
     return p
 
 
-def main() -> None:
+@entry_point("prepare")
+def main(cfg: DictConfig) -> None:
     """`python -m data.prepare [overrides]`; UserErrors print one line and exit 2."""
-    hydra.main(version_base=None, config_path="../conf", config_name="prepare")(
-        report_user_errors(run)
-    )()
+    run(cfg)
 
 
 if __name__ == "__main__":

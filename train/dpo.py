@@ -24,29 +24,28 @@ import copy
 import math
 from functools import partial
 
-import hydra
 import torch
 from omegaconf import DictConfig
 
 from data.batching import LengthGroupedLoader
 from data.preferences import collate_groups
-from errors import report_user_errors
+from errors import entry_point
 
 from .checkpoint import CHECKPOINT_NAME, load_model
 from .losses import dpo_step, sequence_logprobs
+from .reward import RULES as REWARD_RULES
 from .reward import preference_groups, rendered
 from .rollouts import Rollouts, RolloutSettings
-from .settings import integer, number, optional
+from .settings import flag, integer, number, optional
 from .stage import Stage
 from .task_eval import builtin_tasks, format_table, score
 
 RULES = {
-    "batch_size": integer(1),
-    "epochs": number(above=0),
+    **REWARD_RULES,  # the same data: preference files, the built-in set, the tasks
     "beta": number(above=0),
     "label_smoothing": number(0, below=0.5),
-    "max_bad_fraction": number(0, 1),
-    "eval_max_new_tokens": integer(1),
+    "eval_tasks": flag(),
+    "eval_max_new_tokens": integer(1),  # also the sampled replies' budget
     "max_iters": optional(integer(0)),
 }
 
@@ -142,8 +141,7 @@ def run(cfg: DictConfig) -> dict:
         return after
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="dpo")
-@report_user_errors
+@entry_point("dpo")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

@@ -29,15 +29,14 @@ import math
 from functools import partial
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from data.instruct import to_prompt_item
 from data.loader import TokenLoader, eval_windows
 from data.prepare import prepare
-from data.records import read_data_file
-from errors import UserError, report_user_errors
+from data.records import file_entry, read_data_file
+from errors import UserError, entry_point
 from model.heads import PolicyWithValue
 
 from .checkpoint import CHECKPOINT_NAME, load_kind, load_model
@@ -46,11 +45,35 @@ from .losses import ppo_step
 from .metrics import read_metrics
 from .plots import reward_vs_kl
 from .rollouts import Rollouts, RolloutSettings
-from .settings import choice, integer, number, optional
+from .settings import (
+    EVAL_FILES,
+    MAX_BAD_FRACTION,
+    TASKS,
+    choice,
+    file_list,
+    flag,
+    integer,
+    number,
+    optional,
+    text,
+)
 from .stage import Stage
 from .task_eval import builtin_tasks, eval_file_items, format_table, score
 
 RULES = {
+    "init_from": text(),
+    "reward_model": text(),
+    "prompt_files": file_list(),
+    "eval_files": EVAL_FILES,
+    **MAX_BAD_FRACTION,
+    **TASKS,
+    "gamma": number(0, 1),
+    "lam": number(0, 1),
+    "kl_horizon": integer(1),
+    "ptx_batch_size": integer(1),
+    "ptx_seq_len": integer(1),
+    "ptx_eval_tokens": integer(1),
+    "report_bpb": flag(),
     "rollout_prompts": integer(1),
     "group_size": integer(1),
     "reply_tokens": integer(1),
@@ -78,9 +101,10 @@ def prompt_items(cfg: DictConfig, log) -> tuple[list[dict], list[dict]]:
     if cfg.tasks.weight > 0:
         tasks = builtin_tasks(cfg)
         train, test = tasks.train, tasks.test
-    for path in cfg.prompt_files:
+    for entry in cfg.prompt_files:
+        path, _ = file_entry(entry, "prompt_files")
         report = read_data_file(path, to_prompt_item, cfg.max_bad_fraction, log, what="prompt")
-        train += [{"task": Path(path).stem, **item} for item in report.items]
+        train += [{"task": Path(path).stem, "match": "exact", **item} for item in report.items]
     test += eval_file_items(cfg.eval_files, cfg.max_bad_fraction)
     if not train:
         raise UserError("no prompts: set tasks.weight > 0 or give prompt_files=[...]")
@@ -212,8 +236,7 @@ def finish(cfg, stage: Stage, policy, frozen, tok, items, before: dict, bpb: dic
     return after
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="ppo")
-@report_user_errors
+@entry_point("ppo")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

@@ -23,19 +23,18 @@ import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig
 
 from data.sources import read_utf8_file
-from errors import UserError, report_user_errors
+from errors import UserError, entry_point
 from model import GPT
 from model.generate import completions, prepare_for_decoding
 from tokenizer.chat import ChatFormatError, render_prompt
 
 from .checkpoint import CHECKPOINT_NAME, load_model
 from .runtime import setup_runtime
-from .settings import RUNTIME, TEMPERATURE, check, choice, flag, integer, number, optional
+from .settings import RUNTIME, TEMPERATURE, check, choice, flag, integer, number, optional, text
 
 MODES = ("generate", "chat")
 
@@ -44,6 +43,9 @@ MODES = ("generate", "chat")
 
 
 RULES = {
+    "checkpoint": optional(text()),
+    "prompt_file": optional(text()),
+    "system": optional(text()),
     "max_new_tokens": integer(1),
     "num_samples": integer(1),
     "temperature": TEMPERATURE,
@@ -288,8 +290,7 @@ def run(cfg: DictConfig) -> None:
         sample(model, tok, text, cfg, settings, generator)
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="sample")
-@report_user_errors
+@entry_point("sample")
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)

@@ -48,6 +48,13 @@ def resumable_checkpoint(out_dir: Path) -> dict:
     return ckpt
 
 
+def check_stage(cfg: DictConfig, rules: dict[str, Rule] | None = None) -> None:
+    """A stage's settings against the loop's, the optimizer's, the runtime's and its own
+    rules (train/settings.py); train.align checks every stage this way before running any."""
+    check(cfg, {**RUNTIME, **LOOP, **OPTIMIZER, **(rules or {})})
+    check_relations(cfg)
+
+
 class Stage:
     def __init__(self, name: str, cfg: DictConfig, rules: dict[str, Rule] | None = None) -> None:
         """name: the stage ("pretrain", "sft", ...), written into its checkpoints.
@@ -55,14 +62,13 @@ class Stage:
         and the runtime's are always checked."""
         self.name = name
         self.cfg = cfg
-        self.rules = {**RUNTIME, **LOOP, **OPTIMIZER, **(rules or {})}
+        self.rules = rules or {}
         self.out_dir = Path(cfg.out_dir)
         self.runtime: Runtime | None = None
         self.resumed: dict | None = None  # the checkpoint being resumed
 
     def __enter__(self) -> "Stage":
-        check(self.cfg, self.rules)  # before any work
-        check_relations(self.cfg)
+        check_stage(self.cfg, self.rules)  # before any work
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise UserError(f"out_dir={self.out_dir} is a file, not a folder; choose another")
         self.runtime = setup_runtime(self.cfg.device, self.cfg.precision, self.cfg.seed)
