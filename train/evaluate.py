@@ -118,8 +118,8 @@ def score_reward_model(cfg: DictConfig, rt, path: str) -> dict:
     held_out = Path(ckpt.get("preferences") or ".") / "test.jsonl"
     groups = read_preference_file(held_out) if cfg.tasks.weight > 0 and held_out.is_file() else []
     for entry in OmegaConf.to_container(cfg.eval_files, resolve=True):
-        path, _ = file_entry(entry, "eval_files", ("match", "name"))
-        groups += read_preference_file(path, cfg.max_bad_fraction)
+        file, _ = file_entry(entry, "eval_files", ("match", "name"))
+        groups += read_preference_file(file, cfg.max_bad_fraction)
     block = model.config.block_size
     rendered = [r for r in (render_group(tok, g, block) for g in groups) if r is not None]
     if not rendered:

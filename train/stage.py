@@ -79,8 +79,6 @@ class Stage:
                 self.resumed = resumable_checkpoint(self.out_dir)
             else:
                 self._claim_out_dir()
-            if self.runtime.is_main:
-                (self.out_dir / DONE_FILE).unlink(missing_ok=True)  # not finished until exit
         except BaseException:
             teardown_runtime(self.runtime)
             raise
@@ -172,6 +170,8 @@ class Stage:
         )
         if self.resumed is not None:
             trainer.load_state(self.resumed)
+        if rt.is_main:  # the run changes from here: not finished until the stage exits
+            (self.out_dir / DONE_FILE).unlink(missing_ok=True)
         self.log(self.describe(model))
         return trainer.run()
 
