@@ -84,12 +84,12 @@ def settings_of(data_cfg) -> dict:
         "seed": cfg.get("seed", 1337),
         "tokenizer": cfg.get("tokenizer", "sentencepiece"),
     }
-    if not isinstance(s["vocab_size"], int) or s["vocab_size"] < 1:
+    if type(s["vocab_size"]) is not int or s["vocab_size"] < 1:  # True is no size
         raise UserError(f"data.vocab_size must be a positive integer, got {s['vocab_size']!r}")
     v = s["val_fraction"]
-    if not isinstance(v, (int, float)) or not 0 < v < 1:
+    if type(v) not in (int, float) or not 0 < v < 1:
         raise UserError(f"data.val_fraction must be between 0 and 1 (exclusive), got {v!r}")
-    if not isinstance(s["seed"], int):
+    if type(s["seed"]) is not int:
         raise UserError(f"data.seed must be an integer, got {s['seed']!r}")
     return s
 

@@ -11,7 +11,7 @@ config.yaml; `resume` and `overwrite` aside), or when a stage before it ran agai
 starts from that stage's checkpoint). Running again replaces its earlier run
 (overwrite=true): asking for `make align` after changing a setting is asking for that.
 
-    make align ARGS="overrides.all=[device=cuda] overrides.ppo=[beta=0.01]"
+    make align ARGS="overrides.all=['device=cuda'] overrides.ppo=['beta=0.01']"   (quoted: Hydra)
 """
 
 import importlib

@@ -103,7 +103,7 @@ def file_list(**fields: Rule) -> Rule:
     return Rule(
         f"a list of files, each a path or {{path{keys}}}",
         lambda v: isinstance(v, list) and all(map(entry_ok, v)),
-        hint="a list even for one file: [a.jsonl], or [{path: a.jsonl}]",
+        hint="write a list, even of one file: [a.jsonl] or [{path: a.jsonl}]",
     )
 
 
@@ -124,7 +124,6 @@ def list_of(rule: Rule) -> Rule:
     return Rule(
         f"a list, each {rule.describe}",
         lambda v: isinstance(v, list) and all(map(rule.ok, v)),
-        hint="write a list: [a,b]",
     )
 
 
