@@ -2,7 +2,7 @@
 
     pretrain -> sft -> rm -> ppo -> dpo        each skipped when it finished before (its
                                                out_dir has done.json) with the same config
-    base, SFT, PPO and DPO on the same held-out items (train/compare.py): exact match per
+    base, SFT, PPO and DPO on the same held-out items (train/compare.py): accuracy per
     task and overall, each model's KL to SFT, the reward model's mean score and the judge's
     -> out/align/report.json and out/align/accuracy.png
 

@@ -133,7 +133,7 @@ def run(cfg: DictConfig) -> dict:
         for name, model in (("sft", reference), ("dpo", policy)):
             if name in results:
                 results[name]["sampled"] = sampled_report(cfg, model, reference, tok, items, stage)
-        stage.log("held-out exact match (greedy, chat format):\n" + format_table(results))
+        stage.log("held-out accuracy (greedy, chat format):\n" + format_table(results))
         stage.log(f"dpo: KL to the reference {results['dpo']['sampled']['kl']:.3f} nats per reply")
         prefs = preference_accuracy(policy, test, tok.pad_id, rt.device, cfg.beta)
         path = str(stage.out_dir / CHECKPOINT_NAME)

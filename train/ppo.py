@@ -182,7 +182,7 @@ def run(cfg: DictConfig) -> dict:
         if stage.resumed is None:
             before = held_out_report(cfg, policy, frozen, tok, test_items, stage)
             if before:
-                stage.log(f"SFT, held-out exact match: {before['overall']['accuracy']:.1%}")
+                stage.log(f"SFT, held-out accuracy: {before['overall']['accuracy']:.1%}")
         ptx, bpb = None, {}
         if cfg.ptx_coef > 0 or cfg.report_bpb:
             bpb["before"] = pretraining_bpb(cfg, policy, stage)
@@ -225,7 +225,7 @@ def finish(cfg, stage: Stage, policy, frozen, tok, items, before: dict, bpb: dic
     stage.log(f"reward and gold against KL: {picture}")
     if after:
         results = {"sft": before, "ppo": after} if before else {"ppo": after}
-        stage.log("held-out exact match (greedy, chat format):\n" + format_table(results))
+        stage.log("held-out accuracy (greedy, chat format):\n" + format_table(results))
         for name, r in results.items():
             s = r["sampled"]
             stage.log(f"{name}: sampled replies' reward {s['score']:+.3f}, gold {s['gold']:.3f}, "
