@@ -288,6 +288,10 @@ def test_a_reply_is_shown_without_its_leading_space_and_kept_with_it(tok):
     stream = sample_cli.TextStream(tok, lstrip=True)
     shown = "".join([stream.push(i) for i in ids] + [stream.flush()])
     assert shown == "To be, or not" and tok.decode(stream.ids) == " To be, or not"
+    stream = sample_cli.TextStream(tok, lstrip=True)  # spaces over several tokens
+    ids = tok.encode(" ") + tok.encode("  To be")
+    shown = "".join([stream.push(i) for i in ids] + [stream.flush()])
+    assert shown == "To be" and tok.decode(stream.ids) == "   To be"
 
 
 def fake_completions(replies: list[list[int]], interrupt_at: dict[int, int], prompts: list):

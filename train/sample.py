@@ -123,11 +123,12 @@ class TextStream:
         self.tok = tok
         self.ids: list[int] = []
         self.printed = 0  # characters of decode(ids) already handed out (or skipped)
-        self.lstrip = lstrip
+        self.lstrip = lstrip  # whitespace is still to be skipped
 
     def _new(self, text: str) -> str:
-        if self.lstrip and self.printed == 0:
-            self.printed = len(text) - len(text.lstrip())  # skip the leading whitespace
+        if self.lstrip:  # skip the leading whitespace, however many tokens it spans
+            self.printed = max(self.printed, len(text) - len(text.lstrip()))
+            self.lstrip = not text.strip()
         new = text[self.printed :]
         self.printed = max(self.printed, len(text))
         return new

@@ -266,6 +266,9 @@ def format_table(results: dict[str, dict]) -> str:
         elif key == "1" and any(len(r.get("turns", {})) > 1 for r in results.values()):
             lines.append(row(label, "", [cell(f["accuracy"]) if f else cell(None)
                                          for f in figures]))  # fmt: skip
+    if len(lines) > len(tasks) + 4:
+        lines.append("(answer k: held-out items asked k-th in a conversation; in parentheses, "
+                     "the same items asked alone)")  # fmt: skip
     return "\n".join(lines)
 
 
