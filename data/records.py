@@ -24,7 +24,7 @@ the run as well.
 
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -157,6 +157,8 @@ def file_entry(entry, setting: str, options: tuple[str, ...] = ("weight",)) -> t
     setting for anything else; a weight must be a number >= 0."""
     if isinstance(entry, (str, Path)) and str(entry):
         return str(entry), {}
+    if isinstance(entry, Mapping):  # a dict, or an entry of a Hydra config
+        entry = dict(entry)
     allowed = ", ".join(("path", *options))
     if not isinstance(entry, dict) or not isinstance(entry.get("path"), (str, Path)):
         raise UserError(

@@ -310,3 +310,11 @@ def test_conversations_cut_or_dropped_for_length_are_reported_by_file_and_line(t
 def test_bad_file_entries_are_one_line(entry, why):
     with pytest.raises(UserError, match=why):
         load_instruction_data([entry], log=lambda m: None)
+
+
+def test_file_entries_of_a_hydra_config_are_read(tmp_path):
+    from omegaconf import OmegaConf
+
+    path = write_jsonl(tmp_path / "a.jsonl", [ALPACA] * 4)
+    sources = OmegaConf.create([{"path": str(path), "weight": 0.5}, str(path)])
+    assert len(load_instruction_data(sources, log=lambda m: None)) == 2 + 4

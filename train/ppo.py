@@ -58,7 +58,7 @@ from .settings import (
     text,
 )
 from .stage import Stage
-from .task_eval import builtin_tasks, eval_file_items, format_table, score
+from .task_eval import builtin_tasks, check_budget, eval_file_items, format_table, score
 
 RULES = {
     "init_from": text(),
@@ -105,7 +105,7 @@ def prompt_items(cfg: DictConfig, log) -> tuple[list[dict], list[dict]]:
         path, _ = file_entry(entry, "prompt_files")
         report = read_data_file(path, to_prompt_item, cfg.max_bad_fraction, log, what="prompt")
         train += [{"task": Path(path).stem, "match": "exact", **item} for item in report.items]
-    test += eval_file_items(cfg.eval_files, cfg.max_bad_fraction)
+    test += eval_file_items(cfg.eval_files, cfg.max_bad_fraction, [i["task"] for i in test], log)
     if not train:
         raise UserError("no prompts: set tasks.weight > 0 or give prompt_files=[...]")
     if cfg.reward == "tasks" and not all("answer" in item for item in train):
@@ -178,6 +178,9 @@ def run(cfg: DictConfig) -> dict:
         policy = model.policy if isinstance(model, PolicyWithValue) else model
         policy.to(rt.device)
         train_items, test_items = prompt_items(cfg, stage.log)
+        warning = check_budget(tok, test_items, cfg.eval_max_new_tokens)
+        if warning:
+            stage.log(f"warning: {warning}")
         before = {}
         if stage.resumed is None:
             before = held_out_report(cfg, policy, frozen, tok, test_items, stage)
