@@ -1,21 +1,31 @@
 """Instruction data: JSON and JSONL files -> conversations -> (ids, mask) examples.
 
-Reading. A file is JSONL (one record per line; "line N" is its 1-based line number) or
-JSON (one array of records; "index N" is the 0-based array index). Files ending in .json
-are read as JSON, .jsonl/.ndjson as JSONL, anything else by its first character ('[' is
-JSON). Each record is recognised by its keys, record by record, so one file may mix them:
+Reading. Files are JSON arrays or JSON Lines, recognised by content (data/records.py, which
+also reports a malformed record with its file and line and applies max_bad_fraction). Each
+record is recognised by its keys, record by record, so one file may mix layouts:
 
-    chat     {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
-             system optional (first only), any number of turns, the last one the assistant's
-    Alpaca   {"instruction": "...", "input": "..." (optional), "output": "..."}
-    Dolly    {"instruction": "...", "context": "..." (optional), "response": "..."}
+    chat       {"messages": [{"role": "system"|"developer"|"user"|"assistant",
+                              "content": "..." or [{"type": "text", "text": "..."}, ...],
+                              "weight": 0 or 1 (assistant only, optional)}, ...]}
+               OpenAI's layout: developer is the system role; content given as text parts
+               is their texts joined (as chat templates join them); an assistant message
+               with "weight": 0 is context, not trained (tokenizer/chat.py)
+    ShareGPT   {"conversations": [{"from": "system"|"human"|"gpt", "value": "..."}, ...]}
+               (also "user"/"assistant"; turns written with role/content read as chat)
+    TRL        {"prompt": ..., "completion": ...}: strings (a user turn and the assistant's
+               reply), or message lists (conversational); only the completion is trained,
+               as TRL does, so assistant messages in the prompt get weight 0
+    Alpaca     {"instruction": "...", "input": "..." (optional), "output": "..."}
+    Dolly      {"instruction": "...", "context": "..." (optional), "response": "..."}
 
-Alpaca and Dolly become [user: instruction + "\\n\\n" + input/context, assistant: output/
-response]. A record that fits none of them, or has an empty instruction or answer, is
-malformed: it is reported with its file and line (or index) and skipped. A file in which
-more than max_bad_fraction of the records are malformed stops the run (UserError): at
-that point the file is in another format, not slightly dirty. A file that cannot be
-parsed at all, or holds no records, stops the run as well.
+A system message may only come first; the last message must be the assistant's (the reply
+to learn), and at least one assistant message must be trained. Alpaca and Dolly become
+[user: instruction + "\\n\\n" + input/context, assistant: output/response]; input and context
+must be strings when present (null counts as absent). Tool definitions, tool calls and
+tool results (OpenAI's tools / tool_calls / role "tool", ShareGPT's function_call /
+observation turns) are refused record by record, naming the feature: the chat format has no
+place for them, and training on such a conversation without them would teach replies to
+calls the model never saw. Images and other non-text parts are refused likewise.
 
 Mixing. Several files, each with a weight: a file of n conversations with weight w
 contributes round(w * n) of them per epoch: each conversation floor(w) times, plus a
@@ -24,64 +34,182 @@ high-quality set, 0.25 takes a quarter of a big one. Nothing to train on: UserEr
 
 Examples. A conversation becomes one example (ids, mask) in the chat format
 (tokenizer/chat.py), cut on the left to fit the context with its final reply kept;
-conversations whose final reply does not fit are dropped and counted (render_examples).
-Batching the examples, padded and grouped by length, is data/batching.py's work.
+conversations whose final reply does not fit are dropped (render_examples). A conversation
+read from a file remembers where (`Conversation.where`, "path:line N"), so the cut and
+dropped ones are reported by file and line. Batching is data/batching.py's work.
 """
 
-import json
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from errors import UserError
-from tokenizer.chat import ChatFormatError, fit_to_context, render_conversation, validate_messages
+from tokenizer.chat import (
+    ChatFormatError,
+    fit_to_context,
+    is_trained,
+    render_conversation,
+    validate_messages,
+)
 
-Conversation = list[dict]
-MAX_REPORTED = 10  # malformed records listed one by one per file; the rest are counted
+from .records import MAX_REPORTED, FileReport, file_entry, read_data_file
+
+
+class Conversation(list):
+    """A list of messages that remembers where it was read: `where` is "path:line N"
+    ("path:index N" in a JSON array), or None for a conversation made in code."""
+
+    where: str | None = None
+
+
+# ---------------------------------------------------------------------------- messages
+
+TOOL_ROLES = ("tool", "function", "ipython")
+TOOL_KEYS = ("tool_calls", "function_call", "tool_call_id")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant", "chatgpt": "assistant"}  # fmt: skip
+SHAREGPT_TOOLS = ("function_call", "observation", "tool", "function")
+NO_TOOLS = "tool calls are not supported (the chat format has no tool turns); leave it out"
+
+
+def text_of(content, where: str) -> str:
+    """A message's content as text: a string, or a list of text parts joined."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ValueError(f"{where} must have a string 'content' (or a list of text parts)")
+    texts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text" or not isinstance(part.get("text"), str):
+            what = f"of type {kind!r}" if kind else repr(part)[:40]
+            raise ValueError(f"{where} has a content part {what}; only text parts are supported")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def standard_messages(value, what: str = "messages") -> list[dict]:
+    """OpenAI-style messages as {"role", "content"} dicts ("weight" kept when given):
+    developer -> system, text parts joined; ValueError for tools, images, bad messages."""
+    if not isinstance(value, list):
+        raise ValueError(f"'{what}' must be a list of messages")
+    out = []
+    for i, m in enumerate(value):
+        where = f"{what}[{i}]"
+        if not isinstance(m, dict):
+            raise ValueError(f"{where} must be an object with role and content")
+        if m.get("role") in TOOL_ROLES or any(m.get(k) for k in TOOL_KEYS):
+            raise ValueError(f"{where}: {NO_TOOLS}")
+        role = "system" if m.get("role") == "developer" else m.get("role")
+        message = {"role": role, "content": text_of(m.get("content"), f"{where} ({role})")}
+        if "weight" in m:
+            message["weight"] = m["weight"]
+        out.append(message)
+    try:
+        validate_messages(out)
+    except ChatFormatError as e:
+        raise ValueError(f"'{what}': {e}") from None
+    return out
+
+
+def sharegpt_messages(turns) -> list[dict]:
+    """ShareGPT's turns ({"from", "value"}) as messages."""
+    if isinstance(turns, list) and turns and isinstance(turns[0], dict) and "role" in turns[0]:
+        return standard_messages(turns, "conversations")  # written with role/content
+    if not isinstance(turns, list):
+        raise ValueError("'conversations' must be a list of turns")
+    out = []
+    for i, t in enumerate(turns):
+        source = t.get("from") if isinstance(t, dict) else None
+        if source in SHAREGPT_TOOLS:
+            raise ValueError(f"conversations[{i}] is a {source} turn: {NO_TOOLS}")
+        if source not in SHAREGPT_ROLES:
+            raise ValueError(f"conversations[{i}] is from {source!r}; use human, gpt or system")
+        if not isinstance(t.get("value"), str):
+            raise ValueError(f"conversations[{i}] must have a string 'value'")
+        out.append({"role": SHAREGPT_ROLES[source], "content": t["value"]})
+        if "weight" in t:
+            out[-1]["weight"] = t["weight"]
+    return standard_messages(out, "conversations")
+
+
+def prompt_completion(record: dict) -> list[dict]:
+    """TRL's prompt-completion record as messages; only the completion is trained."""
+    prompt, completion = record["prompt"], record["completion"]
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if isinstance(completion, str):
+        completion = [{"role": "assistant", "content": completion}]
+    context = [
+        {**m, "weight": 0} if m.get("role") == "assistant" else m
+        for m in standard_messages(prompt, "prompt")
+    ]
+    return context + standard_messages(completion, "completion")
+
+
+def alpaca_or_dolly(record: dict) -> list[dict]:
+    """Alpaca (instruction, input, output) or Dolly (instruction, context, response)."""
+    if "output" in record:
+        extra_key, answer_key = "input", "output"
+    elif "response" in record:
+        extra_key, answer_key = "context", "response"
+    else:
+        raise ValueError("has 'instruction' but no 'output' (Alpaca) or 'response' (Dolly)")
+    instruction, extra = record["instruction"], record.get(extra_key)
+    extra = "" if extra is None else extra  # null: absent, as datasets writes missing values
+    answer = record[answer_key]
+    for key, value in (("instruction", instruction), (extra_key, extra), (answer_key, answer)):
+        if not isinstance(value, str):
+            raise ValueError(f"'{key}' must be a string, got {type(value).__name__} {value!r}")
+    if not instruction.strip() or not answer.strip():
+        raise ValueError(f"'instruction' and '{answer_key}' must not be empty")
+    prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
 
 
 # ---------------------------------------------------------------------------- records
 
 
-def to_conversation(record) -> Conversation:
-    """One record (chat, Alpaca or Dolly) as a conversation; ValueError says why not."""
-    if not isinstance(record, dict):
-        raise ValueError(f"a record must be a JSON object, got {type(record).__name__}")
+def _messages_of(record: dict) -> list[dict]:
+    if record.get("tools") or record.get("functions"):
+        raise ValueError(f"the record defines tools: {NO_TOOLS}")
     if "messages" in record:
-        messages = record["messages"]
-        try:
-            validate_messages(messages)
-        except ChatFormatError as e:
-            raise ValueError(str(e)) from None
-        if not messages or messages[-1]["role"] != "assistant":
-            raise ValueError("the last message must be the assistant's (the reply to learn)")
-        if not messages[-1]["content"].strip():
-            raise ValueError("the assistant's last message is empty")
-        return [{"role": m["role"], "content": m["content"]} for m in messages]
+        return standard_messages(record["messages"])
+    if "conversations" in record:
+        return sharegpt_messages(record["conversations"])
+    if "prompt" in record:
+        if "completion" not in record:
+            raise ValueError(
+                "has 'prompt' but no 'completion' (TRL's prompt-completion); a prompt alone "
+                "is a PPO prompt (prompt_files), not a demonstration"
+            )
+        return prompt_completion(record)
     if "instruction" in record:
-        if "output" in record:  # Alpaca
-            extra_key, answer_key = "input", "output"
-        elif "response" in record:  # Dolly
-            extra_key, answer_key = "context", "response"
-        else:
-            raise ValueError("has 'instruction' but no 'output' (Alpaca) or 'response' (Dolly)")
-        instruction, extra = record["instruction"], record.get(extra_key) or ""
-        answer = record[answer_key]
-        for key, value in (("instruction", instruction), (extra_key, extra), (answer_key, answer)):
-            if not isinstance(value, str):
-                raise ValueError(f"'{key}' must be a string, got {type(value).__name__}")
-        if not instruction.strip() or not answer.strip():
-            raise ValueError(f"'instruction' and '{answer_key}' must not be empty")
-        prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+        return alpaca_or_dolly(record)
     keys = ", ".join(sorted(record)) or "none"
     raise ValueError(
-        f"unknown format (keys: {keys}); expected chat (messages), Alpaca (instruction, "
-        "input, output) or Dolly (instruction, context, response)"
+        f"unknown format (keys: {keys}); expected chat (messages), ShareGPT (conversations), "
+        "TRL (prompt, completion), Alpaca (instruction, input, output) or Dolly "
+        "(instruction, context, response)"
     )
+
+
+def to_conversation(record) -> Conversation:
+    """One record (any layout of the module docstring) as a conversation; ValueError says
+    why not."""
+    if not isinstance(record, dict):
+        raise ValueError(f"a record must be a JSON object, got {type(record).__name__}")
+    messages = _messages_of(record)
+    if not messages or messages[-1]["role"] != "assistant":
+        raise ValueError("the last message must be the assistant's (the reply to learn)")
+    if not messages[-1]["content"].strip():
+        raise ValueError("the assistant's last message is empty")
+    if not any(is_trained(m) for m in messages):
+        raise ValueError("every assistant message has weight 0: nothing to train on")
+    return Conversation(messages)
 
 
 def to_prompt_item(record) -> dict:
@@ -94,11 +222,7 @@ def to_prompt_item(record) -> dict:
         raise ValueError("a prompt record needs 'prompt' (a string or messages) or 'messages'")
     value = record.get("prompt", record.get("messages"))
     messages = [{"role": "user", "content": value}] if isinstance(value, str) else value
-    try:
-        validate_messages(messages)
-    except ChatFormatError as e:
-        raise ValueError(str(e)) from None
-    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    messages = [{"role": m["role"], "content": m["content"]} for m in standard_messages(messages)]
     if messages and messages[-1]["role"] == "assistant":
         messages = messages[:-1]
     if not messages or messages[-1]["role"] == "system":
@@ -111,119 +235,24 @@ def to_prompt_item(record) -> dict:
     return item
 
 
-def _is_json_array(path: Path) -> bool:
-    suffix = path.suffix.lower()
-    if suffix == ".json":
-        return True
-    if suffix in (".jsonl", ".ndjson"):
-        return False
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return f.read(4096).lstrip().startswith("[")
-
-
-def read_records(path: str | Path) -> Iterator[tuple[str, object]]:
-    """(where, record) for each record of a JSON or JSONL file, in order.
-
-    where is "line N" (JSONL, 1-based) or "index N" (JSON array, 0-based). A JSONL line
-    that is not valid JSON yields a ValueError as its record. A file that is missing, not
-    UTF-8, or (JSON) not a valid array raises UserError.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"instruction data file {path} does not exist; fix the data paths")
-    try:
-        if _is_json_array(path):
-            text = path.read_text(encoding="utf-8")
-            if not text.strip():
-                return  # an empty file: no records
-            try:
-                records = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise UserError(
-                    f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
-                    "fix it, or use JSONL with one record per line"
-                ) from None
-            if not isinstance(records, list):
-                raise UserError(f"{path} must hold a JSON array of records, not a single value")
-            for i, record in enumerate(records):
-                yield f"index {i}", record
-            return
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"line {n}", json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield f"line {n}", ValueError(f"not valid JSON ({e.msg}, column {e.colno})")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 (byte offset {e.start}); convert it") from None
-
-
-@dataclass
-class FileReport:
-    """What reading one file found."""
-
-    path: str
-    records: int = 0
-    items: list = field(default_factory=list)  # what the records parsed into
-    malformed: list[str] = field(default_factory=list)  # "path:line N: why"
-
-    @property
-    def conversations(self) -> list:
-        return self.items
-
-
-def read_data_file(
-    path: str | Path,
-    parse: Callable[[object], object],
-    max_bad_fraction: float = 0.05,
-    log: Callable[[str], None] = print,
-    what: str = "instruction data",
-) -> FileReport:
-    """parse(record) for every record of a JSON or JSONL file; a record it refuses (with a
-    ValueError that says why) is logged with its file and line and skipped. UserError when
-    the file holds no records, or more than max_bad_fraction malformed ones."""
-    report = FileReport(str(path))
-    for where, record in read_records(path):
-        report.records += 1
-        try:
-            if isinstance(record, Exception):
-                raise record
-            report.items.append(parse(record))
-        except ValueError as e:
-            report.malformed.append(f"{path}:{where}: {e}")
-    bad = len(report.malformed)
-    for message in report.malformed[:MAX_REPORTED]:
-        log(f"skipping malformed record {message}")
-    if bad > MAX_REPORTED:
-        log(f"... and {bad - MAX_REPORTED} more malformed records in {path}")
-    if report.records == 0:
-        raise UserError(f"{what} file {path} holds no records; fix or remove it")
-    if bad / report.records > max_bad_fraction:
-        raise UserError(
-            f"{path}: {bad} of {report.records} records ({bad / report.records:.0%}) are "
-            f"malformed, more than max_bad_fraction={max_bad_fraction:g} (first: "
-            f"{report.malformed[0]}); fix the file or raise the threshold"
-        )
-    return report
-
-
 def read_instruction_file(
     path: str | Path, max_bad_fraction: float = 0.05, log: Callable[[str], None] = print
 ) -> FileReport:
-    """The conversations of one instruction file (read_data_file with to_conversation)."""
-    return read_data_file(path, to_conversation, max_bad_fraction, log)
+    """The conversations of one instruction file, each knowing its file and line."""
+    report = read_data_file(path, to_conversation, max_bad_fraction, log)
+    for conversation, where in zip(report.items, report.wheres, strict=True):
+        conversation.where = f"{path}:{where}"
+    return report
 
 
 # ---------------------------------------------------------------------------- mixing
 
 
-def mix(parts: Sequence[tuple[Sequence[Conversation], float]], seed: int = 0) -> list[Conversation]:
+def mix(parts: Sequence[tuple[Sequence, float]], seed: int = 0) -> list:
     """One list from (conversations, weight) parts: round(weight * n) of each part's n
     conversations (whole copies, then a seeded random subset for the fraction)."""
     rng = np.random.default_rng([seed, 0x31C])
-    out: list[Conversation] = []
+    out: list = []
     for conversations, weight in parts:
         if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
             raise UserError(f"a data weight must be a number >= 0, got {weight!r}")
@@ -239,18 +268,18 @@ def load_instruction_data(
     max_bad_fraction: float = 0.05,
     seed: int = 0,
     log: Callable[[str], None] = print,
+    setting: str = "files",
 ) -> list[Conversation]:
-    """The mixture of files listed in `sources`: each a path, or {path, weight (default 1)}.
+    """The mixture of the files listed in `sources` (the setting named `setting`): each a
+    path, or {path, weight (default 1)}.
 
     Reads every file (see read_instruction_file), mixes them by weight, and logs what each
-    contributed. UserError if there is nothing to train on.
+    contributed. UserError for a bad entry, or if there is nothing to train on.
     """
     parts = []
     for source in sources:
-        if isinstance(source, (str, Path)):
-            path, weight = source, 1.0
-        else:
-            path, weight = source["path"], source.get("weight", 1.0)
+        path, options = file_entry(source, setting)
+        weight = options.get("weight", 1.0)
         report = read_instruction_file(path, max_bad_fraction, log)
         parts.append((report.conversations, weight))
         log(
@@ -278,6 +307,8 @@ class RenderReport:
     dropped: int = 0  # even the final reply did not fit
     tokens: int = 0  # ids in all examples
     trained_tokens: int = 0  # ids with mask 1
+    truncated_at: list[str] = field(default_factory=list)  # "path:line N" of those from files
+    dropped_at: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         return (
@@ -286,20 +317,38 @@ class RenderReport:
             f"the context), {self.tokens} tokens of which {self.trained_tokens} trained"
         )
 
+    def details(self, block_size: int) -> list[str]:
+        """One line per file conversation truncated or dropped (MAX_REPORTED of each)."""
+        lines = []
+        for places, what in (
+            (self.truncated_at, f"cut on the left to fit the context ({block_size} tokens)"),
+            (self.dropped_at, f"dropped: its last reply alone exceeds {block_size} tokens"),
+        ):
+            places = list(dict.fromkeys(places))  # a conversation mixed in twice: once
+            lines += [f"{where}: {what}" for where in places[:MAX_REPORTED]]
+            if len(places) > MAX_REPORTED:
+                lines.append(f"... and {len(places) - MAX_REPORTED} more {what.split(':')[0]}")
+        return lines
+
 
 def render_examples(
-    tok, conversations: Sequence[Conversation], block_size: int
+    tok, conversations: Sequence[list[dict]], block_size: int
 ) -> tuple[list[tuple[list[int], list[int]]], RenderReport]:
     """(ids, mask) per conversation, fitted to block_size + 1 ids (x and y are block_size
-    long); truncated and dropped conversations are counted. UserError if none is left."""
+    long); truncated and dropped conversations are counted, and those read from files
+    listed by file and line. UserError if none is left."""
     examples, report = [], RenderReport(conversations=len(conversations))
     for conversation in conversations:
+        where = getattr(conversation, "where", None)
         ids, mask = render_conversation(tok, conversation)
         fitted = fit_to_context(ids, mask, block_size + 1)
         if fitted is None or not any(fitted[1]):
             report.dropped += 1
+            report.dropped_at += [where] if where else []
             continue
-        report.truncated += len(fitted[0]) < len(ids)
+        if len(fitted[0]) < len(ids):
+            report.truncated += 1
+            report.truncated_at += [where] if where else []
         examples.append(fitted)
         report.tokens += len(fitted[0])
         report.trained_tokens += sum(fitted[1])

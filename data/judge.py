@@ -9,11 +9,20 @@ rewards:
   1 exactly when is_correct says so, and below 1 a graded score for a wrong reply, so
   that wrong replies are ranked too (a nearly copied line above a garbled one).
 
-Comparison (is_correct): both sides are normalised first.
-    repeat (the line must come back exactly): surrounding whitespace removed, nothing else.
-    every other task (a word, a name, a title, a number): surrounding whitespace removed,
-        inner runs of whitespace made one space, double quotes around it removed, trailing
-        . , ; : ! ? removed (repeatedly), compared case-insensitively (str.casefold).
+Match rules (is_correct): each item is judged by one of two rules, named in eval.json and
+in the score tables:
+    exact       the reply equals the answer once surrounding whitespace is removed (the
+                built-in replies start with a space; a trailing newline is no error);
+                case, punctuation and quotes all count. The rule of `repeat` (the line
+                must come back exactly) and the default of the user's eval files.
+    normalised  both sides also have inner runs of whitespace made one space, double
+                quotes around them removed, trailing . , ; : ! ? removed (repeatedly), and
+                are compared case-insensitively (str.casefold): "NOW!!" matches "Now".
+                The rule of the other built-in tasks (a word, a name, a title, a number:
+                what is asked is the word, not its spelling at a sentence's end), and of
+                an eval file given with match: normalised.
+An item's rule is its own "match" when it has one (eval files, prompt files), else its
+built-in task's (BUILTIN_MATCH).
 
 Grades of a wrong reply (an item carries its task, answer and source line or name), in a
 few coarse levels, as a person ranking replies would: replies within a level are ties,
@@ -28,7 +37,8 @@ so no pair is made of two near-identical mistakes:
     play_of_character,  0.5 for the title of another play (the right kind of answer),
     play_of_line        0 for anything else
     speaker_of_line     0.3 for a name-like reply (one to three capitalised words), else 0
-An empty reply scores 0 everywhere.
+An empty reply scores 0 everywhere; a wrong reply to an item that is not built in (no
+"source") scores 0.
 """
 
 import difflib
@@ -36,20 +46,31 @@ import re
 from collections.abc import Mapping
 
 from .plays import PLAY_TITLES
-from .tasks import strip_word
+from .tasks import TASKS, strip_word
 
 VERSION = 2  # bump when a grade changes: the built-in preference set is then sampled again
-EXACT_TASKS = ("repeat",)
 REPEAT_LEVELS = ((0.9, 0.75), (0.6, 0.5), (0.3, 0.25))  # (share of the line, grade)
+MATCH_RULES = {
+    "exact": "the reply equals the answer, surrounding whitespace aside",
+    "normalised": "case, surrounding quotes, final .,;:!? and repeated spaces aside",
+}
+BUILTIN_MATCH = {task: "exact" if task == "repeat" else "normalised" for task in TASKS}
 _TRAILING = ".,;:!?"
 _TITLES = {title.casefold() for title in PLAY_TITLES.values()}
 _NAME_LIKE = re.compile(r"^[A-Z][A-Za-z']*(?: [A-Za-z][A-Za-z']*){0,2}$")
 
 
-def normalize(text: str, task: str) -> str:
-    """The form in which a reply and an answer are compared (see the module docstring)."""
+def match_rule(item: Mapping) -> str:
+    """The rule an item is judged by: its own "match", else its built-in task's."""
+    return item.get("match") or BUILTIN_MATCH.get(item.get("task"), "exact")
+
+
+def normalize(text: str, rule: str) -> str:
+    """The form in which a reply and an answer are compared under `rule` (see above)."""
+    if rule not in MATCH_RULES:
+        raise ValueError(f"unknown match rule {rule!r}; use {' or '.join(MATCH_RULES)}")
     text = text.strip()
-    if task in EXACT_TASKS:
+    if rule == "exact":
         return text
     text = " ".join(text.split())
     if len(text) >= 2 and text[0] == text[-1] == '"':
@@ -57,17 +78,18 @@ def normalize(text: str, task: str) -> str:
     return text.rstrip(_TRAILING).strip().casefold()
 
 
-def is_correct(reply: str, answer: str, task: str) -> bool:
-    return normalize(reply, task) == normalize(answer, task)
+def is_correct(reply: str, answer: str, rule: str) -> bool:
+    return normalize(reply, rule) == normalize(answer, rule)
 
 
 def grade(item: Mapping, reply: str) -> float:
-    """The labeller's score of `reply` to a built-in item: 1 if right, else in [0, 1)."""
-    task, answer = item["task"], item["answer"]
-    if is_correct(reply, answer, task):
+    """The labeller's score of `reply` to an item: 1 exactly when is_correct under the
+    item's rule, else in [0, 1) (graded for built-in items, 0 for the others)."""
+    task, answer, rule = item["task"], item["answer"], match_rule(item)
+    if is_correct(reply, answer, rule):
         return 1.0
-    said = normalize(reply, task)
-    if not said:
+    said = normalize(reply, rule)
+    if not said or "source" not in item:
         return 0.0
     if task == "repeat":
         share = difflib.SequenceMatcher(None, said.split(), answer.strip().split()).ratio()

@@ -207,6 +207,25 @@ def resolve_speaker(heading: str, persons: Sequence[str]) -> str | None:
     return matches[0] if len(matches) == 1 else None
 
 
+def _headings(lines: Sequence[str]):
+    """(index, name) of each speech heading among stripped lines: a line after a blank one,
+    followed by text, that looks like a name ("HAMLET." or "Ham."); name in title case."""
+    for i in range(1, len(lines) - 1):
+        head = lines[i]
+        if lines[i - 1] or not lines[i + 1]:
+            continue
+        m = HEADING.match(head)
+        if m and not LIST_END.match(head) and (m.group(2) or head.isupper()):
+            yield i, m.group(1)
+
+
+def speech_headings(text: str) -> set[str]:
+    """The names speech headings give, in title case ("KING HENRY." -> "King Henry"):
+    who speaks in the play, whatever its list of persons calls them."""
+    lines = [raw.strip() for raw in text.splitlines()] + [""]
+    return {title_case(name) for _, name in _headings(lines)}
+
+
 def find_speeches(text: str, persons: Sequence[str]) -> list[tuple[str, str]]:
     """(speaker, line) for every line of every speech whose heading names one person
     (persons as is_person has it: "LORD." names nobody, even with "Lords" in the list).
@@ -218,22 +237,25 @@ def find_speeches(text: str, persons: Sequence[str]) -> list[tuple[str, str]]:
     lines = [raw.strip() for raw in text.splitlines()] + [""]
     resolved: dict[str, str | None] = {}  # heading -> person, worked out once per heading
     out = []
-    for i in range(1, len(lines) - 1):
-        head = lines[i]
-        if lines[i - 1] or not lines[i + 1]:
-            continue
-        m = HEADING.match(head)
-        if not m or LIST_END.match(head) or not (m.group(2) or head.isupper()):
-            continue
-        if head not in resolved:
-            resolved[head] = resolve_speaker(m.group(1), persons)
-        speaker = resolved[head]
+    for i, name in _headings(lines):
+        if name not in resolved:
+            resolved[name] = resolve_speaker(name, persons)
+        speaker = resolved[name]
         j = i + 1
         while speaker is not None and lines[j]:
             if not lines[j].startswith("["):
                 out.append((speaker, lines[j]))
             j += 1
     return out
+
+
+def bare_name(name: str) -> str:
+    """A name without the titles before it: "Queen Margaret" -> "Margaret", "King Henry V"
+    -> "Henry V", "Sir Toby Belch" -> "Toby Belch"; a role alone stays ("Queen")."""
+    words = name.split()
+    while len(words) > 1 and (words[0].lower() in TITLE_WORDS or words[0].lower() in ROLE_WORDS):
+        words = words[1:]
+    return " ".join(words)
 
 
 def play_title(name: str) -> str:

@@ -38,7 +38,8 @@ from errors import UserError
 from tokenizer.chat import ChatFormatError, fit_to_context, render_conversation, validate_messages
 
 from .batching import pad_rows
-from .instruct import mix, read_data_file
+from .instruct import mix, standard_messages
+from .records import file_entry, read_data_file
 
 Messages = list[dict]
 
@@ -72,15 +73,10 @@ def _key(messages: Messages) -> str:
 def as_messages(value, role: str, what: str) -> Messages:
     """A string (one message of `role`) or a message list, checked."""
     if isinstance(value, str):
-        messages = [{"role": role, "content": value}]
-    elif isinstance(value, list):
-        messages = [dict(m) if isinstance(m, dict) else m for m in value]
-    else:
+        value = [{"role": role, "content": value}]
+    elif not isinstance(value, list):
         raise ValueError(f"'{what}' must be a string or a list of messages")
-    try:
-        validate_messages(messages)
-    except ChatFormatError as e:
-        raise ValueError(f"'{what}': {e}") from None
+    messages = standard_messages(value, what)  # developer, text parts; no tools
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
@@ -208,16 +204,17 @@ def read_preference_file(
 
 
 def load_preference_data(
-    sources: Sequence, max_bad_fraction: float = 0.05, seed: int = 0, log=print
+    sources: Sequence,
+    max_bad_fraction: float = 0.05,
+    seed: int = 0,
+    log=print,
+    setting: str = "files",
 ) -> list[PreferenceGroup]:
     """The groups of several files, each a path or {path, weight}, mixed by weight."""
     parts = []
     for source in sources:
-        path, weight = (
-            (source, 1.0)
-            if isinstance(source, (str, Path))
-            else (source["path"], source.get("weight", 1.0))
-        )
+        path, options = file_entry(source, setting)
+        weight = options.get("weight", 1.0)
         groups = read_preference_file(path, max_bad_fraction, log)
         log(f"{path}: {sum(len(g.pairs) for g in groups)} comparisons of {len(groups)} prompts")
         parts.append((groups, weight))

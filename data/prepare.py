@@ -41,14 +41,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 import tokenizer as tokenizers
 from data.sources import Document, input_hashes, load_documents
-from errors import UserError, report_user_errors
+from errors import UserError, entry_point
 from tokenizer import Tokenizer
 
 FORMAT = 1  # bump when the layout of the prepared files changes: forces a rebuild
@@ -85,12 +84,12 @@ def settings_of(data_cfg) -> dict:
         "seed": cfg.get("seed", 1337),
         "tokenizer": cfg.get("tokenizer", "sentencepiece"),
     }
-    if not isinstance(s["vocab_size"], int) or s["vocab_size"] < 1:
+    if type(s["vocab_size"]) is not int or s["vocab_size"] < 1:  # True is no size
         raise UserError(f"data.vocab_size must be a positive integer, got {s['vocab_size']!r}")
     v = s["val_fraction"]
-    if not isinstance(v, (int, float)) or not 0 < v < 1:
+    if type(v) not in (int, float) or not 0 < v < 1:
         raise UserError(f"data.val_fraction must be between 0 and 1 (exclusive), got {v!r}")
-    if not isinstance(s["seed"], int):
+    if type(s["seed"]) is not int:
         raise UserError(f"data.seed must be an integer, got {s['seed']!r}")
     return s
 
@@ -346,11 +345,10 @@ def run(cfg: DictConfig) -> Prepared:
     return p
 
 
-def main() -> None:
+@entry_point("prepare")
+def main(cfg: DictConfig) -> None:
     """`python -m data.prepare [overrides]`; UserErrors print one line and exit 2."""
-    hydra.main(version_base=None, config_path="../conf", config_name="prepare")(
-        report_user_errors(run)
-    )()
+    run(cfg)
 
 
 if __name__ == "__main__":

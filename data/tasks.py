@@ -29,9 +29,22 @@ newline and a reply without the space it was 24%, 25% and 0%. Evaluation strips 
 space (train/task_eval.py); an item's "answer" holds the answer without it.
 
 Held-out split. Items are split by their *source*, not by phrasing: every usable line
-(its exact text) and every character name is assigned once, with a fixed seed, to train
-or test. Train items of every task use train sources only and test items test sources
-only, so no held-out line or name is ever seen in training, under any task or phrasing.
+(its exact text) and every person's name is assigned once, with a fixed seed, to train or
+test (two pools, test_fraction of each). A test item asks about a held-out source (a line,
+or for play_of_character a name). A training item uses train sources only, and no
+held-out name occurs anywhere in it: not as its answer (speaker_of_line), not in its line
+(a line that names a held-out person is never trained on, under any task), not in its
+question. So no held-out line or name is ever seen in training, under any task or
+phrasing (tests/test_tasks.py checks every training message). Names that are in a play's
+title or hold one ("Hamlet", "Lady Macbeth", "King Lear", "Richard"), like the titles
+themselves, are answers of the play tasks everywhere: they are never held out, and
+play_of_character does not ask about them (the question would give its answer away).
+
+Names. The persons the tasks know are those of the plays' lists of persons, and the
+speakers their speech headings resolve to (data/plays.py). play_of_character asks only
+about a name that belongs to one play: a name counts for every play that lists it or
+gives it speeches, with or without a title before it ("Queen Margaret" is "Margaret" too,
+who is in four plays), so an ambiguous name ("King Henry", "Queen Margaret") is not asked.
 
 Which lines. A line (of any document) is usable when it has 3..10 words and at most
 60 characters (so prompt and answer fit a 128-token context in the chat format), and
@@ -53,11 +66,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from data.multiturn import held_out_turns, training_conversations
 from data.plays import (
+    bare_name,
     find_persons,
     find_speeches,
     is_character_name,
     play_title,
+    speech_headings,
     without_persons_list,
 )
 
@@ -160,10 +176,14 @@ def longest_word(line: str) -> str | None:
 @dataclass
 class TaskSet:
     """Train and held-out test items; each item is a dict
-    {"task", "messages": [user, assistant], "answer", "source"}."""
+    {"task", "messages": [user, assistant], "answer", "source"} (with "turn": 1 for the
+    test items). Training items may be conversations of several questions, and
+    test_turns holds held-out items asked as a later question (data/multiturn.py): their
+    "messages" are the whole conversation, the rest describes its last question."""
 
     train: list[dict] = field(default_factory=list)
     test: list[dict] = field(default_factory=list)
+    test_turns: list[dict] = field(default_factory=list)
 
     def tasks(self) -> list[str]:
         """The tasks that have test items, in TASKS order."""
@@ -227,7 +247,8 @@ class Sources:
     unique: list[str]  # the lines that occur once in the corpus, and in a play
     play_of: dict[str, str]  # line -> title of a play it occurs in
     speakers: dict[str, set[str]]  # line -> who speaks it
-    characters: dict[str, str]  # a character name found in exactly one play -> that play
+    characters: dict[str, str]  # a name in exactly one play, not in a title -> that play
+    names: list[str] = field(default_factory=list)  # the names that can be held out, sorted
 
     def speaker_of(self, line: str) -> str | None:
         """The one person who speaks the line, or None (nobody, or several)."""
@@ -237,11 +258,12 @@ class Sources:
 
 def gather_sources(documents: Iterable) -> Sources:
     """Every usable line of the documents (anything with .name and .text), and what the
-    plays among them say about it (data/plays.py)."""
+    plays among them say about it and about their persons (data/plays.py)."""
     line_count: dict[str, int] = defaultdict(int)  # line -> occurrences in the corpus
     play_of: dict[str, str] = {}
     speakers: dict[str, set[str]] = defaultdict(set)
-    character_plays: dict[str, set] = defaultdict(set)  # lower-case name -> {(name, title)}
+    listed: dict[str, str] = {}  # a character name of a list of persons -> (one) play
+    plays_of: dict[str, set[str]] = defaultdict(set)  # lower-case name -> plays it is in
     for doc in documents:
         lines = candidate_lines(without_persons_list(doc.text))  # the list is no source of lines
         for line in lines:
@@ -253,26 +275,48 @@ def gather_sources(documents: Iterable) -> Sources:
         play_of.update((line, title) for line in lines)
         for speaker, line in find_speeches(doc.text, persons):
             speakers[line].add(speaker)
-        for name in persons:
-            if is_character_name(name):
-                character_plays[name.lower()].add((name, title))
+        for name in {*persons, *speech_headings(doc.text)}:
+            for form in {name.lower(), bare_name(name).lower()}:
+                plays_of[form].add(title)
+        listed.update((name, title) for name in persons if is_character_name(name))
     lines = sorted(line_count)
     unique = [line for line in lines if line_count[line] == 1 and line in play_of]
-    characters = {  # names in exactly one play -> that play
+    titles = set(play_of.values())
+    names = {name for who in speakers.values() for name in who} | set(listed)
+    names = sorted(n for n in names if not _shares_a_title(n, titles))
+    characters = {  # in one play only, counting "Queen Margaret" as "Margaret" too
         name: title
-        for entries in character_plays.values()
-        if len(entries) == 1
-        for name, title in entries
+        for name, title in listed.items()
+        if name in names and len(plays_of[name.lower()] | plays_of[bare_name(name).lower()]) == 1
     }
-    return Sources(lines, unique, play_of, dict(speakers), characters)
+    return Sources(lines, unique, play_of, dict(speakers), characters, names)
+
+
+def _shares_a_title(name: str, titles: Iterable[str]) -> bool:
+    """True for a name inside a play's title or holding one ("Lear", "Lady Macbeth")."""
+    return any(mentions([name], title) or mentions([title], name) for title in titles)
+
+
+def mentions(names: Iterable[str], text: str) -> bool:
+    """Whether any of the names occurs in text as whole words ("Ros" is not in "Rosalind")."""
+    return name_pattern(tuple(names)).search(text) is not None
+
+
+@functools.lru_cache(maxsize=64)
+def name_pattern(names: tuple[str, ...]) -> re.Pattern:
+    """One regular expression for whole-word occurrences of any of the names."""
+    if not names:
+        return re.compile(r"(?!x)x")  # matches nothing
+    alternatives = "|".join(map(re.escape, sorted(names, key=len, reverse=True)))
+    return re.compile(rf"(?<![A-Za-z'])(?:{alternatives})(?![A-Za-z'])")
 
 
 def held_out_sources(sources: Sources, seed: int, test_fraction: float) -> set[str]:
     """The test sources, drawn once for all tasks: a seeded test_fraction of the lines and
-    of the character names (two separate pools)."""
+    of the names (two separate pools)."""
     rng = np.random.default_rng([seed, len(TASKS)])
     lines = _split(sources.lines, test_fraction, rng)
-    return lines | _split(sources.characters, test_fraction, rng)
+    return lines | _split(sources.names, test_fraction, rng)
 
 
 def _split(sources: Iterable[str], test_fraction: float, rng: np.random.Generator) -> set[str]:
@@ -305,9 +349,15 @@ def task_items(
     pool, answer_of, key = task_sources(task, sources)
     rng = np.random.default_rng([seed, TASKS.index(task)])
     test_pool = [x for x in pool if x in held_out]
+    hidden = name_pattern(tuple(sorted(held_out.intersection(sources.names))))
+
+    def train_answer(source: str) -> str | None:  # None: held out, or names a held-out person
+        answer = answer_of(source)
+        return None if answer is None or hidden.search(f"{source}\n{answer}") else answer
+
     train_pool = [x for x in pool if x not in held_out]
     test = _items(task, test_pool, n_test, answer_of, key, rng, repeat=False)
-    train = _items(task, train_pool, n_train, answer_of, key, rng, repeat=True)
+    train = _items(task, train_pool, n_train, train_answer, key, rng, repeat=True)
     return train, test
 
 
@@ -346,12 +396,16 @@ def build_tasks(
     n_test: int = 60,
     test_fraction: float = 0.2,
     tasks: Sequence[str] = TASKS,
+    multi_turn: float = 0.0,
+    system_share: float = 0.0,
+    n_test_turns: int = 0,
 ) -> TaskSet:
     """Train and held-out items for `tasks` from documents (anything with .name and .text).
 
     n_train items per task for training (an int, or {task: n} naming every task; sources
     repeat, in other phrasings, when there are fewer) and up to n_test per task for testing
     (distinct sources). test_fraction of the lines and of the character names are held out.
+    multi_turn, system_share, n_test_turns: the conversations of data/multiturn.py.
     The same documents, seed and sizes always give the same items. A task with no usable
     source gets no items.
     """
@@ -365,7 +419,12 @@ def build_tasks(
     for task in tasks:
         train, test = task_items(task, sources, held_out, sizes[task], n_test, seed)
         result.train += train
-        result.test += test
-    order = np.random.default_rng([seed, len(TASKS) + 1]).permutation(len(result.train))
-    result.train = [result.train[i] for i in order]
+        result.test += [{**item, "turn": 1} for item in test]
+    rng = np.random.default_rng([seed, len(TASKS) + 1])
+    if multi_turn > 0 or system_share > 0:
+        result.train = training_conversations(result.train, multi_turn, system_share, rng)
+    result.train = [result.train[i] for i in rng.permutation(len(result.train))]
+    if n_test_turns > 0:
+        rng = np.random.default_rng([seed, len(TASKS) + 2])
+        result.test_turns = held_out_turns(result.test, n_test_turns, system_share, rng)
     return result

@@ -47,7 +47,8 @@ def test_each_format_becomes_a_conversation():
 @pytest.mark.parametrize(
     "record, why",
     [
-        ({"prompt": "x", "completion": "y"}, "unknown format"),
+        ({"prompt": "x"}, "no 'completion'"),
+        ({"question": "x", "answer": "y"}, "unknown format"),
         ({"instruction": "x"}, "no 'output'"),
         ({"instruction": "", "output": "y"}, "must not be empty"),
         ({"instruction": "x", "output": 3}, "must be a string"),
@@ -96,8 +97,8 @@ def test_too_many_malformed_records_refuse_to_start(tmp_path):
 
 @pytest.mark.parametrize(
     "content, why",
-    [("", "holds no records"), ("\n\n", "holds no records"), ('[{"a": 1', "not valid JSON"),
-     ('{"instruction": "x", "output": "y"}', "JSON array")],
+    [("", "holds no records"), ("\n\n", "holds no records"), ("[]", "holds no records"),
+     ('[{"a": 1', r"starts with '\[' but is not a valid JSON array \(line 1, column 9")],
 )  # fmt: skip
 def test_unusable_files_are_user_errors(tmp_path, content, why):
     path = tmp_path / "f.json"
@@ -153,3 +154,167 @@ def test_render_examples_counts_truncated_and_dropped(tok):
     assert report.dropped >= 2
     with pytest.raises(UserError, match="nothing to train on"):
         render_examples(tok, [to_conversation(CHAT)], block_size=3)
+
+
+# ---------------------------------------------------------------------------- more layouts
+
+MESSAGES = [{"role": "user", "content": "Who's there?"},
+            {"role": "assistant", "content": "Nay, answer me."}]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "record, expected",
+    [
+        ({"conversations": [{"from": "system", "value": "Be brief."},
+                            {"from": "human", "value": "Who's there?"},
+                            {"from": "gpt", "value": "Nay, answer me."}]},
+         [{"role": "system", "content": "Be brief."}, *MESSAGES]),
+        ({"conversations": MESSAGES}, MESSAGES),  # ShareGPT written with role/content
+        ({"prompt": "Who's there?", "completion": "Nay, answer me."}, MESSAGES),
+        ({"prompt": [{"role": "user", "content": "Who's there?"}],
+          "completion": [{"role": "assistant", "content": "Nay, answer me."}]}, MESSAGES),
+        ({"messages": [{"role": "developer", "content": "Be brief."}, *MESSAGES]},
+         [{"role": "system", "content": "Be brief."}, *MESSAGES]),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": "Who's "},
+                                                    {"type": "text", "text": "there?"}]},
+                       {"role": "assistant", "content": [{"type": "text",
+                                                          "text": "Nay, answer me."}]}]},
+         MESSAGES),
+        ({"instruction": "Who's there?", "input": None, "output": "Nay, answer me."}, MESSAGES),
+    ],
+)  # fmt: skip
+def test_the_common_layouts_are_read(record, expected):
+    assert to_conversation(record) == expected
+
+
+def test_trl_conversational_prompts_train_only_the_completion(tok):
+    record = {
+        "prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                   {"role": "user", "content": "c"}],
+        "completion": [{"role": "assistant", "content": "d"}],
+    }  # fmt: skip
+    conversation = to_conversation(record)
+    assert [m.get("weight", 1) for m in conversation] == [1, 0, 1, 1]
+    ids, mask = render_conversation(tok, conversation)
+    trained = [i for i, m in zip(ids, mask, strict=True) if m]
+    assert trained == tok.encode("d") + [tok.end_id]
+
+
+@pytest.mark.parametrize(
+    "record, why",
+    [
+        ({"messages": [*MESSAGES[:1], {"role": "assistant", "content": None,
+                       "tool_calls": [{"id": "1", "type": "function"}]}]}, "tool calls"),
+        ({"messages": [*MESSAGES, {"role": "tool", "content": "42", "tool_call_id": "1"},
+                       MESSAGES[1]]}, "tool calls"),
+        ({"messages": MESSAGES, "tools": [{"type": "function"}]}, "defines tools.*tool calls"),
+        ({"conversations": [{"from": "human", "value": "x"}, {"from": "function_call",
+                            "value": "{}"}, {"from": "gpt", "value": "y"}]},
+         "function_call turn.*tool calls"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]},
+                       MESSAGES[1]]}, "part of type 'image_url'.*only text"),
+        ({"conversations": [{"from": "bot", "value": "x"}]}, "from 'bot'"),
+        ({"instruction": "x", "input": 0, "output": "y"}, "'input' must be a string, got int 0"),
+        ({"instruction": "x", "input": [], "output": "y"}, "'input' must be a string"),
+        ({"instruction": "x", "input": False, "output": "y"}, "'input' must be a string"),
+        ({"instruction": "x", "context": 0, "response": "y"}, "'context' must be a string"),
+        ({"messages": [MESSAGES[0], {**MESSAGES[1], "weight": 0}]}, "weight 0: nothing"),
+        ({"messages": [MESSAGES[0], {**MESSAGES[1], "weight": 2}]}, "weight 2"),
+        ({"messages": [{**MESSAGES[0], "weight": 0}, MESSAGES[1]]}, "only on an assistant"),
+    ],
+)  # fmt: skip
+def test_unsupported_and_wrong_records_are_refused_one_by_one(record, why):
+    with pytest.raises(ValueError, match=why):
+        to_conversation(record)
+
+
+def test_a_turn_with_weight_0_is_context_not_training(tok):
+    messages = [MESSAGES[0], {**MESSAGES[1], "weight": 0}, {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "b", "weight": 1}]  # fmt: skip
+    conversation = to_conversation({"messages": messages})
+    ids, mask = render_conversation(tok, conversation)
+    trained = [i for i, m in zip(ids, mask, strict=True) if m]
+    assert trained == tok.encode("b") + [tok.end_id]  # "Nay, answer me." is not trained
+    unweighted = render_conversation(tok, to_conversation({"messages": MESSAGES}))
+    assert sum(unweighted[1]) == len(tok.encode(MESSAGES[1]["content"])) + 1
+
+
+BOM = "\ufeff"
+
+
+@pytest.mark.parametrize("name", ["data.json", "data.jsonl", "data.txt"])
+@pytest.mark.parametrize("layout", ["array", "lines", "one object"])
+def test_layouts_are_recognised_by_content_with_or_without_a_bom(tmp_path, name, layout):
+    if layout == "array":
+        text = json.dumps([ALPACA, DOLLY], indent=1)
+    elif layout == "lines":  # what datasets.Dataset.to_json writes, even into a .json file
+        text = json.dumps(ALPACA) + "\n" + json.dumps(DOLLY) + "\n"
+    else:
+        text = json.dumps(CHAT, indent=2)
+    expected = [to_conversation(CHAT)] if layout == "one object" else [
+        to_conversation(ALPACA), to_conversation(DOLLY)]  # fmt: skip
+    for prefix in ("", BOM):
+        path = tmp_path / name
+        path.write_text(prefix + text, encoding="utf-8")
+        report = read_instruction_file(path, max_bad_fraction=0, log=lambda m: None)
+        assert report.conversations == expected and not report.malformed
+
+
+def test_files_joined_with_their_byte_order_marks_lose_no_record(tmp_path):
+    path = tmp_path / "joined.jsonl"
+    path.write_text(f"{BOM}{json.dumps(ALPACA)}\n{BOM}{json.dumps(DOLLY)}\n", encoding="utf-8")
+    report = read_instruction_file(path, max_bad_fraction=0, log=lambda m: None)
+    assert len(report.conversations) == 2
+
+
+def test_a_json_error_names_the_real_line_and_column(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    bad = '{"instruction": "Dites «bonjour»", "output" "x"}'
+    column = bad.index('"x"') + 1  # where the colon is missing, as an editor counts
+    path.write_text(BOM + json.dumps(ALPACA) + "\n" + bad + "\n" + BOM + bad + "\n")
+    report = read_instruction_file(path, max_bad_fraction=1, log=lambda m: None)
+    assert report.malformed == [
+        f"{path}:line 2: not valid JSON (column {column}: Expecting ':' delimiter)",
+        f"{path}:line 3: not valid JSON (column {column + 1}: Expecting ':' delimiter)",
+    ]
+    array = tmp_path / "bad.json"
+    array.write_text(BOM + "[\n" + json.dumps(ALPACA) + ",\n" + bad + "\n]")
+    with pytest.raises(UserError, match=rf"line 3, column {column}: Expecting ':' delimiter"):
+        read_instruction_file(array, log=lambda m: None)
+
+
+def test_conversations_cut_or_dropped_for_length_are_reported_by_file_and_line(tok, tmp_path):
+    long = {"messages": [{"role": "user", "content": "abcdefghijklm " * 20}, MESSAGES[1]]}
+    huge = {"messages": [MESSAGES[0], {"role": "assistant", "content": "abcdefghijklm " * 20}]}
+    path = write_jsonl(tmp_path / "a.jsonl", [ALPACA, long, ALPACA, huge])
+    conversations = load_instruction_data([path], seed=0, log=lambda m: None)
+    block = len(render_conversation(tok, to_conversation(ALPACA))[0]) + 4
+    _, report = render_examples(tok, conversations, block)
+    assert (report.truncated, report.dropped) == (1, 1)
+    assert report.details(block) == [
+        f"{path}:line 2: cut on the left to fit the context ({block} tokens)",
+        f"{path}:line 4: dropped: its last reply alone exceeds {block} tokens",
+    ]
+
+
+@pytest.mark.parametrize(
+    "entry, why",
+    [
+        ({"path": "a.jsonl", "weight": "abc"}, "weight 'abc' of a.jsonl must be a number >= 0"),
+        ({"path": "a.jsonl", "weight": None}, "weight None"),
+        ({"file": "a.jsonl"}, "is not a file entry; give a path"),
+        ({"path": "a.jsonl", "wieght": 2}, r"unknown keys \['wieght'\]"),
+        (3, "is not a file entry"),
+    ],
+)
+def test_bad_file_entries_are_one_line(entry, why):
+    with pytest.raises(UserError, match=why):
+        load_instruction_data([entry], log=lambda m: None)
+
+
+def test_file_entries_of_a_hydra_config_are_read(tmp_path):
+    from omegaconf import OmegaConf
+
+    path = write_jsonl(tmp_path / "a.jsonl", [ALPACA] * 4)
+    sources = OmegaConf.create([{"path": str(path), "weight": 0.5}, str(path)])
+    assert len(load_instruction_data(sources, log=lambda m: None)) == 2 + 4

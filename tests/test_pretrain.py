@@ -121,7 +121,7 @@ def test_smoke_run_directory(smoke_run, corpus):
         "best.pt",
         "ckpt.pt",
         "config.yaml",
-        "done.json",
+        "done.json",  # the stage finished (train/align.py skips finished stages)
         "metrics.jsonl",
     ]  # no .tmp, no Hydra folders or logs
     assert "Traceback" not in result.stderr

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import tokenizer
-from data.judge import grade, is_correct
+from data.judge import grade, is_correct, match_rule
 from data.preferences import collate_groups, read_preference_file, render_group
 from model import GPT, GPTConfig
 from model.heads import ScalarModel
@@ -181,7 +181,7 @@ def test_the_judge_ranks_a_right_answer_above_every_wrong_one(item, wrong):
     assert scores == [grade(item, w) for w in wrong]  # deterministic
     assert grade(item, "") == 0.0
     for w in wrong:
-        assert not is_correct(w, item["answer"], item["task"])
+        assert not is_correct(w, item["answer"], match_rule(item))
 
 
 def test_the_judge_grades_near_misses_above_far_ones():

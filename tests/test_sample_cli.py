@@ -141,8 +141,9 @@ def test_chat_over_a_pipe_with_reset_and_exit(ckpt, tok):
     second = expected_greedy(
         ckpt, render_prompt(tok, [{"role": "user", "content": "Who is Hamlet?"}]), 12
     )
-    assert r.stdout == (
-        f"you> Hello there\nassistant> {first}\nyou> Who is Hamlet?\nassistant> {second}\n"
+    assert r.stdout == (  # a reply's leading space is not printed after "assistant> "
+        f"you> Hello there\nassistant> {first.lstrip()}\nyou> Who is Hamlet?\n"
+        f"assistant> {second.lstrip()}\n"
     )
     assert "reset" in r.stderr
     assert sample_cli.render_prompt is render_prompt  # the chat format SFT trains with
@@ -280,3 +281,86 @@ def test_text_stream_never_splits_a_character(tok):
     pieces = [stream.push(i) for i in ids] + [stream.flush()]
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
+
+
+def test_a_reply_is_shown_without_its_leading_space_and_kept_with_it(tok):
+    ids = tok.encode(" To be, or not")
+    stream = sample_cli.TextStream(tok, lstrip=True)
+    shown = "".join([stream.push(i) for i in ids] + [stream.flush()])
+    assert shown == "To be, or not" and tok.decode(stream.ids) == " To be, or not"
+    stream = sample_cli.TextStream(tok, lstrip=True)  # spaces over several tokens
+    ids = tok.encode(" ") + tok.encode("  To be")
+    shown = "".join([stream.push(i) for i in ids] + [stream.flush()])
+    assert shown == "To be" and tok.decode(stream.ids) == "   To be"
+
+
+def fake_completions(replies: list[list[int]], interrupt_at: dict[int, int], prompts: list):
+    """A stand-in for model/generate.py's completions: call k streams replies[k] token by
+    token and raises KeyboardInterrupt (Ctrl-C) after interrupt_at[k] tokens."""
+    from types import SimpleNamespace
+
+    def completions(model, prompt_ids, *args, **kwargs):
+        k = len(prompts)
+        prompts.append(list(prompt_ids[0]))
+        for n in range(1, len(replies[k]) + 1):
+            if n - 1 == interrupt_at.get(k):
+                raise KeyboardInterrupt
+            done = replies[k][:n]
+            yield (SimpleNamespace(stopped=False, tokens=done, text_tokens=done),)
+
+    return completions
+
+
+def test_ctrl_c_stops_a_reply_keeps_its_start_and_the_chat_goes_on(ckpt, tok, capsys, monkeypatch):
+    replies = [tok.encode(" Nay, answer me"), tok.encode(" Long live the king")]
+    prompts: list = []
+    monkeypatch.setattr(sample_cli, "completions", fake_completions(replies, {0: 2}, prompts))
+    code, out, err = in_process(capsys, monkeypatch, f"checkpoint={ckpt}", "mode=chat",
+                                *FLOAT32, stdin="Who's there?\nAgain?\n")  # fmt: skip
+    assert code == 0, err
+    partial = tok.decode(replies[0][:2])
+    assert out == (f"you> Who's there?\nassistant> {partial.lstrip()}\n"
+                   f"you> Again?\nassistant> Long live the king\n")  # fmt: skip
+    assert "(reply stopped" in err
+    history = [
+        {"role": "user", "content": "Who's there?"},
+        {"role": "assistant", "content": partial},
+        {"role": "user", "content": "Again?"},
+    ]
+    assert prompts[1] == render_prompt(tok, history)  # what was shown stays in the history
+
+
+def test_ctrl_c_at_the_prompt_quits(ckpt, capsys, monkeypatch):
+    def pressed(prompt=""):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("builtins.input", pressed)
+    with pytest.raises(KeyboardInterrupt):
+        next(sample_cli.user_messages(interactive=True))
+
+    class CtrlC(io.StringIO):
+        def __iter__(self):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys, "stdin", CtrlC())
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = compose("sample", overrides=[f"checkpoint={ckpt}", "mode=chat", *FLOAT32])
+    with pytest.raises(SystemExit) as e:
+        report_user_errors(sample_cli.run)(cfg)
+    assert e.value.code == 130 and "interrupted" in capsys.readouterr().err
+
+
+def test_context_shows_what_the_conversation_uses(ckpt, tok, capsys, monkeypatch):
+    replies = [tok.encode(" Nay, answer me")]
+    monkeypatch.setattr(sample_cli, "completions", fake_completions(replies, {}, []))
+    code, _, err = in_process(capsys, monkeypatch, f"checkpoint={ckpt}", "mode=chat",
+                              "max_new_tokens=20", "system=Be brief.", *FLOAT32,
+                              stdin="Who's there?\n/context\n")  # fmt: skip
+    assert code == 0, err
+    history = [{"role": "system", "content": "Be brief."},
+               {"role": "user", "content": "Who's there?"},
+               {"role": "assistant", "content": tok.decode(replies[0])}]  # fmt: skip
+    used, budget = len(render_prompt(tok, history)), BLOCK_SIZE - 20
+    assert (f"the conversation (1 question(s)) uses {used} of {BLOCK_SIZE} tokens; up to "
+            f"{budget} are kept for it") in err  # fmt: skip
+    assert f"so {budget - used} are left; a reply may be 20 tokens" in err

@@ -111,6 +111,21 @@ def test_sft_raises_held_out_accuracy(setup):
     rescored = json.loads((run / "eval.json").read_text())
     assert rescored["base"] == scores["base"]
     assert rescored["sft"]["tasks"] == scores["sft"]["tasks"]  # greedy fp32: the same answers
+    assert scores["sft"]["tasks"]["test"]["match"] == "exact"  # a user's file: exact match
+    assert scores["sft"]["item_set"] == scores["base"]["item_set"]
+
+    # scored on other items, the sft entry must not sit beside the old items' base entry
+    other = subprocess.run(
+        [sys.executable, "-m", "train.evaluate", f"checkpoint={run}", "tasks.weight=0",
+         f"eval_files=[{setup / 'test.json'},{{path:{setup / 'train.jsonl'},name:seen}}]",
+         "device=cpu", "precision=float32"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert other.returncode == 0, other.stderr[-2000:]
+    mixed = json.loads((run / "eval.json").read_text())
+    assert "base" not in mixed and "'base' was scored on other items; dropped" in other.stderr
+    assert set(mixed["sft"]["tasks"]) == {"test", "seen"}
+    assert mixed["sft"]["item_set"] != scores["sft"]["item_set"]
 
 
 def test_sft_refuses_to_train_on_nothing(setup):
@@ -124,3 +139,77 @@ def test_sft_reports_a_missing_checkpoint(setup):
     result = run_sft(setup, f"init_from={setup / 'nope.pt'}")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "nope.pt" in result.stderr and "does not exist" in result.stderr
+
+
+# ---------------------------------------------------------------------------- eval files
+
+
+def write(path: Path, records: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+ALPACA = [{"instruction": f"Say {k}.", "output": f"{k}"} for k in range(6)]
+
+
+def test_eval_files_never_merge_with_a_built_in_task_or_each_other(tmp_path):
+    from errors import UserError
+    from train.task_eval import eval_file_items
+
+    (tmp_path / "b").mkdir()
+    repeat = write(tmp_path / "repeat.jsonl", ALPACA[:2])
+    a = write(tmp_path / "qa.jsonl", ALPACA[:3])
+    b = write(tmp_path / "b" / "qa.jsonl", ALPACA[3:])
+    notes = []
+    items = eval_file_items([repeat, a, b, {"path": a, "name": "again", "match": "normalised"}],
+                            taken=["repeat"], log=notes.append)  # fmt: skip
+    tasks = [i["task"] for i in items]
+    assert tasks == [repeat] * 2 + ["qa"] * 3 + [b] * 3 + ["again"] * 3
+    assert [i["match"] for i in items] == ["exact"] * 8 + ["normalised"] * 3
+    assert any(f"{repeat} is scored as task '{repeat}'" in n for n in notes)
+    with pytest.raises(UserError, match="two files are scored as task 'qa'"):
+        eval_file_items([a, {"path": b, "name": "qa"}], log=notes.append)
+    with pytest.raises(UserError, match="match 'fuzzy'"):
+        eval_file_items([{"path": a, "match": "fuzzy"}], log=notes.append)
+
+
+def test_training_and_eval_data_that_overlap_are_warned_about(tmp_path):
+    from omegaconf import OmegaConf
+
+    from train.sft import instruction_data
+
+    train = write(tmp_path / "train.jsonl", ALPACA)
+    held = write(tmp_path / "held.jsonl", ALPACA[:2] + [{"instruction": "Say x.", "output": "x"}])
+    cfg = OmegaConf.create({
+        "tasks": {"weight": 0}, "files": [train], "max_bad_fraction": 0.05, "seed": 0,
+        "eval_files": [train, {"path": held, "name": "held"}],
+    })  # fmt: skip
+    logged = []
+    conversations, items = instruction_data(cfg, logged.append)
+    assert len(conversations) == 6 and len(items) == 9
+    warnings = [line for line in logged if line.startswith("warning:")]
+    assert warnings == [
+        f"warning: {train} is both a training file and an eval file",
+        "warning: 6 of the 6 items of eval file task 'train' are also in the training files",
+        "warning: 2 of the 3 items of eval file task 'held' are also in the training files",
+    ]
+
+
+def test_an_answer_longer_than_the_reply_budget_is_warned_about():
+    from train.task_eval import check_budget, reply_budgets
+
+    class Chars:  # one token per character
+        def encode(self, text):
+            return list(text)
+
+    items = [
+        {"task": "t", "answer": a,
+         "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": a}]}
+        for a in ("ab", "abcdef", "abcdefgh")
+    ]  # fmt: skip
+    assert reply_budgets(Chars(), items, None) == [12, 20, 24]  # 2 n + 8: follows the answers
+    assert reply_budgets(Chars(), items, 16) == [12, 16, 16]
+    assert check_budget(Chars(), items, None) is None and check_budget(Chars(), items, 8) is None
+    warning = check_budget(Chars(), items, 5)
+    assert warning.startswith("2 of 3 held-out answers are longer than eval_max_new_tokens=5")
+    assert "(the longest 8)" in warning

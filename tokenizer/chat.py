@@ -17,7 +17,9 @@ never emits them), so a message cannot forge a turn:
 
 The second row is the loss mask: 1 exactly on the assistant's content tokens and the <end>
 that closes its turn (the model must learn when to stop), 0 on everything else. For
-training, targets where the mask is 0 become -100 (data/batching.py: collate).
+training, targets where the mask is 0 become -100 (data/batching.py: collate). An assistant
+message with "weight": 0 (OpenAI's fine-tuning format) is context only: rendered the same,
+mask 0, so that turn is not trained ("weight": 1, or none, trains it).
 
 To ask for a reply, render_prompt renders the history and appends <assistant>; the model
 writes the reply and ends it with <end> (the stop id for generation).
@@ -42,7 +44,8 @@ def validate_messages(messages) -> None:
     """Raise ChatFormatError unless `messages` is a list of well-formed messages.
 
     Rules: a list of dicts, each with "role" in ROLES and "content" a string; "system"
-    may only be the first message. Other keys in a message are ignored.
+    may only be the first message; "weight", when present, is 0 or 1 and only on an
+    assistant message. Other keys in a message are ignored.
     """
     if not isinstance(messages, (list, tuple)):
         raise ChatFormatError(f"a conversation must be a list of messages, got {type(messages)}")
@@ -56,13 +59,29 @@ def validate_messages(messages) -> None:
             raise ChatFormatError(f"message {i} is a system message; only the first may be")
         if not isinstance(m.get("content"), str):
             raise ChatFormatError(f"message {i} ({role}) must have a string 'content'")
+        if "weight" in m and not (role == "assistant" and is_weight(m["weight"])):
+            raise ChatFormatError(
+                f"message {i} ({role}) has weight {m['weight']!r}; a weight is 0 (not trained) "
+                "or 1 (trained), and only on an assistant message"
+            )
+
+
+def is_weight(value) -> bool:
+    """0 or 1, the values OpenAI's per-message training weight may take."""
+    return value in (0, 1) and not isinstance(value, bool)
+
+
+def is_trained(message: dict) -> bool:
+    """Whether the loss covers a message: an assistant's, unless its weight is 0."""
+    return message["role"] == "assistant" and message.get("weight", 1) != 0
 
 
 def render_conversation(tok, messages: Sequence[dict]) -> tuple[list[int], list[int]]:
     """Token ids and a 0/1 loss mask (same length) for a whole conversation.
 
     ids:  bos, then per message: role id, encode(content), end id.
-    mask: 1 on each assistant message's content tokens and its end id, 0 elsewhere.
+    mask: 1 on each trained assistant message's content tokens and its end id (is_trained:
+          every assistant message but those with weight 0), 0 elsewhere.
     Raises ChatFormatError for an empty or malformed conversation.
     """
     validate_messages(messages)
@@ -84,11 +103,11 @@ def render_prompt(tok, messages: Sequence[dict]) -> list[int]:
 
 def _render(tok, messages: Sequence[dict]) -> tuple[list[int], list[int]]:
     """The one rendering loop, for valid messages: bos, then per message its role id,
-    content and end id; the mask 1 on an assistant's content and end id, else 0."""
+    content and end id; the mask 1 on a trained assistant's content and end id, else 0."""
     ids, mask = [tok.bos_id], [0]
     for m in messages:
         body = tok.encode(m["content"]) + [tok.end_id]  # the content and the end of turn
-        trained = 1 if m["role"] == "assistant" else 0
+        trained = 1 if is_trained(m) else 0
         ids += [_role_id(tok, m["role"])] + body
         mask += [0] + [trained] * len(body)
     return ids, mask

@@ -2,7 +2,7 @@
 
     pretrain -> sft -> rm -> ppo -> dpo        each skipped when it finished before (its
                                                out_dir has done.json) with the same config
-    base, SFT, PPO and DPO on the same held-out items (train/compare.py): exact match per
+    base, SFT, PPO and DPO on the same held-out items (train/compare.py): accuracy per
     task and overall, each model's KL to SFT, the reward model's mean score and the judge's
     -> out/align/report.json and out/align/accuracy.png
 
@@ -11,23 +11,25 @@ config.yaml; `resume` and `overwrite` aside), or when a stage before it ran agai
 starts from that stage's checkpoint). Running again replaces its earlier run
 (overwrite=true): asking for `make align` after changing a setting is asking for that.
 
-    make align ARGS="overrides.all=[device=cuda] overrides.ppo=[beta=0.01]"
+    make align ARGS="overrides.all=['device=cuda'] overrides.ppo=['beta=0.01']"   (quoted: Hydra)
 """
 
 import importlib
 from pathlib import Path
 
-import hydra
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from errors import report_user_errors
+from errors import UserError, entry_point, hydra_error
 
 from .compare import compare, format_comparison, write_report
 from .runtime import runtime_session
-from .stage import DONE_FILE
+from .settings import RUNTIME, check, choice, integer, list_of, mapping_of, text
+from .stage import DONE_FILE, check_stage
 from .task_eval import builtin_tasks, save_eval
 
 STAGES = {"pretrain": "pretrain", "sft": "sft", "rm": "reward", "ppo": "ppo", "dpo": "dpo"}
@@ -35,11 +37,35 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 IGNORED = ("resume", "overwrite")  # settings that say how to start, not what to compute
 
 
+RULES = {
+    "stages": list_of(choice(*STAGES)),
+    "overrides": mapping_of(list_of(text()), ("all", *STAGES)),
+    "eval_max_new_tokens": integer(1),
+}
+
+
 def stage_config(name: str, overrides: list[str]) -> DictConfig:
-    """The resolved config `python -m train.<name> <overrides>` would run with."""
+    """The resolved config `python -m train.<name> <overrides>` would run with; UserError
+    (one line) for an override Hydra refuses."""
     GlobalHydra.instance().clear()  # this entry point's own Hydra has done its work
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        return compose(config_name=STAGES[name], overrides=overrides)
+    try:
+        with initialize_config_dir(config_dir=str(CONF), version_base=None):
+            return compose(config_name=STAGES[name], overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise UserError(f"overrides for {name}: {hydra_error(e, STAGES[name])}") from None
+
+
+def stage_overrides(cfg: DictConfig, name: str) -> list[str]:
+    return list(cfg.overrides.get("all", [])) + list(cfg.overrides.get(name, []))
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """align's own settings, then every stage's config with its overrides, before any runs
+    (a typo in the last stage's overrides must not wait for the first stages to finish)."""
+    check(cfg, {**RUNTIME, **RULES})
+    for name in cfg.stages:
+        module = importlib.import_module(f"train.{STAGES[name]}")
+        check_stage(stage_config(name, stage_overrides(cfg, name)), module.RULES)
 
 
 def comparable(cfg: dict) -> dict:
@@ -61,7 +87,7 @@ def run_stages(cfg: DictConfig, log=print) -> dict[str, str]:
     """Run what is missing; {stage: what happened ("skipped" or "ran")}."""
     done, upstream_ran = {}, False
     for name in cfg.stages:
-        overrides = list(cfg.overrides.get("all", [])) + list(cfg.overrides.get(name, []))
+        overrides = stage_overrides(cfg, name)
         stage_cfg = stage_config(name, overrides)
         if not upstream_ran and is_done(stage_cfg):
             log(f"== {name}: done before with the same config, skipped ({stage_cfg.out_dir})")
@@ -99,12 +125,12 @@ def report(cfg: DictConfig) -> dict:
 
 
 def run(cfg: DictConfig) -> dict:
+    check_settings(cfg)
     run_stages(cfg)
     return report(cfg)
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="align")
-@report_user_errors
+@entry_point("align")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

@@ -44,12 +44,11 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from errors import UserError, report_user_errors
+from errors import UserError, entry_point
 from model import GPT, GPTConfig
 from model.generate import complete, generate, prepare_for_decoding
 
@@ -58,7 +57,7 @@ from .losses import next_token_step
 from .optim import build_optimizer
 from .peak import Peak, peak_flops, read_bandwidth
 from .runtime import Runtime, setup_runtime
-from .settings import OPTIMIZER, RUNTIME, check, integer, number, optional
+from .settings import OPTIMIZER, RUNTIME, Rule, check, flag, integer, number, optional
 
 
 def note(message: str) -> None:
@@ -398,6 +397,9 @@ RULES = {
     **{name: optional(integer(1)) for name in ("train_seq_len", "uncached_new_tokens", "top_k")},
     "temperature": number(above=0),  # the benchmark samples
     "optimizer": OPTIMIZER["optimizer"],
+    "train": flag(),
+    "sample": flag(),
+    "hf": Rule("auto, true or false", lambda v: v == "auto" or isinstance(v, bool)),
     "peak_tflops": optional(number(above=0)),
     "batch_new_tokens": integer(1),
 }
@@ -461,8 +463,7 @@ def run(cfg: DictConfig) -> dict:
     return results
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="bench")
-@report_user_errors
+@entry_point("bench")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

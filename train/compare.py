@@ -1,7 +1,8 @@
 """Several models side by side on the same held-out items: the table `make align` ends with.
 
 For each checkpoint (any kind: its language model is scored):
-    exact match    greedy replies to the held-out task items, per task and overall
+    accuracy       greedy replies to the held-out task items, per task and overall,
+                   each task judged by its match rule (data/judge.py)
                    (train/task_eval.py), the same items for every model
     sampled        one reply per held-out prompt at temperature 1: the KL to the SFT model
                    (sum over the reply's tokens of log pi - log pi_sft, mean over replies),
@@ -28,7 +29,7 @@ def sampled(policy, reference, reward_model, tok, items, rt, reply_tokens: int, 
 
 
 def compare(checkpoints: dict, sft: str, reward: str | None, items, rt, max_new_tokens=48, seed=0):
-    """{name: exact-match results with a "sampled" entry} for each named checkpoint."""
+    """{name: held-out accuracy results with a "sampled" entry} for each named checkpoint."""
     reference, tok, _ = load_model(sft)
     reference.to(rt.device)
     rm = load_kind(reward, "reward")[0].to(rt.device) if reward else None
@@ -45,7 +46,7 @@ def compare(checkpoints: dict, sft: str, reward: str | None, items, rt, max_new_
 
 
 def format_comparison(results: dict) -> str:
-    """The exact-match table, then each model's KL to SFT, reward and gold."""
+    """The accuracy table, then each model's KL to SFT, reward and gold."""
     lines = [format_table(results), ""]
     lines.append(f"{'sampled replies':<16} " + "  ".join(f"{n:>8}" for n in results))
     for key, label in (("kl", "KL to SFT"), ("score", "reward model"), ("gold", "judge (gold)")):
@@ -55,7 +56,7 @@ def format_comparison(results: dict) -> str:
 
 
 def write_report(results: dict, out_dir: str | Path, save_eval) -> Path:
-    """report.json and a bar chart of exact match per task (accuracy.png) in out_dir."""
+    """report.json and a bar chart of accuracy per task (accuracy.png) in out_dir."""
     out_dir = Path(out_dir)
     path = save_eval(results, out_dir, name="report.json")
     accuracy_bars(results, out_dir / "accuracy.png")

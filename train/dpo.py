@@ -25,31 +25,30 @@ import dataclasses
 import math
 from functools import partial
 
-import hydra
 import torch
 from omegaconf import DictConfig
 
 from data.batching import LengthGroupedLoader
 from data.preferences import collate_groups
-from errors import report_user_errors
+from errors import entry_point
 
 from .checkpoint import CHECKPOINT_NAME, load_model
 from .compare import sampled
 from .losses import dpo_step, sequence_logprobs
+from .reward import RULES as REWARD_RULES
 from .reward import preference_groups, rendered
-from .settings import integer, number, optional
+from .settings import flag, integer, number, optional
 from .stage import Stage
 from .task_eval import builtin_tasks, format_table, score
 
 RULES = {
-    "batch_size": integer(1),
-    "epochs": number(above=0),
+    **REWARD_RULES,  # the same data: preference files, the built-in set, the tasks
     "beta": number(above=0),
     "label_smoothing": number(0, below=0.5),
     "nll_coef": number(0),
     "min_chosen_score": optional(number(0, 1)),
-    "max_bad_fraction": number(0, 1),
-    "eval_max_new_tokens": integer(1),
+    "eval_tasks": flag(),
+    "eval_max_new_tokens": integer(1),  # also the sampled replies' budget
     "max_iters": optional(integer(0)),
 }
 
@@ -144,7 +143,7 @@ def run(cfg: DictConfig) -> dict:
             if name in results:
                 results[name]["sampled"] = sampled(model, reference, None, tok, items, rt,
                                                    cfg.eval_max_new_tokens, cfg.seed)  # fmt: skip
-        stage.log("held-out exact match (greedy, chat format):\n" + format_table(results))
+        stage.log("held-out accuracy (greedy, chat format):\n" + format_table(results))
         stage.log(f"dpo: KL to the reference {results['dpo']['sampled']['kl']:.3f} nats per reply")
         prefs = preference_accuracy(policy, test, tok.pad_id, rt.device, cfg.beta)
         path = str(stage.out_dir / CHECKPOINT_NAME)
@@ -152,8 +151,7 @@ def run(cfg: DictConfig) -> dict:
         return after
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="dpo")
-@report_user_errors
+@entry_point("dpo")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

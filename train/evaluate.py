@@ -5,11 +5,18 @@ compares across tokenizers):
 
     python -m train.evaluate checkpoint=out/pretrain text_file=some.txt
 
-The same entry point scores instruction following: exact-match accuracy on the held-out
-built-in task items (train/task_eval.py), the same items for any checkpoint, so a base
-model and its SFT model compare; results go to eval.json beside the checkpoint.
+The same entry point scores instruction following: accuracy on the held-out built-in
+task items and on the user's eval files (train/task_eval.py; each task judged by its
+match rule, exact or normalised, data/judge.py), the same items for any checkpoint, so a
+base model and its SFT model compare; results go to eval.json beside the checkpoint.
 
     python -m train.evaluate checkpoint=out/sft
+    python -m train.evaluate checkpoint=out/sft eval_files=[qa.jsonl,{path:b.json,match:normalised}]
+
+eval.json keeps one entry per model (base, sft, ...), each naming its item set (count and
+fingerprint). Scores of another item set are not kept beside the new ones: when the items
+changed (other eval_files, other task settings), the entries scored on the old items are
+dropped from eval.json, with a note, so that its base and sft always compare.
 
 A reward model's checkpoint is scored on held-out comparisons instead (pairwise accuracy,
 right vs wrong, rank correlation with the judge: train/reward_eval.py), the built-in
@@ -23,22 +30,35 @@ reference (default out/sft) and the reward model's mean score of its sampled rep
     python -m train.evaluate checkpoints=[out/pretrain,out/sft,out/ppo,out/dpo]
 """
 
+import sys
 from pathlib import Path
 
-import hydra
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from data.preferences import read_preference_file, render_group
-from errors import UserError, report_user_errors
+from data.records import file_entry
+from errors import UserError, entry_point
 
 from .checkpoint import BEST_NAME, CHECKPOINT_NAME, language_model, load_checkpoint, load_kind
 from .compare import compare, format_comparison, write_report
 from .lm_eval import file_bits_per_byte
 from .reward_eval import format_reward_table, reward_metrics
 from .runtime import runtime_session
+from .settings import (
+    EVAL_FILES,
+    MAX_BAD_FRACTION,
+    RUNTIME,
+    TASKS,
+    check,
+    flag,
+    integer,
+    optional,
+    text,
+)
 from .task_eval import (
     builtin_tasks,
+    check_budget,
     eval_file_items,
     format_table,
     load_eval,
@@ -46,8 +66,29 @@ from .task_eval import (
     score,
 )
 
+RULES = {
+    "checkpoint": text(),
+    "text_file": optional(text()),
+    "task_eval": optional(flag()),
+    "eval_files": EVAL_FILES,
+    "eval_max_new_tokens": optional(integer(1)),
+    **MAX_BAD_FRACTION,
+    **TASKS,
+}
+
+
+def held_out_items(cfg: DictConfig) -> list[dict]:
+    """The built-in held-out items (alone and as later questions) and the eval files'."""
+    items, names = [], []
+    if cfg.tasks.weight > 0:
+        tasks = builtin_tasks(cfg)
+        items, names = tasks.test + tasks.test_turns, tasks.tasks()
+    files = OmegaConf.to_container(cfg.eval_files, resolve=True)
+    return items + eval_file_items(files, cfg.max_bad_fraction, names)
+
 
 def run(cfg: DictConfig) -> dict:
+    check(cfg, {**RUNTIME, **RULES})
     with runtime_session(cfg.device, cfg.precision, cfg.seed) as rt:
         if cfg.get("checkpoints"):
             return side_by_side(cfg, rt)
@@ -64,12 +105,14 @@ def run(cfg: DictConfig) -> dict:
             }
         task_eval = cfg.task_eval if cfg.task_eval is not None else not cfg.text_file
         if task_eval:
-            items = builtin_tasks(cfg).test if cfg.tasks.weight > 0 else []
-            items += eval_file_items(cfg.eval_files)
+            items = held_out_items(cfg)
+            warning = check_budget(tok, items, cfg.eval_max_new_tokens)
+            if warning:
+                print(f"warning: {warning}", file=sys.stderr)
             stage = ckpt.get("stage", "model")
             results[stage] = score(model, tok, items, rt, cfg.eval_max_new_tokens)
             if results[stage]:
-                print(f"{ckpt['path']}: held-out exact match (greedy, chat format)")
+                print(f"{ckpt['path']}: held-out accuracy (greedy, chat format)")
                 print(format_table({stage: results[stage]}))
                 if ckpt.get("huggingface"):  # a Hugging Face model has no run directory
                     print("(a Hugging Face model: the results are not written to disk)")
@@ -85,8 +128,9 @@ def score_reward_model(cfg: DictConfig, rt, path: str) -> dict:
     model.to(rt.device)
     held_out = Path(ckpt.get("preferences") or ".") / "test.jsonl"
     groups = read_preference_file(held_out) if cfg.tasks.weight > 0 and held_out.is_file() else []
-    for file in cfg.eval_files:
-        groups += read_preference_file(file)
+    for entry in OmegaConf.to_container(cfg.eval_files, resolve=True):
+        file, _ = file_entry(entry, "eval_files", ("match", "name"))
+        groups += read_preference_file(file, cfg.max_bad_fraction)
     block = model.config.block_size
     rendered = [r for r in (render_group(tok, g, block) for g in groups) if r is not None]
     if not rendered:
@@ -126,14 +170,28 @@ def side_by_side(cfg: DictConfig, rt) -> dict:
 
 def write_beside(checkpoint: str, results: dict) -> None:
     """Merge results into eval.json beside the checkpoint, keeping what is there (SFT
-    writes the base model's scores beside its own)."""
+    writes the base model's scores beside its own) when it was scored on the same items;
+    entries scored on other items are dropped, and said so."""
     run_dir = Path(checkpoint).parent
-    path = save_eval({**load_eval(run_dir), **results}, run_dir)
+    before = load_eval(run_dir)
+    new_sets = {_item_set(v) for v in results.values()} - {None}
+    for key, value in list(before.items()):
+        old = _item_set(value)
+        if old is not None and key not in results and old not in new_sets:
+            print(f"note: eval.json's '{key}' was scored on other items; dropped", file=sys.stderr)
+            del before[key]
+    path = save_eval({**before, **results}, run_dir)
     print(f"written to {path}")
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="evaluate")
-@report_user_errors
+def _item_set(entry) -> str | None:
+    """The fingerprint of the items an eval.json entry was scored on, if it says."""
+    if isinstance(entry, dict) and isinstance(entry.get("item_set"), dict):
+        return entry["item_set"].get("fingerprint")
+    return None
+
+
+@entry_point("evaluate")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

@@ -48,7 +48,7 @@ def _running_mean(values: list[float], window: int) -> list[float]:
 
 
 def accuracy_bars(results: dict[str, dict], path: str | Path) -> Path:
-    """Grouped bars: held-out exact match per task (and overall) for each model."""
+    """Grouped bars: held-out accuracy per task (and overall) for each model."""
     names = list(results)
     tasks = [t for t in next(iter(results.values()))["tasks"]] + ["overall"]
     width = 0.8 / len(names)
@@ -61,7 +61,7 @@ def accuracy_bars(results: dict[str, dict], path: str | Path) -> Path:
                label=name)  # fmt: skip
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(tasks))])
     ax.set_xticklabels(tasks, rotation=30, ha="right")
-    ax.set_ylabel("held-out exact match, %")
+    ax.set_ylabel("held-out accuracy, %")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()

@@ -29,14 +29,14 @@ import math
 from functools import partial
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from data.instruct import read_data_file, to_prompt_item
+from data.instruct import to_prompt_item
 from data.loader import TokenLoader, eval_windows
 from data.prepare import prepare
-from errors import UserError, report_user_errors
+from data.records import file_entry, read_data_file
+from errors import UserError, entry_point
 from model.heads import PolicyWithValue
 
 from .checkpoint import CHECKPOINT_NAME, load_kind, load_model
@@ -45,11 +45,35 @@ from .losses import ppo_step
 from .metrics import read_metrics
 from .plots import reward_vs_kl
 from .rollouts import Rollouts, RolloutSettings
-from .settings import choice, integer, number, optional
+from .settings import (
+    EVAL_FILES,
+    MAX_BAD_FRACTION,
+    TASKS,
+    choice,
+    file_list,
+    flag,
+    integer,
+    number,
+    optional,
+    text,
+)
 from .stage import Stage
-from .task_eval import builtin_tasks, eval_file_items, format_table, score
+from .task_eval import builtin_tasks, check_budget, eval_file_items, format_table, score
 
 RULES = {
+    "init_from": text(),
+    "reward_model": text(),
+    "prompt_files": file_list(),
+    "eval_files": EVAL_FILES,
+    **MAX_BAD_FRACTION,
+    **TASKS,
+    "gamma": number(0, 1),
+    "lam": number(0, 1),
+    "kl_horizon": integer(1),
+    "ptx_batch_size": integer(1),
+    "ptx_seq_len": integer(1),
+    "ptx_eval_tokens": integer(1),
+    "report_bpb": flag(),
     "rollout_prompts": integer(1),
     "group_size": integer(1),
     "reply_tokens": integer(1),
@@ -77,10 +101,11 @@ def prompt_items(cfg: DictConfig, log) -> tuple[list[dict], list[dict]]:
     if cfg.tasks.weight > 0:
         tasks = builtin_tasks(cfg)
         train, test = tasks.train, tasks.test
-    for path in cfg.prompt_files:
+    for entry in cfg.prompt_files:
+        path, _ = file_entry(entry, "prompt_files")
         report = read_data_file(path, to_prompt_item, cfg.max_bad_fraction, log, what="prompt")
-        train += [{"task": Path(path).stem, **item} for item in report.items]
-    test += eval_file_items(cfg.eval_files, cfg.max_bad_fraction)
+        train += [{"task": Path(path).stem, "match": "exact", **item} for item in report.items]
+    test += eval_file_items(cfg.eval_files, cfg.max_bad_fraction, [i["task"] for i in test], log)
     if not train:
         raise UserError("no prompts: set tasks.weight > 0 or give prompt_files=[...]")
     if cfg.reward == "tasks" and not all("answer" in item for item in train):
@@ -153,11 +178,14 @@ def run(cfg: DictConfig) -> dict:
         policy = model.policy if isinstance(model, PolicyWithValue) else model
         policy.to(rt.device)
         train_items, test_items = prompt_items(cfg, stage.log)
+        warning = check_budget(tok, test_items, cfg.eval_max_new_tokens)
+        if warning:
+            stage.log(f"warning: {warning}")
         before = {}
         if stage.resumed is None:
             before = held_out_report(cfg, policy, frozen, tok, test_items, stage)
             if before:
-                stage.log(f"SFT, held-out exact match: {before['overall']['accuracy']:.1%}")
+                stage.log(f"SFT, held-out accuracy: {before['overall']['accuracy']:.1%}")
         ptx, bpb = None, {}
         if cfg.ptx_coef > 0 or cfg.report_bpb:
             bpb["before"] = pretraining_bpb(cfg, policy, stage)
@@ -200,7 +228,7 @@ def finish(cfg, stage: Stage, policy, frozen, tok, items, before: dict, bpb: dic
     stage.log(f"reward and gold against KL: {picture}")
     if after:
         results = {"sft": before, "ppo": after} if before else {"ppo": after}
-        stage.log("held-out exact match (greedy, chat format):\n" + format_table(results))
+        stage.log("held-out accuracy (greedy, chat format):\n" + format_table(results))
         for name, r in results.items():
             s = r["sampled"]
             stage.log(f"{name}: sampled replies' reward {s['score']:+.3f}, gold {s['gold']:.3f}, "
@@ -211,8 +239,7 @@ def finish(cfg, stage: Stage, policy, frozen, tok, items, before: dict, bpb: dic
     return after
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="ppo")
-@report_user_errors
+@entry_point("ppo")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

@@ -39,7 +39,7 @@ from tokenizer.chat import render_prompt
 from .files import atomic_write_text
 from .task_eval import prompt_messages
 
-FORMAT = 1
+FORMAT = 2  # 2: names held out from every task, conversations of several questions
 SPLITS = ("train", "test")
 
 
@@ -50,7 +50,13 @@ def preference_key(cfg, sft_path: str) -> str:
         "format": FORMAT,
         "judge": judge.VERSION,
         "sft": sha256_file(sft_path),
-        "tasks": {"seed": t.seed, "n_train": str(t.n_train), "n_test": t.n_test},
+        "tasks": {
+            "seed": t.seed,
+            "n_train": str(t.n_train),
+            "n_test": t.n_test,
+            "multi_turn": t.get("multi_turn", 0.0),
+            "system_share": t.get("system_share", 0.0),
+        },
         "data": cfg.data.name,
         "samples": p.samples,
         "prompts": p.prompts,

@@ -11,13 +11,12 @@ only rank 0 writes. `resume=true` continues from out_dir/ckpt.pt.
 
 from functools import partial
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from data.loader import TokenLoader, eval_windows
 from data.prepare import prepare
-from errors import UserError, report_user_errors
+from errors import UserError, entry_point
 from model import GPT, GPTConfig
 
 from .checkpoint import CHECKPOINT_NAME
@@ -93,8 +92,7 @@ def report(result: dict, model: GPT, tok, cfg: DictConfig, stage: Stage) -> None
     print("--- sample from the final model ---\n" + text)
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="pretrain")
-@report_user_errors
+@entry_point("pretrain")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

@@ -16,28 +16,42 @@ b       <- b - mean over SFT samples of r(x, y)      after training (InstructGPT
 import math
 from functools import partial
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from data.batching import LengthGroupedLoader
 from data.preferences import collate_groups, load_preference_data, render_group
-from errors import UserError, report_user_errors
+from errors import UserError, entry_point
 from model.heads import ScalarModel
 
 from .checkpoint import CHECKPOINT_NAME, load_kind, load_model
 from .losses import reward_step
 from .preference_data import builtin_preferences
 from .reward_eval import format_reward_table, group_rewards, reward_metrics
-from .settings import integer, number, optional
+from .settings import (
+    MAX_BAD_FRACTION,
+    PREFERENCES,
+    TASKS,
+    TRAINING_FILES,
+    file_list,
+    integer,
+    number,
+    optional,
+    text,
+)
 from .stage import Stage
 from .task_eval import builtin_tasks
 
 RULES = {
+    "init_from": text(),
+    "files": TRAINING_FILES,
+    "eval_files": file_list(),
     "batch_size": integer(1),
     "epochs": number(above=0),
-    "max_bad_fraction": number(0, 1),
     "max_iters": optional(integer(0)),
+    **MAX_BAD_FRACTION,
+    **TASKS,
+    **PREFERENCES,
 }
 
 
@@ -62,7 +76,9 @@ def preference_groups(cfg: DictConfig, stage: Stage, sft, tok, sft_path: str) ->
         sources = OmegaConf.to_container(cfg.files, resolve=True)
         sets["train"] += load_preference_data(sources, cfg.max_bad_fraction, cfg.seed, stage.log)
     for path in cfg.eval_files:
-        sets["test"] += load_preference_data([path], cfg.max_bad_fraction, cfg.seed, stage.log)
+        sets["test"] += load_preference_data(
+            [path], cfg.max_bad_fraction, cfg.seed, stage.log, setting="eval_files"
+        )
     if not sets["train"]:
         raise UserError("no preference data: set preferences.builtin=true or give files=[...]")
     return sets
@@ -134,8 +150,7 @@ def run(cfg: DictConfig) -> dict:
         return figures
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="reward")
-@report_user_errors
+@entry_point("reward")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

@@ -3,7 +3,7 @@
     python -m train.sample checkpoint=out/pretrain 'prompt="To be, or not"' num_samples=3
     python -m train.sample prompt_file=opening.txt temperature=0
     echo "To be" | python -m train.sample prompt=-
-    python -m train.sample mode=chat checkpoint=out/sft            # /reset, /exit
+    python -m train.sample mode=chat checkpoint=out/sft      # /reset, /context, /exit
     printf 'Hello\nWho is Hamlet?\n' | python -m train.sample mode=chat checkpoint=out/sft
 
 (Hydra reads a comma as a list of runs: quote a prompt that has one, as above.)
@@ -14,6 +14,14 @@ prompt it starts a fresh document. It stops at <|eos|> (end of document) or <|en
 (end of a turn). Chat mode renders the history with tokenizer/chat.py, exactly as SFT
 trained on it, and asks for the next assistant turn.
 
+Chat keys: /reset starts over (the system message stays), /context says how much of the
+model's context the conversation uses and how long a reply may be, /exit (or Ctrl-D)
+quits. Ctrl-C during a reply stops that reply (what was printed stays in the history)
+and returns to the prompt; Ctrl-C at the prompt, or a second one, quits (exit 130).
+Replies are shown without the space they start with (SFT's replies begin with one: see
+data/tasks.py, "Copying"); the history keeps them as the model wrote them. When the
+conversation outgrows the context, the oldest turns are dropped, with a note.
+
 Text goes to stdout as it is produced; notes and warnings go to stderr, so a pipe gets
 only the text. The decoding itself lives in model/generate.py.
 """
@@ -23,19 +31,18 @@ import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig
 
 from data.sources import read_utf8_file
-from errors import UserError, report_user_errors
+from errors import UserError, entry_point
 from model import GPT
 from model.generate import completions, prepare_for_decoding
 from tokenizer.chat import ChatFormatError, render_prompt
 
 from .checkpoint import CHECKPOINT_NAME, load_model
 from .runtime import setup_runtime
-from .settings import RUNTIME, TEMPERATURE, check, choice, flag, integer, number, optional
+from .settings import RUNTIME, TEMPERATURE, check, choice, flag, integer, number, optional, text
 
 MODES = ("generate", "chat")
 
@@ -44,6 +51,9 @@ MODES = ("generate", "chat")
 
 
 RULES = {
+    "checkpoint": optional(text()),
+    "prompt_file": optional(text()),
+    "system": optional(text()),
     "max_new_tokens": integer(1),
     "num_samples": integer(1),
     "temperature": TEMPERATURE,
@@ -104,32 +114,46 @@ class TextStream:
     trailing run of U+FFFD (bytes that may still complete a character) and hand out only
     what was not printed yet. What comes out in total is exactly decode(all ids).
     Decoding the whole reply per token is O(n) each, negligible next to the model.
+
+    With lstrip, whitespace at the very start is not handed out (a chat reply's leading
+    space); the ids keep it.
     """
 
-    def __init__(self, tok) -> None:
+    def __init__(self, tok, lstrip: bool = False) -> None:
         self.tok = tok
         self.ids: list[int] = []
-        self.printed = 0  # characters of decode(ids) already handed out
+        self.printed = 0  # characters of decode(ids) already handed out (or skipped)
+        self.lstrip = lstrip  # whitespace is still to be skipped
 
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.tok.decode(self.ids).rstrip("\ufffd")
+    def _new(self, text: str) -> str:
+        if self.lstrip:  # skip the leading whitespace, however many tokens it spans
+            self.printed = max(self.printed, len(text) - len(text.lstrip()))
+            self.lstrip = not text.strip()
         new = text[self.printed :]
         self.printed = max(self.printed, len(text))
         return new
 
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        return self._new(self.tok.decode(self.ids).rstrip("\ufffd"))
+
     def flush(self) -> str:
         """The rest, held-back bytes included (as U+FFFD if they never completed)."""
-        new = self.tok.decode(self.ids)[self.printed :]
-        self.printed += len(new)
-        return new
+        return self._new(self.tok.decode(self.ids))
 
 
 def stream_reply(
-    model: GPT, tok, ids: list[int], settings: dict, generator: torch.Generator, use_cache: bool
+    model: GPT,
+    tok,
+    ids: list[int],
+    settings: dict,
+    generator: torch.Generator,
+    use_cache: bool,
+    out: TextStream | None = None,
 ) -> list[int]:
-    """Generate after `ids`, print the text as it comes, return the new ids (no stop id)."""
-    out = TextStream(tok)
+    """Generate after `ids`, print the text as it comes (through `out`), return the new
+    ids (no stop id). Interrupted, `out.ids` holds what was generated so far."""
+    out = out if out is not None else TextStream(tok)
     steps = completions(
         model,
         [ids],
@@ -184,7 +208,8 @@ def sample(
 
 
 def user_messages(interactive: bool) -> Iterator[str]:
-    """One user message per line: typed at a prompt, or read from a pipe."""
+    """One user message per line: typed at a prompt, or read from a pipe. Ctrl-C at the
+    prompt ends the line first, then quits (KeyboardInterrupt goes on up)."""
     if interactive:
         try:
             import readline  # noqa: F401  (line editing and history for input())
@@ -196,6 +221,9 @@ def user_messages(interactive: bool) -> Iterator[str]:
             except EOFError:
                 print(file=sys.stderr)
                 return
+            except KeyboardInterrupt:
+                print(file=sys.stderr)
+                raise
     else:
         for line in sys.stdin:
             yield line.rstrip("\r\n")
@@ -222,6 +250,17 @@ def fit_history(tok, history: list[dict], budget: int) -> list[int]:
     return ids
 
 
+def context_note(tok, history: list[dict], budget: int, block_size: int, reply: int) -> str:
+    """What /context says: the context the conversation uses, the room left, the reply's."""
+    used = len(render_prompt(tok, history))
+    turns = sum(m["role"] == "user" for m in history)
+    return (
+        f"(context: the conversation ({turns} question(s)) uses {used} of {block_size} tokens; "
+        f"up to {budget} are kept for it, the oldest turns dropped beyond, so {budget - used} "
+        f"are left; a reply may be {reply} tokens (max_new_tokens))"
+    )
+
+
 def chat(
     model: GPT,
     tok,
@@ -230,7 +269,7 @@ def chat(
     generator: torch.Generator,
     messages: Iterable[str] | None = None,
 ) -> None:
-    """Chat mode: a conversation loop with /reset and /exit."""
+    """Chat mode: a conversation loop with /reset, /context, /exit and Ctrl-C."""
     block_size = model.config.block_size
     # Leave room for a reply: at most half the context, so that some history survives.
     budget = block_size - min(settings["max_new_tokens"], block_size // 2)
@@ -238,7 +277,12 @@ def chat(
     history = list(opening)
     interactive = sys.stdin.isatty()
     if interactive:
-        print("chat: type a message; /reset starts over, /exit (or Ctrl-D) quits", file=sys.stderr)
+        print(
+            "chat: type a message; /reset starts over, /context shows the context used, "
+            f"/exit (or Ctrl-D) quits; Ctrl-C stops a reply (up to {settings['max_new_tokens']} "
+            f"tokens; context {block_size} tokens, the oldest turns dropped when it is full)",
+            file=sys.stderr,
+        )
     for line in messages if messages is not None else user_messages(interactive):
         message = line.strip()
         if not message:
@@ -249,19 +293,37 @@ def chat(
             history = list(opening)
             print("(conversation reset)", file=sys.stderr, flush=True)
             continue
+        if message == "/context":
+            note = context_note(tok, history, budget, block_size, settings["max_new_tokens"])
+            print(note, file=sys.stderr, flush=True)
+            continue
         if not interactive:
             print(f"you> {message}")
         history.append({"role": "user", "content": message})
-        try:
-            ids = fit_history(tok, history, budget)
-        except ChatFormatError as e:
-            raise UserError(f"cannot render the conversation: {e}") from None
-        ids = crop_to_context(ids, block_size, "the conversation")
-        sys.stdout.write("assistant> ")
-        reply = stream_reply(model, tok, ids, settings, generator, cfg.use_cache)
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+        reply = reply_to(model, tok, history, budget, cfg, settings, generator)
         history.append({"role": "assistant", "content": tok.decode(reply)})
+
+
+def reply_to(model, tok, history, budget: int, cfg, settings: dict, generator) -> list[int]:
+    """Stream the assistant's reply to the history; Ctrl-C stops it and keeps its start."""
+    try:
+        ids = fit_history(tok, history, budget)
+    except ChatFormatError as e:
+        raise UserError(f"cannot render the conversation: {e}") from None
+    ids = crop_to_context(ids, model.config.block_size, "the conversation")
+    sys.stdout.write("assistant> ")
+    out = TextStream(tok, lstrip=True)  # replies start with a space: not after "> "
+    stopped = False
+    try:
+        reply = stream_reply(model, tok, ids, settings, generator, cfg.use_cache, out)
+    except KeyboardInterrupt:  # stop this reply only; a second Ctrl-C (at the prompt) quits
+        sys.stdout.write(out.flush())
+        reply, stopped = out.ids, True
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if stopped:
+        print("(reply stopped; Ctrl-C at the prompt quits)", file=sys.stderr, flush=True)
+    return reply
 
 
 # --------------------------------------------------------------------------- entry point
@@ -288,8 +350,7 @@ def run(cfg: DictConfig) -> None:
         sample(model, tok, text, cfg, settings, generator)
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="sample")
-@report_user_errors
+@entry_point("sample")
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)

@@ -3,53 +3,94 @@
 load the pretrained checkpoint (model + tokenizer)
 conversations: the built-in tasks (data/tasks.py) and/or Alpaca, Dolly, chat files
 render each with the chat format; loss only on the assistant's tokens (-100 elsewhere)
-score the base model on the held-out task items (exact match, greedy, chat format)
+score the base model on the held-out task items (greedy, chat format, data/judge.py's rules)
 fine-tune with the shared loop (train/stage.py, train/loop.py)
 score the tuned model on the same items; print both side by side; write eval.json
 """
 
+import json
 from functools import partial
+from pathlib import Path
 
-import hydra
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from data.batching import SFTLoader, eval_batches
 from data.instruct import load_instruction_data, mix, render_examples
-from errors import UserError, report_user_errors
+from data.records import file_entry
+from errors import UserError, entry_point
 from model import GPT
 from tokenizer.chat import render_prompt
 
 from .checkpoint import CHECKPOINT_NAME, load_model
 from .lm_eval import language_model_metrics, sample_text
 from .losses import next_token_step
-from .settings import integer, number
+from .settings import EVAL_FILES, MAX_BAD_FRACTION, TASKS, TRAINING_FILES, integer, optional, text
 from .stage import Stage
-from .task_eval import builtin_tasks, eval_file_items, format_table, score
+from .task_eval import builtin_tasks, check_budget, eval_file_items, format_table, score
 
 RULES = {
+    "init_from": text(),
     "batch_size": integer(1),
-    "max_bad_fraction": number(0, 1),
-    "eval_max_new_tokens": integer(1),
+    "files": TRAINING_FILES,
+    "eval_files": EVAL_FILES,
+    "eval_max_new_tokens": optional(integer(1)),
+    **MAX_BAD_FRACTION,
+    **TASKS,
 }
 
 
 def instruction_data(cfg: DictConfig, log=print) -> tuple[list, list]:
-    """(training conversations, held-out task items) from the built-in tasks and files."""
-    parts, test_items = [], []
+    """(training conversations, held-out items) from the built-in tasks and files."""
+    parts, test_items, builtin = [], [], []
     if cfg.tasks.weight > 0:
         tasks = builtin_tasks(cfg)
-        log(f"built-in tasks: {len(tasks.train)} training and {len(tasks.test)} held-out items")
+        log(
+            f"built-in tasks: {len(tasks.train)} training conversations; {len(tasks.test)} "
+            f"held-out items, and {len(tasks.test_turns)} of them asked again as a later question"
+        )
         parts.append(([item["messages"] for item in tasks.train], cfg.tasks.weight))
-        test_items = tasks.test
+        test_items = tasks.test + tasks.test_turns
+        builtin = tasks.tasks()
     conversations = mix(parts, cfg.seed) if parts else []
+    from_files = []
     if cfg.files:
         sources = OmegaConf.to_container(cfg.files, resolve=True)
-        conversations += load_instruction_data(sources, cfg.max_bad_fraction, cfg.seed, log)
-    test_items += eval_file_items(cfg.eval_files, cfg.max_bad_fraction)
-    if not conversations:
+        from_files = load_instruction_data(sources, cfg.max_bad_fraction, cfg.seed, log)
+    eval_files = OmegaConf.to_container(cfg.eval_files, resolve=True)
+    held_out = eval_file_items(eval_files, cfg.max_bad_fraction, builtin, log)
+    for warning in overlap_warnings(cfg.files, eval_files, from_files, held_out):
+        log(f"warning: {warning}")
+    if not conversations and not from_files:
         raise UserError("no instruction data: set tasks.weight > 0 or give files=[...]")
-    return conversations, test_items
+    return conversations + from_files, test_items + held_out
+
+
+def overlap_warnings(files, eval_files, training: list, held_out: list[dict]) -> list[str]:
+    """Eval files that are also training files, and held-out items whose conversation is
+    also in the training files: their scores would measure memory, not generalisation."""
+    warnings = []
+    trained = {Path(file_entry(e, "files")[0]).resolve() for e in files}
+    for entry in eval_files:
+        path = file_entry(entry, "eval_files", ("match", "name"))[0]
+        if Path(path).resolve() in trained:
+            warnings.append(f"{path} is both a training file and an eval file")
+    seen = {_key(c) for c in training}
+    per_task: dict[str, list[int]] = {}
+    for item in held_out:
+        counts = per_task.setdefault(item["task"], [0, 0])
+        counts[0] += _key(item["messages"]) in seen
+        counts[1] += 1
+    warnings += [
+        f"{n} of the {total} items of eval file task '{task}' are also in the training files"
+        for task, (n, total) in per_task.items()
+        if n
+    ]
+    return warnings
+
+
+def _key(messages: list[dict]) -> str:
+    return json.dumps([(m["role"], m["content"].strip()) for m in messages], ensure_ascii=False)
 
 
 def run(cfg: DictConfig) -> dict:
@@ -64,6 +105,11 @@ def run(cfg: DictConfig) -> dict:
         conversations, test_items = instruction_data(cfg, stage.log)
         examples, report = render_examples(tok, conversations, block_size)
         stage.log(f"training data: {report.summary()}")
+        for line in report.details(block_size):
+            stage.log(line)
+        warning = check_budget(tok, test_items, cfg.eval_max_new_tokens)
+        if warning:
+            stage.log(f"warning: {warning}")
         loader = SFTLoader(examples, cfg.batch_size, cfg.seed, rt.rank, rt.world_size, tok.pad_id)
         held_out = [item["messages"] for item in test_items]
         val_examples = render_examples(tok, held_out, block_size)[0] if held_out else []
@@ -85,7 +131,7 @@ def run(cfg: DictConfig) -> dict:
             score(model, tok, test_items, rt, cfg.eval_max_new_tokens) if not stage.resumed else {}
         )
         if base:
-            stage.log(f"base model, held-out exact match: {base['overall']['accuracy']:.1%}")
+            stage.log(f"base model, held-out accuracy: {base['overall']['accuracy']:.1%}")
         step = partial(next_token_step, pad_id=tok.pad_id)
         result = stage.train(model, tok, loader, step, evaluate=evaluate, sample=sample,
                              flops_per_token=model.flops_per_token(block_size),
@@ -93,15 +139,14 @@ def run(cfg: DictConfig) -> dict:
         tuned = score(model, tok, test_items, rt, cfg.eval_max_new_tokens)
         if tuned:
             results = {"sft": tuned} if not base else {"base": base, "sft": tuned}
-            stage.log("held-out exact match (greedy, chat format):\n" + format_table(results))
+            stage.log("held-out accuracy (greedy, chat format):\n" + format_table(results))
             stage.save_eval({"checkpoint": str(stage.out_dir / CHECKPOINT_NAME), **results})
         if rt.distributed:
             dist.barrier()
         return {**result, "eval": tuned}
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="sft")
-@report_user_errors
+@entry_point("sft")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

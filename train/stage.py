@@ -49,6 +49,13 @@ def resumable_checkpoint(out_dir: Path) -> dict:
     return ckpt
 
 
+def check_stage(cfg: DictConfig, rules: dict[str, Rule] | None = None) -> None:
+    """A stage's settings against the loop's, the optimizer's, the runtime's and its own
+    rules (train/settings.py); train.align checks every stage this way before running any."""
+    check(cfg, {**RUNTIME, **LOOP, **OPTIMIZER, **(rules or {})})
+    check_relations(cfg)
+
+
 class Stage:
     def __init__(self, name: str, cfg: DictConfig, rules: dict[str, Rule] | None = None) -> None:
         """name: the stage ("pretrain", "sft", ...), written into its checkpoints.
@@ -56,14 +63,13 @@ class Stage:
         and the runtime's are always checked."""
         self.name = name
         self.cfg = cfg
-        self.rules = {**RUNTIME, **LOOP, **OPTIMIZER, **(rules or {})}
+        self.rules = rules or {}
         self.out_dir = Path(cfg.out_dir)
         self.runtime: Runtime | None = None
         self.resumed: dict | None = None  # the checkpoint being resumed
 
     def __enter__(self) -> "Stage":
-        check(self.cfg, self.rules)  # before any work
-        check_relations(self.cfg)
+        check_stage(self.cfg, self.rules)  # before any work
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise UserError(f"out_dir={self.out_dir} is a file, not a folder; choose another")
         self.runtime = setup_runtime(self.cfg.device, self.cfg.precision, self.cfg.seed)
@@ -168,7 +174,7 @@ class Stage:
         )
         if self.resumed is not None:
             trainer.load_state(self.resumed)
-        if rt.is_main:  # training changes the run: not finished until the stage exits
+        if rt.is_main:  # the run changes from here: not finished until the stage exits
             (self.out_dir / DONE_FILE).unlink(missing_ok=True)
         self.log(self.describe(model))
         if peak:

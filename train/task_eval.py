@@ -1,25 +1,32 @@
-"""Exact-match evaluation on held-out instruction items: does the model follow instructions?
+"""Held-out accuracy on instruction items: does the model follow instructions?
 
 Each item ({"task", "messages", "answer"}, see data/tasks.py) is asked in the chat format
 (tokenizer/chat.py: render_prompt of every message before the final answer), the model
 replies by greedy decoding (temperature 0) until it writes the end-of-turn token, and the
-reply is compared with the item's answer by the tasks' judge (data/judge.py: is_correct,
-the rule that also labels the reward model's preference data): exact for repeat,
-normalised (case, surrounding quotes and final punctuation forgiven) for the others.
+reply is judged against the item's answer by data/judge.py under the item's match rule:
+exact (surrounding whitespace aside) for repeat and, unless they say otherwise, the
+user's eval files; normalised (case, surrounding quotes, final punctuation aside) for the
+other built-in tasks. The rule is named per task in eval.json and in the table.
 
 Scores: accuracy per task, overall (every item counts once), and `form_average`, the mean
 of the per-task accuracies of FORM_AVERAGE_TASKS (repeat, first word, last word: the
-instruction-following target). The same items and the same decoding score the base model
-and the SFT model, so their numbers compare.
+instruction-following target); these count the items asked alone (the built-in held-out
+items, the user's eval files). Built-in items asked as the 2nd or 3rd question of a
+conversation (data/multiturn.py) are scored per position, "turns": answer 1 (asked alone),
+answer 2, answer 3, and those after a system line, each later-answer figure beside the
+same items' single-turn figure ("single_turn"). The same items and the same decoding
+score every model, and `item_set` (a count and a fingerprint of the items) says which
+items these were, so that figures from different item sets are never put side by side.
 
-Decoding stops at the end-of-turn (or end-of-text) token, or after
-min(max_new_tokens, 2 * len(encode(answer)) + 8) tokens: a reply that needs more than
-twice the answer's tokens plus eight is not going to match it, and a base model that
-never stops would otherwise cost max_new_tokens per item. Items are decoded in batches
-whatever their prompts' lengths (left padding, model/generate.py), and each row computes
-what it would alone.
+Decoding stops at the end-of-turn (or end-of-text) token, or after 2 * n + 8 tokens, n the
+reference reply's length in tokens (a reply that needs more than twice that plus eight is
+not going to match it; a base model that never stops would otherwise run on), and never
+after max_new_tokens when that is set: an answer longer than max_new_tokens can never
+score, which check_budget warns about. Items are decoded in batches whatever their prompts'
+lengths (left padding, model/generate.py), and each row computes what it would alone.
 """
 
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,7 +35,8 @@ import torch
 from tqdm import tqdm
 
 from data.instruct import load_instruction_data
-from data.judge import is_correct
+from data.judge import MATCH_RULES, is_correct, match_rule
+from data.records import file_entry
 from data.sources import load_documents
 from data.tasks import TaskSet, build_tasks, task_sizes
 from errors import UserError
@@ -48,6 +56,35 @@ def prompt_messages(item: dict) -> list[dict]:
     if messages and messages[-1].get("role") == "assistant":
         messages = messages[:-1]
     return messages
+
+
+def reference_tokens(tok, item: dict) -> int:
+    """Tokens of the reply that would match: the final assistant message, else the answer."""
+    last = item["messages"][-1] if item["messages"] else {}
+    reference = last["content"] if last.get("role") == "assistant" else item["answer"]
+    return len(tok.encode(reference))
+
+
+def reply_budgets(tok, items: Sequence[dict], max_new_tokens: int | None) -> list[int]:
+    """Per item: 2 * n + 8 tokens (n: reference_tokens), at most max_new_tokens if set."""
+    budgets = [2 * reference_tokens(tok, item) + 8 for item in items]
+    return [min(b, max_new_tokens) for b in budgets] if max_new_tokens else budgets
+
+
+def check_budget(tok, items: Sequence[dict], max_new_tokens: int | None) -> str | None:
+    """A warning when some reference replies are longer than max_new_tokens (they can never
+    score), with their count; None when all fit."""
+    if not max_new_tokens:
+        return None
+    lengths = [reference_tokens(tok, item) for item in items]
+    over = [n for n in lengths if n > max_new_tokens]
+    if not over:
+        return None
+    return (
+        f"{len(over)} of {len(items)} held-out answers are longer than eval_max_new_tokens="
+        f"{max_new_tokens} tokens (the longest {max(over)}), so they can never score; "
+        "raise it, or set it to null to follow the answers"
+    )
 
 
 def greedy_replies(
@@ -78,20 +115,18 @@ def evaluate_tasks(
     model,
     tok,
     items: Sequence[dict],
-    max_new_tokens: int = 48,
+    max_new_tokens: int | None = None,
     progress: bool = True,
     batch_size: int = 32,
 ) -> dict:
-    """Exact-match accuracy of the model on items, per task and overall.
+    """Accuracy of the model on items, per task, overall and per turn position.
 
     Decodes with the model on its own device, in eval mode; wrap the call in the run's
-    autocast for reduced precision. Returns
-        {"tasks": {task: {"accuracy", "correct", "total"}}, "overall": {...},
-         "form_average": float or None, "form_tasks": [...],
-         "items": [{"task", "prompt", "answer", "reply", "correct"}, ...]}
+    autocast for reduced precision. Returns tally's figures and
+    "items": [{"task", "prompt", "answer", "reply", "correct", "match", ...}, ...].
     """
     prompts = [render_prompt(tok, prompt_messages(item)) for item in items]
-    budgets = [min(max_new_tokens, 2 * len(tok.encode(item["answer"])) + 8) for item in items]
+    budgets = reply_budgets(tok, items, max_new_tokens)
     was_training = model.training
     model.eval()
     replies = greedy_replies(model, tok, prompts, budgets, batch_size, progress)
@@ -99,38 +134,80 @@ def evaluate_tasks(
     records = []
     for item, reply in zip(items, replies, strict=True):
         messages = prompt_messages(item)
-        records.append(
-            {
-                "task": item["task"],
-                "prompt": messages[-1]["content"] if messages else "",
-                "answer": item["answer"],
-                "reply": reply,
-                "correct": is_correct(reply, item["answer"], item["task"]),
-            }
-        )
-    return {**tally(records), "items": records}
+        rule = match_rule(item)
+        record = {
+            "task": item["task"],
+            "prompt": messages[-1]["content"] if messages else "",
+            "answer": item["answer"],
+            "reply": reply,
+            "correct": is_correct(reply, item["answer"], rule),
+            "match": rule,
+        }
+        for key in ("turn", "system", "source"):
+            if key in item:
+                record[key] = item[key]
+        records.append(record)
+    return {**tally(records), "item_set": item_set(items), "items": records}
+
+
+def item_set(items: Sequence[dict]) -> dict:
+    """What identifies a set of items: their count and a fingerprint of their contents."""
+    digest = hashlib.sha256()
+    for item in items:
+        text = [item["task"], item["answer"], [(m["role"], m["content"]) for m in item["messages"]]]
+        digest.update(json.dumps(text, ensure_ascii=False).encode())
+    return {"count": len(items), "fingerprint": digest.hexdigest()[:16]}
+
+
+def _accuracy(records: Sequence[dict]) -> dict:
+    correct = sum(int(r["correct"]) for r in records)
+    return {
+        "accuracy": correct / len(records) if records else 0.0,
+        "correct": correct,
+        "total": len(records),
+    }
 
 
 def tally(records: Sequence[dict]) -> dict:
-    """Accuracy per task, overall (each item once) and the form average of scored records."""
-    per_task: dict[str, list[int]] = {}  # task -> [correct, total]
-    for r in records:
-        counts = per_task.setdefault(r["task"], [0, 0])
-        counts[0] += int(r["correct"])
-        counts[1] += 1
-    tasks = {t: {"accuracy": c / n, "correct": c, "total": n} for t, (c, n) in per_task.items()}
-    correct, total = sum(int(r["correct"]) for r in records), len(records)
+    """Accuracy per task (with its match rule), overall (each item once) and the form
+    average of the items asked alone; the turn-position figures of the built-in items."""
+    alone = [r for r in records if r.get("turn", 1) == 1]
+    per_task: dict[str, list[dict]] = {}
+    for r in alone:
+        per_task.setdefault(r["task"], []).append(r)
+    tasks = {
+        t: {**_accuracy(rs), "match": "/".join(sorted({r["match"] for r in rs}))}
+        for t, rs in per_task.items()
+    }
     form = [tasks[t]["accuracy"] for t in FORM_AVERAGE_TASKS if t in tasks]
     return {
         "tasks": tasks,
-        "overall": {
-            "accuracy": correct / total if total else 0.0,
-            "correct": correct,
-            "total": total,
-        },
+        "overall": _accuracy(alone),
         "form_average": sum(form) / len(form) if form else None,
         "form_tasks": [t for t in FORM_AVERAGE_TASKS if t in tasks],
+        "turns": turn_figures(records),
+        "match_rules": MATCH_RULES,
     }
+
+
+def turn_figures(records: Sequence[dict]) -> dict:
+    """{"1": figures of the built-in items asked alone, "2", "3": of those asked as that
+    question, "system": of the later answers after a system line}; each later figure with
+    "single_turn": the accuracy of the same items asked alone."""
+    positioned = [r for r in records if "turn" in r]
+    alone = {(r["task"], r.get("source")): r for r in positioned if r["turn"] == 1}
+    groups: dict[str, list[dict]] = {}
+    for r in positioned:
+        groups.setdefault(str(r["turn"]), []).append(r)
+        if r["turn"] > 1 and r.get("system"):
+            groups.setdefault("system", []).append(r)
+    figures = {}
+    for name, rs in groups.items():
+        figures[name] = _accuracy(rs)
+        twins = [alone[key] for r in rs if (key := (r["task"], r.get("source"))) in alone]
+        if name != "1" and twins:
+            figures[name]["single_turn"] = _accuracy(twins)["accuracy"]
+    return figures
 
 
 def load_eval(run_dir: str | Path, name: str = EVAL_FILE) -> dict:
@@ -148,23 +225,50 @@ def save_eval(results: dict, run_dir: str | Path, name: str = EVAL_FILE) -> Path
     return atomic_write_text(Path(run_dir) / name, text)
 
 
+TURN_ROWS = {
+    "1": "answer 1 (alone)",
+    "2": "answer 2",
+    "3": "answer 3",
+    "system": "after a system line",
+}
+
+
 def format_table(results: dict[str, dict]) -> str:
-    """A side-by-side accuracy table, one column per result: {"base": r1, "sft": r2}."""
+    """A side-by-side accuracy table, one column per result: {"base": r1, "sft": r2}; the
+    match rule of each task, then the figures per turn position (with the same items'
+    single-turn figure in parentheses)."""
     names = list(results)
     tasks: list[str] = []
     for r in results.values():
         tasks += [t for t in r["tasks"] if t not in tasks]
-    width = max([len("form average"), *map(len, tasks)])
-    lines = [f"{'task':<{width}}  " + "  ".join(f"{n:>8}" for n in names)]
+    width = max([len("after a system line"), *map(len, tasks)])
+    lines = [f"{'task':<{width}}  {'match':<10}  " + "  ".join(f"{n:>17}" for n in names)]
 
-    def row(label: str, values: list) -> str:
-        cells = ["       -" if v is None else f"{100 * v:7.1f}%" for v in values]
-        return f"{label:<{width}}  " + "  ".join(cells)
+    def cell(value, single=None) -> str:
+        text = "-" if value is None else f"{100 * value:.1f}%"
+        return f"{text:>7} ({100 * single:5.1f}%)" if single is not None else f"{text:>17}"
+
+    def row(label: str, match: str, cells: list[str]) -> str:
+        return f"{label:<{width}}  {match:<10}  " + "  ".join(cells)
 
     for t in tasks:
-        lines.append(row(t, [r["tasks"].get(t, {}).get("accuracy") for r in results.values()]))
-    lines.append(row("form average", [r["form_average"] for r in results.values()]))
-    lines.append(row("overall", [r["overall"]["accuracy"] for r in results.values()]))
+        match = next((r["tasks"][t]["match"] for r in results.values() if t in r["tasks"]), "")
+        lines.append(row(t, match, [cell(r["tasks"].get(t, {}).get("accuracy"))
+                                    for r in results.values()]))  # fmt: skip
+    lines.append(row("form average", "", [cell(r["form_average"]) for r in results.values()]))
+    lines.append(row("overall", "", [cell(r["overall"]["accuracy"]) for r in results.values()]))
+    for key, label in TURN_ROWS.items():
+        figures = [r.get("turns", {}).get(key) for r in results.values()]
+        if any(f and key != "1" for f in figures):
+            lines.append(row(label, "", [
+                cell(f["accuracy"], f.get("single_turn")) if f else cell(None) for f in figures
+            ]))  # fmt: skip
+        elif key == "1" and any(len(r.get("turns", {})) > 1 for r in results.values()):
+            lines.append(row(label, "", [cell(f["accuracy"]) if f else cell(None)
+                                         for f in figures]))  # fmt: skip
+    if len(lines) > len(tasks) + 4:
+        lines.append("(answer k: held-out items asked k-th in a conversation; in parentheses, "
+                     "the same items asked alone)")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -178,21 +282,48 @@ def builtin_tasks(cfg) -> TaskSet:
         sizes = task_sizes(t.n_train)
     except ValueError as e:
         raise UserError(f"tasks.n_train: {e}") from None
-    return build_tasks(load_documents(cfg.data), t.seed, sizes, t.n_test)
+    return build_tasks(
+        load_documents(cfg.data), t.seed, sizes, t.n_test,
+        multi_turn=t.get("multi_turn", 0.0), system_share=t.get("system_share", 0.0),
+        n_test_turns=t.get("n_test_turns", 0),
+    )  # fmt: skip
 
 
-def eval_file_items(paths: Sequence[str], max_bad_fraction: float = 0.05) -> list[dict]:
-    """Held-out items from the user's instruction files (Alpaca, Dolly, chat), one task per
-    file named by its stem; the final assistant reply of each conversation is the answer."""
-    items = []
-    for path in paths:
-        for messages in load_instruction_data([path], max_bad_fraction):
-            items.append({"task": Path(path).stem, "messages": messages})
-            items[-1]["answer"] = messages[-1]["content"]
+def eval_file_items(
+    entries: Sequence, max_bad_fraction: float = 0.05, taken: Sequence[str] = (), log=print
+) -> list[dict]:
+    """Held-out items from the user's instruction files (any layout data/instruct.py
+    reads), one task per file; the final assistant reply of each conversation is the answer.
+
+    Each entry is a path or {path, match, name}: the task is named by `name`, else by the
+    file's stem; a stem already taken (by a built-in task in `taken`, or an earlier file)
+    names the task by the path instead, with a note, so that two files never merge. The
+    match rule is exact unless the entry says match: normalised."""
+    items, names = [], set(taken)
+    for entry in entries:
+        path, options = file_entry(entry, "eval_files", ("match", "name"))
+        name = options.get("name") or Path(path).stem
+        if name in names and "name" not in options:
+            log(f"note: eval file {path} is scored as task '{path}' ('{name}' is taken)")
+            name = path
+        if name in names:
+            raise UserError(
+                f"eval_files: two files are scored as task '{name}'; give each its own "
+                f"name, e.g. eval_files=[{{path: {path}, name: other}}], or list a file once"
+            )
+        names.add(name)
+        rule = options.get("match", "exact")
+        if rule not in MATCH_RULES:
+            raise UserError(f"eval_files: match {rule!r} of {path}; use exact or normalised")
+        for messages in load_instruction_data(
+            [path], max_bad_fraction, log=log, setting="eval_files"
+        ):
+            answer = messages[-1]["content"]
+            items.append({"task": name, "messages": messages, "answer": answer, "match": rule})
     return items
 
 
-def score(model, tok, items: Sequence[dict], runtime, max_new_tokens: int) -> dict:
+def score(model, tok, items: Sequence[dict], runtime, max_new_tokens: int | None) -> dict:
     """evaluate_tasks on rank 0, in eval mode under the run's autocast ({} elsewhere)."""
     if not items or not runtime.is_main:
         return {}

@@ -1,0 +1,168 @@
+"""Every entry point, a table of wrong settings: each stops at once with one line and a
+non-zero exit, never a traceback.
+
+The entry points run in-process through their real `main()` (errors.entry_point around
+hydra.main), with the command line in sys.argv, so Hydra's own refusals (an unknown
+setting, a malformed override, an unknown preset) are tested as users meet them. Wrong
+values are of four kinds: a wrong type, out of range, an unknown key, a wrong shape.
+"""
+
+import importlib
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import tokenizer
+from model import GPT, GPTConfig
+from train.checkpoint import save_checkpoint
+
+ENTRY_POINTS = {
+    "pretrain": "train.pretrain",
+    "sft": "train.sft",
+    "reward": "train.reward",
+    "ppo": "train.ppo",
+    "dpo": "train.dpo",
+    "sample": "train.sample",
+    "evaluate": "train.evaluate",
+    "bench": "train.bench",
+    "align": "train.align",
+    "prepare": "data.prepare",
+}
+FILES_SHAPE = r"it must be a list of files, each a path or \{path, weight: a number >= 0\}"
+
+# (entry point, overrides, what the one line must say); {ckpt} is a tiny checkpoint and
+# {tmp} a scratch folder, so that a file that must exist is the one thing missing.
+CASES = [
+    ("pretrain", ["batch_size=0"], r"batch_size=0 is not valid: it must be an integer >= 1"),
+    ("pretrain", ["lr=abc"], r"lr='abc' is not valid: it must be a number > 0"),
+    ("pretrain", ["betas=[0.9]"], r"betas=\[0.9\] is not valid: it must be a list of two"),
+    ("pretrain", ["nosuch=1"], r"unknown setting 'nosuch': conf/pretrain.yaml has no such key"),
+    ("pretrain", ["model=huge"], r"Could not find 'model/huge'; available: gpt2, .*tiny"),
+    ("pretrain", ["lr=[1"], r"cannot read the override 'lr=\[1'"),
+    ("pretrain", ["data.vocab_size=abc"], r"data.vocab_size must be a positive integer"),
+    ("sft", ["files=a.jsonl"], rf"files='a.jsonl' is not valid: {FILES_SHAPE}; write a list"),
+    ("sft", ["files=[{path:a,weight:abc}]"],
+     rf"files=\[{{'path': 'a', 'weight': 'abc'}}\] is not valid: {FILES_SHAPE}"),
+    ("sft", ["files=[{path:a,weight:null}]"], r"'weight': None}\] is not valid"),
+    ("sft", ["files=[{file:a}]"], r"files=\[{'file': 'a'}\] is not valid"),
+    ("sft", ["max_bad_fraction=-1"],
+     r"max_bad_fraction=-1 is not valid: it must be a number >= 0 and <= 1"),
+    ("sft", ["max_bad_fraction=abc"], r"max_bad_fraction='abc' is not valid"),
+    ("sft", ["max_bad_fraction=5"], r"max_bad_fraction=5 is not valid"),
+    ("sft", ["eval_files=[{path:a,match:fuzzy}]"],
+     r"eval_files=.* is not valid: .*match: one of exact, normalised"),
+    ("sft", ["tasks.weight=-1"], r"tasks.weight=-1 is not valid: it must be a number >= 0"),
+    ("sft", ["tasks.n_train=many"], r"tasks.n_train='many' is not valid"),
+    ("sft", ["eval_max_new_tokens=0"],
+     r"eval_max_new_tokens=0 is not valid: it must be an integer >= 1, or null"),
+    ("sft", ["tasks.nosuch=1"], r"unknown setting 'tasks.nosuch'"),
+    ("sft", ["init_from={ckpt}", "tasks.weight=0", "files=[{tmp}/train.jsonl]",
+             "eval_files=[{path:{tmp}/missing.jsonl}]"],
+     r"data file .*missing.jsonl does not exist"),
+    ("reward", ["epochs=0"], r"epochs=0 is not valid: it must be a number > 0"),
+    ("reward", ["preferences.samples=1"],
+     r"preferences.samples=1 is not valid: it must be an integer >= 2"),
+    ("reward", ["eval_files=x.jsonl"],
+     r"eval_files='x.jsonl' is not valid: it must be a list of files"),
+    ("reward", ["nosuch=1"], r"unknown setting 'nosuch': conf/reward.yaml"),
+    ("dpo", ["beta=0"], r"beta=0 is not valid: it must be a number > 0"),
+    ("dpo", ["label_smoothing=0.5"], r"label_smoothing=0.5 is not valid"),
+    ("dpo", ["files=[{path:a,weight:-1}]"], r"files=.* is not valid"),
+    ("ppo", ["max_bad_fraction=5"], r"max_bad_fraction=5 is not valid"),
+    ("ppo", ["advantage=ppo"], r"advantage='ppo' is not valid: it must be one of gae, group"),
+    ("ppo", ["prompt_files=p.jsonl"],
+     r"prompt_files='p.jsonl' is not valid: it must be a list of files"),
+    ("ppo", ["clip=1"], r"clip=1 is not valid: it must be a number > 0 and < 1"),
+    ("sample", ["temperature=1e-9"], r"temperature=1e-09 is not valid"),
+    ("sample", ["top_p=2"], r"top_p=2 is not valid"),
+    ("sample", ["mode=talk"], r"mode='talk' is not valid: it must be one of generate, chat"),
+    ("sample", ["nosuch=1"], r"unknown setting 'nosuch': conf/sample.yaml"),
+    ("evaluate", ["max_bad_fraction=5"], r"max_bad_fraction=5 is not valid"),
+    ("evaluate", ["eval_files=a.jsonl"],
+     r"eval_files='a.jsonl' is not valid: it must be a list of files"),
+    ("evaluate", ["eval_max_new_tokens=0"], r"eval_max_new_tokens=0 is not valid"),
+    ("evaluate", ["task_eval=maybe"],
+     r"task_eval='maybe' is not valid: it must be true or false, or null"),
+    ("evaluate", ["checkpoint={ckpt}", "tasks.weight=0", "eval_files=[{path:{tmp}/missing.jsonl}]"],
+     r"data file .*missing.jsonl does not exist"),
+    ("bench", ["repeats=0"], r"repeats=0 is not valid: it must be an integer >= 1"),
+    ("bench", ["hf=maybe"], r"hf='maybe' is not valid: it must be auto, true or false"),
+    ("bench", ["nosuch=1"], r"unknown setting 'nosuch': conf/bench.yaml"),
+    ("align", ["stages=[pretrain,rlhf]"],
+     r"stages=\['pretrain', 'rlhf'\] is not valid: it must be a list, each one of pretrain"),
+    ("align", ["overrides=3"], r"overrides=3 is not valid: it must be a mapping"),
+    ("align", ["overrides.sft=['nosuch=1']"],
+     r"overrides for sft: unknown setting 'nosuch': conf/sft.yaml"),
+    ("align", ["overrides.ppo=['beta=-1']"], r"beta=-1 is not valid: it must be a number >= 0"),
+    ("align", ["eval_max_new_tokens=abc"], r"eval_max_new_tokens='abc' is not valid"),
+    ("prepare", ["data.vocab_size=abc"], r"data.vocab_size must be a positive integer, got 'abc'"),
+    ("prepare", ["data.vocab_size=true"], r"data.vocab_size must be a positive integer, got True"),
+    ("prepare", ["data.val_fraction=5"], r"data.val_fraction must be between 0 and 1"),
+    ("prepare", ["data.nosuch=1"], r"unknown setting 'data.nosuch': conf/prepare.yaml"),
+    ("prepare", ["data.source=ftp"], r"unknown data.source 'ftp'"),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    """A tiny checkpoint and a valid instruction file."""
+    d = tmp_path_factory.mktemp("tiny")
+    tok = tokenizer.train_tokenizer(["Who is there? Nay, answer me. " * 40] * 4, vocab_size=300)
+    config = GPTConfig(n_layer=1, n_head=1, n_embd=16, block_size=32, vocab_size=tok.vocab_size)
+    torch.manual_seed(0)
+    state = {"stage": "sft", "model_config": config.to_dict(), "model": GPT(config).state_dict(),
+             "tokenizer": tok.state(), "step": 0}  # fmt: skip
+    save_checkpoint(d / "ckpt.pt", state)
+    (d / "train.jsonl").write_text('{"instruction": "Who is there?", "output": "Nay."}\n')
+    return {"ckpt": str(d / "ckpt.pt"), "tmp": str(d)}
+
+
+def run_main(entry: str, args: list[str], monkeypatch, capsys) -> tuple[int, str]:
+    """python -m <entry> <args>, in-process: (exit status, stderr)."""
+    module = importlib.import_module(ENTRY_POINTS[entry])
+    monkeypatch.setattr(sys, "argv", [f"{entry}.py", *args])
+    with pytest.raises(SystemExit) as e:
+        module.main()
+    return e.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "entry, overrides, message", CASES, ids=[f"{c[0]}:{' '.join(c[1])}" for c in CASES]
+)
+def test_a_wrong_setting_is_one_line_and_a_non_zero_exit(
+    entry, overrides, message, tiny, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)  # whatever Hydra or a stage might create lands here
+    args = [a.replace("{ckpt}", tiny["ckpt"]).replace("{tmp}", tiny["tmp"]) for a in overrides]
+    if entry in ("pretrain", "sft", "reward", "ppo", "dpo", "bench", "align"):
+        args.append(f"out_dir={tmp_path / 'out'}")
+    if entry in ("sft", "reward", "ppo", "dpo") and not any("init_from" in a for a in args):
+        args.append("init_from=/nonexistent")  # a wrong setting must stop before loading it
+    args += ["device=cpu", "precision=float32"]
+    code, err = run_main(entry, args, monkeypatch, capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code != 0
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err and "HYDRA_FULL_ERROR" not in err
+    assert re.search(message, lines[0]), lines[0]
+
+
+def test_every_entry_point_is_in_the_table():
+    assert {entry for entry, _, _ in CASES} == set(ENTRY_POINTS)
+    for module in ENTRY_POINTS.values():  # each main goes through errors.entry_point
+        main = importlib.import_module(module).main
+        assert main.__wrapped__.__module__ == module, module
+
+
+def test_hydra_command_line_is_kept(monkeypatch, capsys):
+    """--cfg job still prints the composed config (and +key=value still adds a key)."""
+    import train.sample as sample
+
+    monkeypatch.setattr(sys, "argv", ["sample.py", "--cfg", "job", "+extra=1", "top_k=7"])
+    sample.main()
+    out = capsys.readouterr().out
+    assert "top_k: 7" in out and "extra: 1" in out
+    assert Path(sample.__file__).name == "sample.py"
