@@ -19,6 +19,9 @@ from .rollouts import Rollouts, RolloutSettings
 from .task_eval import format_table, score
 
 
+SAMPLED_REPLY_TOKENS = 48  # the sampled replies' budget when the greedy one follows the answers
+
+
 def sampled(policy, reference, reward_model, tok, items, rt, reply_tokens: int, seed: int) -> dict:
     """Mean reward-model score, gold and KL to the reference of one sampled reply per item."""
     settings = RolloutSettings(reply_tokens=reply_tokens, seed=seed,
@@ -38,9 +41,8 @@ def compare(checkpoints: dict, sft: str, reward: str | None, items, rt, max_new_
         model, _, _ = load_model(path)
         model.to(rt.device)
         results[name] = score(model, tok, items, rt, max_new_tokens)
-        results[name]["sampled"] = sampled(
-            model, reference, rm, tok, items, rt, max_new_tokens, seed
-        )
+        reply_tokens = max_new_tokens or SAMPLED_REPLY_TOKENS
+        results[name]["sampled"] = sampled(model, reference, rm, tok, items, rt, reply_tokens, seed)
         results[name]["checkpoint"] = str(path)
     return results
 
