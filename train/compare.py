@@ -18,7 +18,6 @@ from .plots import accuracy_bars
 from .rollouts import Rollouts, RolloutSettings
 from .task_eval import format_table, score
 
-
 SAMPLED_REPLY_TOKENS = 48  # the sampled replies' budget when the greedy one follows the answers
 
 
