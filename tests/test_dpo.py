@@ -181,3 +181,19 @@ def test_a_stage_with_an_unchanged_config_is_not_run_again(tmp_path, monkeypatch
 
     (tmp_path / "sft" / "done.json").unlink()  # an unfinished stage runs again
     assert align.run_stages(plan, log=lambda m: None)["sft"] == "ran"
+
+
+def test_min_chosen_score_keeps_right_over_wrong_and_unscored_pairs():
+    from data.preferences import PreferenceGroup
+    from train.dpo import keep_pairs
+
+    prompt = [{"role": "user", "content": "q"}]
+    scored = PreferenceGroup(prompt, task="t")
+    for text, score in ((" right", 1.0), (" near", 0.5), (" far", 0.0)):
+        scored.add([{"role": "assistant", "content": text}], score)
+    scored.pairs = [(0, 1), (0, 2), (1, 2)]  # the last: two mistakes
+    unscored = PreferenceGroup(prompt, task="u", responses=scored.responses[:2],
+                               pairs=[(0, 1)], scores=[None, None])  # fmt: skip
+    kept = keep_pairs([scored, unscored], 1.0)
+    assert kept[0].pairs == [(0, 1), (0, 2)] and kept[1].pairs == [(0, 1)]
+    assert keep_pairs([scored], None)[0].pairs == scored.pairs

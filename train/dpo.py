@@ -55,12 +55,15 @@ RULES = {
 
 def keep_pairs(groups, min_chosen_score: float | None) -> list:
     """The groups with only the pairs whose chosen reply scored at least min_chosen_score
-    (1.0: only right-over-wrong pairs, no preference between two mistakes); None: all."""
+    (1.0: only right-over-wrong pairs, no preference between two mistakes); None: all.
+    Pairs without scores (most users' files) are kept."""
     if min_chosen_score is None:
         return groups
     out = []
     for g in groups:
-        pairs = [(a, b) for a, b in g.pairs if (g.scores[a] or 0.0) >= min_chosen_score]
+        pairs = [
+            (a, b) for a, b in g.pairs if g.scores[a] is None or g.scores[a] >= min_chosen_score
+        ]
         if pairs:
             out.append(dataclasses.replace(g, pairs=pairs))
     return out
