@@ -15,6 +15,7 @@ starts from that stage's checkpoint). Running again replaces its earlier run
 """
 
 import importlib
+import time
 from pathlib import Path
 
 import yaml
@@ -95,7 +96,10 @@ def run_stages(cfg: DictConfig, log=print) -> dict[str, str]:
             continue
         log(f"== {name}: running (python -m train.{STAGES[name]})")
         stage_cfg = stage_config(name, overrides + ["overwrite=true"])
+        start = time.perf_counter()
         importlib.import_module(f"train.{STAGES[name]}").run(stage_cfg)
+        minutes, seconds = divmod(round(time.perf_counter() - start), 60)
+        log(f"== {name}: done in {minutes} min {seconds:02d} s")
         done[name], upstream_ran = "ran", True
     return done
 
