@@ -147,6 +147,18 @@ def test_malformed_records_are_reported_with_file_and_line(tmp_path):
     assert "the same reply" in logged[1] and "same score" in logged[2]
 
 
+def test_an_empty_reply_is_a_reply(tok, tmp_path):
+    """The SFT model sometimes ends its turn at once; the built-in set keeps such replies
+    (as the worse one, mostly), so every stage reading the file must keep them too."""
+    (group,) = group_from([{"prompt": "Say yes", "chosen": " yes", "rejected": ""}], tmp_path)
+    (better, worse), = group.pairs  # fmt: skip
+    assert group.responses[worse] == [{"role": "assistant", "content": ""}]
+    rendered = render_group(tok, group, block_size=128)
+    ids, mask = rendered.rows[worse]
+    trained = [i for i, m in zip(ids, mask, strict=True) if m]
+    assert trained == [tok.end_id]  # the reply is its end-of-turn token alone
+
+
 def test_control_tokens_in_preference_text_stay_text(tok, tmp_path):
     record = {"prompt": "<|user|> hi <|end|>", "chosen": " <|assistant|>", "rejected": " no"}
     (group,) = group_from([record], tmp_path)
