@@ -18,6 +18,7 @@ from model import GPT, GPTConfig
 from model.heads import ScalarModel
 from train.checkpoint import load_kind, save_checkpoint
 from train.losses import pairwise_loss
+from train.preference_data import off_task_replies
 from train.reward_eval import spearman
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,6 +166,16 @@ def test_control_tokens_in_preference_text_stay_text(tok, tmp_path):
     rendered = render_group(tok, group, block_size=128)
     for ids, _ in rendered.rows:
         assert ids.count(tok.user_id) == 1 and ids.count(tok.assistant_id) == 1
+
+
+def test_borrowed_replies_come_from_other_tasks():
+    items = [{"task": t} for t in "aaabbbccc"]
+    finished = [f"reply {n}.{j}" for n in range(9) for j in range(2)]  # k = 2 per item
+    assert off_task_replies(items, finished, 0, 2, 1) == ["reply 4.0"]  # half the list away
+    assert off_task_replies(items, finished, 0, 2, 2) == ["reply 3.0", "reply 6.0"]
+    assert off_task_replies(items, finished, 8, 2, 2) == ["reply 2.0", "reply 5.0"]
+    assert off_task_replies([{"task": "a"}] * 4, finished, 0, 2, 1) == []  # one task: none
+    assert off_task_replies(items, finished, 0, 2, 0) == []
 
 
 # --- the judge ---------------------------------------------------------------------------

@@ -12,6 +12,15 @@ Replies that do not end their turn within the budget are left out (the reward mo
 a reply's end-of-turn token). Prompts whose replies all score the same give no pair.
 Held-out pairs come only from held-out prompts.
 
+Off-task replies (`preferences.borrowed`, training split only): the SFT model answers the
+question it is asked, so its samples never show the reward model a reply to another
+question, and a reward model that never saw one cannot score it low. PPO finds that gap at
+once: against a reward model trained on the samples alone, the policy learnt to answer a
+play's title to every question (greedy exact match 37.7% -> 0.9%). So each training prompt
+also gets `borrowed` replies sampled for a prompt of another task, judged against this
+prompt's answer like the rest. The held-out set keeps the SFT model's own samples only, so
+the reward model's held-out accuracy measures what it did before.
+
 The set is written as JSONL in the pair layout (data/preferences.py) with the judge's
 scores, `train.jsonl` and `test.jsonl` in `preferences.dir`, with a meta.json holding the
 key of everything it depends on (the SFT checkpoint's bytes, the judge's version, the task
@@ -63,6 +72,7 @@ def preference_key(cfg, sft_path: str) -> str:
         "temperature": p.temperature,
         "max_new_tokens": p.max_new_tokens,
         "seed": p.seed,
+        "borrowed": p.get("borrowed", 0),
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
@@ -75,8 +85,11 @@ def training_prompts(tasks: TaskSet, n: int) -> list[dict]:
     return [item for name in names for item in per_task[name][:share]][:n]
 
 
-def sample_groups(model, tok, items: list[dict], cfg, device, log=print) -> list[PreferenceGroup]:
-    """K sampled replies per item, judged, as groups of ranked pairs."""
+def sample_groups(
+    model, tok, items: list[dict], cfg, device, borrowed: int = 0, log=print
+) -> list[PreferenceGroup]:
+    """K sampled replies per item (and `borrowed` replies of other tasks' items), judged,
+    as groups of ranked pairs."""
     p = cfg.preferences
     prompts = [render_prompt(tok, prompt_messages(item)) for item in items]
     budgets = [min(p.max_new_tokens, 2 * len(tok.encode(i["answer"])) + 8) for i in items]
@@ -91,12 +104,16 @@ def sample_groups(model, tok, items: list[dict], cfg, device, log=print) -> list
         done += complete(model, repeated[chunk], budgets[chunk], temperature=p.temperature,
                          stop_ids=(tok.end_id, tok.eos_id), generator=generator)  # fmt: skip
     log(f"sampled {len(done)} replies in {time.perf_counter() - start:.0f}s")
+    finished = [
+        tok.decode(c.text_tokens) if c.stopped and c.tokens[-1] == tok.end_id else None
+        for c in done
+    ]  # None: the reply did not end its turn
     groups = []
     for n, item in enumerate(items):
         group = PreferenceGroup(prompt_messages(item), task=item["task"])
-        for c in done[n * k : (n + 1) * k]:
-            if c.stopped and c.tokens[-1] == tok.end_id:  # a finished turn
-                text = tok.decode(c.text_tokens)
+        replies = finished[n * k : (n + 1) * k] + off_task_replies(items, finished, n, k, borrowed)
+        for text in replies:
+            if text is not None:
                 group.add([{"role": "assistant", "content": text}], grade(item, text))
         group.pairs = [
             (a, b)
@@ -107,6 +124,17 @@ def sample_groups(model, tok, items: list[dict], cfg, device, log=print) -> list
         if group.pairs:
             groups.append(group)
     return groups
+
+
+def off_task_replies(items: list[dict], finished: list, n: int, k: int, count: int) -> list:
+    """`count` replies sampled for items of other tasks than item n: the first reply of
+    the items 1/(count+1), 2/(count+1), ... of the list away (items come grouped by task)."""
+    replies = []
+    for j in range(1, count + 1):
+        other = (n + j * len(items) // (count + 1)) % len(items)
+        if items[other]["task"] != items[n]["task"]:
+            replies.append(finished[other * k])
+    return replies
 
 
 def builtin_preferences(
@@ -126,7 +154,10 @@ def builtin_preferences(
     items = {"train": training_prompts(tasks, cfg.preferences.prompts), "test": tasks.test}
     was_training = model.training
     model.eval()
-    groups = {s: sample_groups(model, tok, items[s], cfg, device, log) for s in SPLITS}
+    borrowed = {"train": cfg.preferences.get("borrowed", 0), "test": 0}  # held out: own samples
+    groups = {
+        s: sample_groups(model, tok, items[s], cfg, device, borrowed[s], log) for s in SPLITS
+    }
     model.train(was_training)
     for split in SPLITS:
         records = [r for g in groups[split] for r in pair_records(g)]

@@ -177,6 +177,7 @@ PREFERENCES = {
     "preferences.builtin": flag(),
     "preferences.dir": text(),
     "preferences.samples": integer(2),
+    "preferences.borrowed": integer(0),
     "preferences.prompts": integer(1),
     "preferences.temperature": number(above=0),
     "preferences.max_new_tokens": integer(1),
