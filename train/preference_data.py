@@ -155,9 +155,7 @@ def builtin_preferences(
     was_training = model.training
     model.eval()
     borrowed = {"train": cfg.preferences.get("borrowed", 0), "test": 0}  # held out: own samples
-    groups = {
-        s: sample_groups(model, tok, items[s], cfg, device, borrowed[s], log) for s in SPLITS
-    }
+    groups = {s: sample_groups(model, tok, items[s], cfg, device, borrowed[s], log) for s in SPLITS}
     model.train(was_training)
     for split in SPLITS:
         records = [r for g in groups[split] for r in pair_records(g)]
