@@ -273,10 +273,10 @@ def test_a_tiny_reward_model_learns_which_answer_is_better(rm_setup):
     assert report["pairs"] == report["tasks"]["test"]["pairs"] == len(prompts)  # merged per prompt
     assert report["pairwise_accuracy"] >= 0.9
 
-    # normalised: the training replies average 0 reward; the offset is in the checkpoint
+    # normalised: the held-out replies average 0 reward; the offset is in the checkpoint
     model, tok, ckpt = load_kind(d / "rm", "reward")
     assert ckpt["stage"] == "reward" and ckpt["model_kind"] == "reward"
-    groups = read_preference_file(d / "train.jsonl", log=lambda m: None)
+    groups = read_preference_file(d / "test.jsonl", log=lambda m: None)
     rows = [render_group(tok, g, 32) for g in groups]
     batch = collate_groups(rows, tok.pad_id)
     with torch.no_grad():

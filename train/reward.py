@@ -137,8 +137,11 @@ def run(cfg: DictConfig) -> dict:
                     flops_per_token=model.gpt.flops_per_token(T),
                     loop={"max_iters": max_iters}, init_from=init["path"],
                     preferences=builtin_dir)  # fmt: skip
-        offset = normalise(model, train, tok.pad_id, stage)
-        stage.log(f"normalised: the SFT samples' mean reward {offset:+.4f} is now 0")
+        # the held-out replies are the SFT model's own samples; the built-in training set
+        # also holds off-task replies (preference_data.py), which would pull the mean down
+        offset = normalise(model, test or train, tok.pad_id, stage)
+        which = "held-out" if test else "training"
+        stage.log(f"normalised: the {which} replies' mean reward {offset:+.4f} is now 0")
         stage.update_checkpoint(model, reward_offset=offset)
         if not test:
             return {}
