@@ -171,6 +171,10 @@ def test_a_tiny_ppo_run_learns_to_say_yes_and_keeps_its_reference(tiny):
     gold = [r["rollout_gold"] for r in records if "rollout_gold" in r]
     assert gold[0] < 0.8 and sum(gold[-5:]) / 5 > 0.9, gold  # it learnt to say yes
     assert (d / "ppo" / "reward_vs_kl.png").stat().st_size > 1000
+    (times,) = [line for line in result.stdout.splitlines() if line.startswith("training time")]
+    parts = dict(p.rsplit(" ", 2)[:2] for p in times.split(": ", 1)[1].split(", "))
+    assert list(parts) == ["evaluation", "generation", "scoring", "optimisation"], times
+    assert float(parts["generation"]) >= 0 and float(parts["optimisation"]) > 0, times
     ckpt = load_checkpoint(d / "ppo")
     assert ckpt["stage"] == "ppo" and ckpt["model_kind"] == "gpt"
     sft = load_checkpoint(d / "sft.pt")["model"]

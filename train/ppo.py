@@ -26,6 +26,7 @@ and PPO models scored on the same held-out items (eval.json).
 import copy
 import dataclasses
 import math
+import time
 from functools import partial
 from pathlib import Path
 
@@ -199,23 +200,33 @@ def run(cfg: DictConfig) -> dict:
         )
         max_iters = cfg.max_iters if cfg.max_iters is not None else cfg.iterations * per_rollout
 
+        seconds = {"evaluation": 0.0}
+
         def evaluate(m) -> dict:
+            start = time.perf_counter()
             p = m.policy if isinstance(m, PolicyWithValue) else m
             r = score(p, tok, test_items, rt, cfg.eval_max_new_tokens)
+            seconds["evaluation"] += time.perf_counter() - start
             return {"val_accuracy": r["overall"]["accuracy"]} if r else {}
 
         step = partial(ppo_step, clip=cfg.clip, value_clip=cfg.value_clip,
                        vf_coef=cfg.vf_coef, ptx_coef=cfg.ptx_coef)  # fmt: skip
         kind = "policy_value" if isinstance(model, PolicyWithValue) else "gpt"
         shown = ("rollout_score", "rollout_gold", "rollout_kl", "clip_frac", "val_accuracy")
+        start = time.perf_counter()
         stage.train(model, tok, source, step, evaluate=evaluate, model_kind=kind, show=shown,
                     loop={"max_iters": max_iters}, init_from=sft_path,
                     flops_per_token=policy.flops_per_token(policy.config.block_size))  # fmt: skip
-        return finish(cfg, stage, policy, frozen, tok, test_items, before, bpb)
+        seconds.update(source.seconds)
+        seconds["optimisation"] = time.perf_counter() - start - sum(seconds.values())
+        stage.log("training time: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
+        return finish(cfg, stage, policy, frozen, tok, test_items, before, bpb, seconds)
 
 
-def finish(cfg, stage: Stage, policy, frozen, tok, items, before: dict, bpb: dict) -> dict:
-    """The held-out comparison, the pretraining bpb after, the reward-vs-KL picture."""
+def finish(cfg, stage: Stage, policy, frozen, tok, items, before: dict, bpb: dict,
+           seconds: dict) -> dict:  # fmt: skip
+    """The held-out comparison, the pretraining bpb after, the reward-vs-KL picture;
+    seconds: where the training time went (generation, scoring, evaluation, optimisation)."""
     after = held_out_report(cfg, policy, frozen, tok, items, stage)
     if "before" in bpb:
         bpb["after"] = pretraining_bpb(cfg, policy, stage)
@@ -234,7 +245,7 @@ def finish(cfg, stage: Stage, policy, frozen, tok, items, before: dict, bpb: dic
             stage.log(f"{name}: sampled replies' reward {s['score']:+.3f}, gold {s['gold']:.3f}, "
                       f"KL to the reference {s['kl']:.3f}")  # fmt: skip
         stage.save_eval({"checkpoint": str(stage.out_dir / CHECKPOINT_NAME), **results,
-                         "pretraining_bpb": bpb or None,
+                         "pretraining_bpb": bpb or None, "training_seconds": seconds,
                          "settings": OmegaConf.to_container(cfg, resolve=True)})  # fmt: skip
     return after
 

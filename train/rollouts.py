@@ -26,6 +26,7 @@ Under DDP every rank collects its own rollouts; gradients are averaged by the lo
 """
 
 import contextlib
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,6 +88,7 @@ class Rollouts:
         self.beta = settings.beta
         self.queue: list[dict] = []
         self.last: dict = {}  # the last rollout's figures
+        self.seconds = {"generation": 0.0, "scoring": 0.0}  # where collecting's time went
 
     # -- the Batches protocol -------------------------------------------------------
     def next_batch(self) -> dict:
@@ -113,9 +115,14 @@ class Rollouts:
     def collect(self) -> list[dict]:
         """One rollout, as ppo_epochs x (replies / minibatch_size) minibatches."""
         items = self.draw_items()
+        start = time.perf_counter()
         with self.autocast():
-            batch, ref, scores = self.score(items, self.sample(items))
-            batch.update(self.advantages(batch, ref, scores))
+            replies = self.sample(items)
+            sampled = time.perf_counter()
+            batch, ref, scores = self.score(items, replies)  # reference and reward model
+            batch.update(self.advantages(batch, ref, scores))  # and the value function
+        self.seconds["generation"] += sampled - start
+        self.seconds["scoring"] += time.perf_counter() - sampled
         self.adapt_beta(batch["rollout_kl"].item(), len(items))
         self.iteration += 1
         return self.minibatches(batch)
