@@ -208,3 +208,43 @@ def test_the_reference_never_changes_while_the_policy_learns(tiny, tmp_path):
     assert all(torch.equal(before[k], v) for k, v in frozen["reference"].state_dict().items())
     assert not all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not any(p.requires_grad for p in frozen["reference"].parameters())
+
+
+def test_ppo_ptx_trains_on_the_corpus_and_reports_its_bits_per_byte(corpus, tiny, tmp_path):
+    """PPO-ptx: pretraining windows join every update (ptx_loss is logged) and the
+    pretraining split's bits per byte are reported before and after; a corpus prepared with
+    another tokenizer than the policy's is refused in one line."""
+    data = ["data=text", f"data.paths=['{corpus['file']}']", f"data.root='{corpus['root']}'",
+            "data.vocab_size=400"]  # fmt: skip
+    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    prepared = subprocess.run([sys.executable, "-m", "data.prepare", *data], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert prepared.returncode == 0, prepared.stderr[-2000:]
+    tok = tokenizer.load_tokenizer(corpus["root"] / "text" / "tokenizer.model")
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=tok.vocab_size)
+    state = {"stage": "sft", "model_config": config.to_dict(), "tokenizer": tok.state()}
+    save_checkpoint(tmp_path / "sft.pt", {**state, "model": GPT(config).state_dict()})
+
+    def ppo(init_from, out_dir):
+        args = [f"init_from={init_from}", f"out_dir={out_dir}", "reward=tasks",
+                "advantage=group", "group_size=4", "rollout_prompts=1", "minibatch_size=4",
+                "ppo_epochs=1", "iterations=3", "tasks.weight=0", "reply_tokens=4",
+                f"prompt_files=[{tiny['dir'] / 'prompts.jsonl'}]", "ptx_coef=0.5",
+                "ptx_batch_size=2", "ptx_seq_len=16", "ptx_eval_tokens=256", "device=cpu",
+                "precision=float32", "max_minutes=null", "eval_interval=1000", "log_interval=1",
+                *data]  # fmt: skip
+        return subprocess.run([sys.executable, "-m", "train.ppo", *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+
+    result = ppo(tmp_path / "sft.pt", tmp_path / "ppo")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (line,) = [x for x in result.stdout.splitlines() if x.startswith("pretraining split")]
+    before, after = (float(x) for x in line.split(": ")[1].split(" -> "))
+    assert 0 < before < 20 and 0 < after < 20 and before != after, line
+    records = [json.loads(x) for x in open(tmp_path / "ppo" / "metrics.jsonl")]
+    assert any(r.get("ptx_loss", 0) > 0 for r in records)
+
+    other = ppo(tiny["dir"] / "sft.pt", tmp_path / "other")  # another tokenizer
+    assert other.returncode != 0
+    (message,) = other.stderr.strip().splitlines()
+    assert "prepared with another tokenizer than the policy's" in message, message

@@ -161,11 +161,23 @@ def held_out_report(cfg, policy, frozen, tok, items, stage: Stage) -> dict:
     return results
 
 
-def pretraining_bpb(cfg, model, stage: Stage) -> float | None:
-    """Bits per byte on the pretraining corpus's validation split (PPO-ptx's yardstick)."""
+def pretraining_data(cfg, stage: Stage, tok):
+    """The pretraining corpus (PPO-ptx's and its yardstick's), which must be in the policy's
+    token ids: a corpus prepared with another tokenizer would teach other words."""
     data = stage.main_first(partial(prepare, cfg.data))
+    if data.tokenizer.state() != tok.state():
+        raise UserError(
+            f"PPO-ptx: the corpus data={cfg.data.name} is prepared with another tokenizer "
+            "than the policy's; give the data settings the model was pretrained on, or "
+            "ptx_coef=0 report_bpb=false"
+        )
+    return data
+
+
+def pretraining_bpb(data, model, stage: Stage, eval_tokens: int) -> float:
+    """Bits per byte on the pretraining corpus's validation split (PPO-ptx's yardstick)."""
     val = data.meta["splits"]["val"]
-    windows = eval_windows(data.val_path, model.config.block_size, 16, cfg.ptx_eval_tokens)
+    windows = eval_windows(data.val_path, model.config.block_size, 16, eval_tokens)
     model.eval()
     with torch.no_grad(), stage.runtime.autocast():
         m = language_model_metrics(model, windows, val["tokens"] / val["bytes"], stage.runtime)
@@ -187,11 +199,11 @@ def run(cfg: DictConfig) -> dict:
             before = held_out_report(cfg, policy, frozen, tok, test_items, stage)
             if before:
                 stage.log(f"SFT, held-out accuracy: {before['overall']['accuracy']:.1%}")
-        ptx, bpb = None, {}
+        ptx, bpb, data = None, {}, None
         if cfg.ptx_coef > 0 or cfg.report_bpb:
-            bpb["before"] = pretraining_bpb(cfg, policy, stage)
+            data = pretraining_data(cfg, stage, tok)
+            bpb["before"] = pretraining_bpb(data, policy, stage, cfg.ptx_eval_tokens)
         if cfg.ptx_coef > 0:
-            data = prepare(cfg.data)
             ptx = TokenLoader(data.train_path, cfg.ptx_seq_len, cfg.ptx_batch_size, cfg.seed,
                               rt.rank, rt.world_size)  # fmt: skip
         source = rollout_source(cfg, model, frozen, tok, train_items, stage, ptx)
@@ -220,16 +232,17 @@ def run(cfg: DictConfig) -> dict:
         seconds.update(source.seconds)
         seconds["optimisation"] = time.perf_counter() - start - sum(seconds.values())
         stage.log("training time: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
-        return finish(cfg, stage, policy, frozen, tok, test_items, before, bpb, seconds)
+        bpb_after = partial(pretraining_bpb, data, policy, stage, cfg.ptx_eval_tokens)
+        return finish(cfg, stage, policy, frozen, tok, test_items, before, bpb, seconds, bpb_after)
 
 
 def finish(cfg, stage: Stage, policy, frozen, tok, items, before: dict, bpb: dict,
-           seconds: dict) -> dict:  # fmt: skip
+           seconds: dict, bpb_after) -> dict:  # fmt: skip
     """The held-out comparison, the pretraining bpb after, the reward-vs-KL picture;
     seconds: where the training time went (generation, scoring, evaluation, optimisation)."""
     after = held_out_report(cfg, policy, frozen, tok, items, stage)
     if "before" in bpb:
-        bpb["after"] = pretraining_bpb(cfg, policy, stage)
+        bpb["after"] = bpb_after()
         stage.log(f"pretraining split, bits per byte: {bpb['before']:.4f} -> {bpb['after']:.4f}")
     if not stage.is_main:
         return after
