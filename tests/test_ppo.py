@@ -17,6 +17,7 @@ from tokenizer.chat import render_conversation
 from train.advantages import gae, group_advantages, kl_rewards, whiten
 from train.checkpoint import load_checkpoint, save_checkpoint
 from train.losses import clipped_policy_loss, clipped_value_loss, reply_logprobs
+from train.ppo import verdict
 from train.rollouts import Rollouts, RolloutSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -248,3 +249,18 @@ def test_ppo_ptx_trains_on_the_corpus_and_reports_its_bits_per_byte(corpus, tiny
     assert other.returncode != 0
     (message,) = other.stderr.strip().splitlines()
     assert "prepared with another tokenizer than the policy's" in message, message
+
+
+@pytest.mark.parametrize(
+    "proxy, gold, words",
+    [(0.4, -0.02, "the proxy rose while the gold fell"),
+     (0.4, 0.0, "the proxy rose while the gold stalled"),
+     (0.4, 0.1, "the gold rose with the proxy"),
+     (-0.1, 0.1, "the gold rose"),
+     (0.0, 0.0, "neither rose"),
+     (0.2, float("nan"), "no gold score")],
+)  # fmt: skip
+def test_the_summary_says_whether_proxy_and_gold_rose_together(proxy, gold, words):
+    line = verdict({"score": 0.3, "gold": 0.5}, {"score": 0.3 + proxy, "gold": 0.5 + gold})
+    assert line.endswith(words) or words in line, line
+    assert line.startswith(f"reward model {proxy:+.3f}")

@@ -236,6 +236,23 @@ def run(cfg: DictConfig) -> dict:
         return finish(cfg, stage, policy, frozen, tok, test_items, before, bpb, seconds, bpb_after)
 
 
+def verdict(before: dict, after: dict, tolerance: float = 0.005) -> str:
+    """Whether the reward model's score (the proxy) and the judge's (the gold) of sampled
+    held-out replies rose together: the check against reward hacking, in words."""
+    proxy, gold = after["score"] - before["score"], after["gold"] - before["gold"]
+    if gold != gold:  # NaN: no answers to judge by (the user's prompts only)
+        return f"reward model {proxy:+.3f}; no gold score (the held-out items have no answers)"
+    if proxy > tolerance and gold < -tolerance:
+        words = "the proxy rose while the gold fell: the reward model is being over-optimised"
+    elif proxy > tolerance and gold <= tolerance:
+        words = "the proxy rose while the gold stalled: the reward model is being over-optimised"
+    elif gold > tolerance:
+        words = "the gold rose" + (" with the proxy" if proxy > tolerance else "")
+    else:
+        words = "neither rose"
+    return f"reward model {proxy:+.3f}, gold {gold:+.3f}: {words}"
+
+
 def finish(cfg, stage: Stage, policy, frozen, tok, items, before: dict, bpb: dict,
            seconds: dict, bpb_after) -> dict:  # fmt: skip
     """The held-out comparison, the pretraining bpb after, the reward-vs-KL picture;
@@ -257,6 +274,8 @@ def finish(cfg, stage: Stage, policy, frozen, tok, items, before: dict, bpb: dic
             s = r["sampled"]
             stage.log(f"{name}: sampled replies' reward {s['score']:+.3f}, gold {s['gold']:.3f}, "
                       f"KL to the reference {s['kl']:.3f}")  # fmt: skip
+        if before:
+            stage.log(verdict(before["sampled"], after["sampled"]))
         stage.save_eval({"checkpoint": str(stage.out_dir / CHECKPOINT_NAME), **results,
                          "pretraining_bpb": bpb or None, "training_seconds": seconds,
                          "settings": OmegaConf.to_container(cfg, resolve=True)})  # fmt: skip
