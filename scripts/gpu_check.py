@@ -115,7 +115,7 @@ def corpus_root() -> Path:
     )
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
     p.add_argument("--model", default="gpt2")
@@ -125,67 +125,56 @@ def main() -> int:
     p.add_argument("--pretrain", nargs="*", default=[], help="more pretraining overrides")
     p.add_argument("--bench", nargs="*", default=[], help="more bench overrides")
     p.add_argument("--out", default="out/gpu-check")
-    a = p.parse_args()
+    return p.parse_args()
+
+
+def main() -> int:
+    a = parse_args()
     ensure_packages()
     out = ROOT / a.out
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {"device": a.device, "model": a.model, "compile": a.compile, "steps": {}}
     say(describe_device(a.device))
-
     if not a.skip_tests:
-        ok, _ = run_step(
-            "tests",
-            ["-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "-q", "-p", "no:cacheprovider"],
-            180,
-            out,
-        )
-        results["steps"]["tests"] = ok
-    data = [] if any(x.startswith("data") for x in a.pretrain) else [f"data.root={corpus_root()}"]
-    run = out / "pretrain"
-    ok, _ = run_step(
-        "pretrain",
-        [
-            "-m",
-            "train.pretrain",
-            f"model={a.model}",
-            f"device={a.device}",
-            f"compile={str(a.compile).lower()}",
-            f"max_iters={a.steps}",
-            "max_minutes=3",
-            f"eval_interval={a.steps}",
-            "eval_tokens=65536",
-            "log_interval=10",
-            "sample_tokens=32",
-            f"out_dir={run}",
-            "overwrite=true",
-            *data,
-            *a.pretrain,
-        ],
-        300,
-        out,
-    )
-    results["steps"]["pretrain"] = ok
-    if ok:
-        results["pretrain"] = pretrain_figures(run)
-    ok, _ = run_step(
-        "bench",
-        [
-            "-m",
-            "train.bench",
-            f"model={a.model}",
-            f"device={a.device}",
-            f"out_dir={out / 'bench'}",
-            *a.bench,
-        ],
-        240,
-        out,
-    )
-    results["steps"]["bench"] = ok
-    if ok:
-        results["bench"] = json.loads((out / "bench" / "bench.json").read_text())
+        tests = ["tests/test_cuda.py", "-m", "cuda", "-q", "-p", "no:cacheprovider"]
+        results["steps"]["tests"] = run_step("tests", ["-m", "pytest", *tests], 180, out)[0]
+    check_pretraining(a, out, results)
+    check_bench(a, out, results)
     (out / "summary.json").write_text(json.dumps(results, indent=1) + "\n")
     print(summary(results), flush=True)
     return 0 if all(results["steps"].values()) else 1
+
+
+def check_pretraining(a: argparse.Namespace, out: Path, results: dict) -> None:
+    """A short pretraining of the preset on the device (compiled unless --no-compile)."""
+    data = [] if any(x.startswith("data") for x in a.pretrain) else [f"data.root={corpus_root()}"]
+    run = out / "pretrain"
+    overrides = [
+        f"model={a.model}",
+        f"device={a.device}",
+        f"compile={str(a.compile).lower()}",
+        f"max_iters={a.steps}",
+        "max_minutes=3",
+        f"eval_interval={a.steps}",
+        "eval_tokens=65536",
+        "log_interval=10",
+        "sample_tokens=32",
+        f"out_dir={run}",
+        "overwrite=true",
+    ]
+    ok, _ = run_step("pretrain", ["-m", "train.pretrain", *overrides, *data, *a.pretrain], 300, out)
+    results["steps"]["pretrain"] = ok
+    if ok:
+        results["pretrain"] = pretrain_figures(run)
+
+
+def check_bench(a: argparse.Namespace, out: Path, results: dict) -> None:
+    """`make bench` on the device: training and sampling speed, MFU, bandwidth share."""
+    overrides = [f"model={a.model}", f"device={a.device}", f"out_dir={out / 'bench'}"]
+    ok, _ = run_step("bench", ["-m", "train.bench", *overrides, *a.bench], 240, out)
+    results["steps"]["bench"] = ok
+    if ok:
+        results["bench"] = json.loads((out / "bench" / "bench.json").read_text())
 
 
 def describe_device(device: str) -> str:
