@@ -13,12 +13,12 @@ import pytest
 import torch
 import yaml
 from omegaconf import OmegaConf
+from tiny_sft import save_sft
 
 import tokenizer
 import train.align as align
 from data.preferences import collate_groups, read_preference_file, render_group
-from model import GPT, GPTConfig
-from train.checkpoint import load_model, save_checkpoint
+from train.checkpoint import load_model
 from train.dpo import attach_reference_logps
 from train.losses import dpo_loss, sequence_logprobs
 
@@ -69,9 +69,7 @@ def dpo_setup(tmp_path_factory):
     text = " ".join(f"Say yes {k} Say no {k}" for k in range(100)) + " yes no\n"
     tok = tokenizer.train_tokenizer([text * 5], vocab_size=290)
     torch.manual_seed(0)
-    config = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=tok.vocab_size)
-    state = {"stage": "sft", "model_config": config.to_dict(), "tokenizer": tok.state()}
-    save_checkpoint(d / "sft.pt", {**state, "model": GPT(config).state_dict()})
+    save_sft(d / "sft.pt", tok)
     for name, numbers, seed in (("train", range(0, 80), 1), ("test", range(80, 100), 2)):
         rows = make_pairs(numbers, seed)
         (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -14,6 +14,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tiny_sft import save_sft
 
 import tokenizer
 from errors import UserError
@@ -47,9 +48,7 @@ def sentencepiece_checkpoint(path: Path) -> Path:
     with torch.no_grad():  # larger random weights: logits worth comparing
         for p in model.parameters():
             p.normal_(0.0, 0.3)
-    state = {"stage": "sft", "model_config": config.to_dict(), "model": model.state_dict(),
-             "tokenizer": tok.state()}  # fmt: skip
-    save_checkpoint(path, state)
+    save_sft(path, tok, model)
     return path
 
 

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_sft import save_sft
 
 import tokenizer
 from data.batching import collate
 from model import GPT, GPTConfig
 from tokenizer.chat import render_conversation
 from train.advantages import gae, group_advantages, kl_rewards, whiten
-from train.checkpoint import load_checkpoint, save_checkpoint
+from train.checkpoint import load_checkpoint
 from train.losses import clipped_policy_loss, clipped_value_loss, reply_logprobs
 from train.ppo import verdict
 from train.rollouts import Rollouts, RolloutSettings
@@ -112,8 +113,7 @@ def tiny(tmp_path_factory):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    state = {"stage": "sft", "model_config": config.to_dict(), "tokenizer": tok.state()}
-    save_checkpoint(d / "sft.pt", {**state, "model": model.state_dict()})
+    save_sft(d / "sft.pt", tok, model)
     (d / "prompts.jsonl").write_text(json.dumps({"prompt": "Say yes", "answer": "yes"}) + "\n")
     return {"dir": d, "tok": tok, "model": model.eval()}
 
@@ -222,9 +222,7 @@ def test_ppo_ptx_trains_on_the_corpus_and_reports_its_bits_per_byte(corpus, tiny
                               capture_output=True, text=True, timeout=300)  # fmt: skip
     assert prepared.returncode == 0, prepared.stderr[-2000:]
     tok = tokenizer.load_tokenizer(corpus["root"] / "text" / "tokenizer.model")
-    config = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=tok.vocab_size)
-    state = {"stage": "sft", "model_config": config.to_dict(), "tokenizer": tok.state()}
-    save_checkpoint(tmp_path / "sft.pt", {**state, "model": GPT(config).state_dict()})
+    save_sft(tmp_path / "sft.pt", tok, n_embd=32)
 
     def ppo(init_from, out_dir):
         args = [f"init_from={init_from}", f"out_dir={out_dir}", "reward=tasks",

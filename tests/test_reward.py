@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_sft import save_sft
 
 import tokenizer
 from data.judge import grade, is_correct, match_rule
 from data.preferences import collate_groups, read_preference_file, render_group
-from model import GPT, GPTConfig
+from model import GPTConfig
 from model.heads import ScalarModel
-from train.checkpoint import load_kind, save_checkpoint
+from train.checkpoint import load_kind
 from train.losses import pairwise_loss
 from train.preference_data import off_task_replies
 from train.reward_eval import spearman
@@ -246,9 +247,7 @@ def rm_setup(tmp_path_factory):
     text = " ".join(f"Is {k} even? Answer yes or no." for k in range(100)) + " yes no\n"
     tok = tokenizer.train_tokenizer([text * 10], vocab_size=300)
     torch.manual_seed(0)
-    config = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=tok.vocab_size)
-    state = {"stage": "sft", "model_config": config.to_dict(), "tokenizer": tok.state()}
-    save_checkpoint(d / "sft.pt", {**state, "model": GPT(config).state_dict()})
+    save_sft(d / "sft.pt", tok)
     for name, numbers, n, seed in (
         ("train", range(0, 80), 600, 1),
         ("test", range(80, 100), 60, 2),
