@@ -283,13 +283,18 @@ def test_a_tiny_reward_model_learns_which_answer_is_better(rm_setup):
     assert abs(rewards.mean().item()) < 1e-4 and rewards.std().item() > 0.1
     assert isinstance(ckpt["reward_offset"], float)
 
-    # python -m train.evaluate reproduces the held-out figures from the checkpoint alone
-    (d / "rm" / "eval.json").unlink()
-    again = subprocess.run([sys.executable, "-m", "train.evaluate", f"checkpoint={d / 'rm'}",
-                            f"eval_files=[{d / 'test.jsonl'}]"], cwd=ROOT, capture_output=True,
-                           text=True, timeout=300, env=env())  # fmt: skip
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert json.loads((d / "rm" / "eval.json").read_text())["reward"] == report
+    # python -m train.evaluate reproduces the held-out figures from the checkpoint alone, at
+    # the precision the stage ran at (precision=auto), on a CPU with native bf16 or without
+    assert ckpt["precision"] == "float32"
+    for native in ("1", "0"):
+        (d / "rm" / "eval.json").unlink()
+        again = subprocess.run([sys.executable, "-m", "train.evaluate", f"checkpoint={d / 'rm'}",
+                                f"eval_files=[{d / 'test.jsonl'}]"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=300,
+                               env={**env(), "HANDGPT_CPU_BF16": native})  # fmt: skip
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert "precision: float32 (the precision the checkpoint was trained at)" in again.stdout
+        assert json.loads((d / "rm" / "eval.json").read_text())["reward"] == report
 
 
 def test_no_preference_data_is_one_line(rm_setup, tmp_path):

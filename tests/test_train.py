@@ -110,10 +110,78 @@ def test_setup_runtime_fails_before_doing_anything(no_gpu, monkeypatch):
 CPU = torch.device("cpu")
 
 
-@pytest.mark.parametrize("bf16, expected", [(True, torch.bfloat16), (False, torch.float32)])
+@pytest.mark.parametrize("bf16, expected", [("1", torch.bfloat16), ("0", torch.float32)])
 def test_auto_precision_on_cpu(monkeypatch, bf16, expected):
-    monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: bf16)
+    monkeypatch.setenv(runtime.CPU_BF16_ENV, bf16)
     assert resolve_precision("auto", CPU) == expected
+
+
+# /proc/cpuinfo flags of the CPUs the project meets (abridged to what the decision reads)
+CPUS = {
+    "Xeon Sapphire Rapids": ("flags", "avx2 avx512f avx512_bf16 amx_bf16 amx_tile", True),
+    "EPYC Zen 4": ("flags", "avx2 avx512f avx512_bf16 avx512_vnni", True),
+    "EPYC Zen 2 (AVX2)": ("flags", "sse4_2 avx avx2 fma", False),
+    "Xeon Cascade Lake (no bf16)": ("flags", "avx2 avx512f avx512bw avx512_vnni", False),
+    "Graviton 3 (BF16)": ("Features", "fp asimd sve bf16 i8mm", True),
+    "Graviton 2": ("Features", "fp asimd crc32 atomics", False),
+}
+
+
+@pytest.mark.parametrize("cpu", CPUS)
+def test_native_bf16_is_read_from_the_cpus_own_flags(tmp_path, cpu):
+    """oneDNN's own answer says yes on any AVX-512 CPU (Cascade Lake emulates bf16, tens of
+    times slower); the flags say which instructions the cores have."""
+    key, flags, native = CPUS[cpu]
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nmodel name\t: {cpu}\n{key}\t\t: {flags}\n\n")
+    read = runtime.cpu_flags(str(info))
+    assert read == frozenset(flags.split())
+
+    def never() -> float:
+        raise AssertionError("measured although the flags say")
+
+    assert runtime.native_bf16(read, never) is native
+
+
+def test_without_flags_to_read_bf16_is_measured(tmp_path):
+    assert runtime.cpu_flags(str(tmp_path / "absent")) is None  # macOS, Windows
+    assert runtime.native_bf16(None, lambda: 2.1) is True  # bf16 twice as fast: native
+    assert runtime.native_bf16(None, lambda: 1 / 45) is False  # emulated
+    assert runtime.bf16_speedup(n=64, repeats=1) > 0  # the measurement runs
+
+
+def test_the_override_answers_first_and_is_checked(monkeypatch):
+    monkeypatch.setenv(runtime.CPU_BF16_ENV, "1")
+    assert runtime.cpu_supports_bf16() is True
+    monkeypatch.setenv(runtime.CPU_BF16_ENV, "0")
+    assert runtime.cpu_supports_bf16() is False
+    monkeypatch.setenv(runtime.CPU_BF16_ENV, "yes")
+    with pytest.raises(UserError, match="HANDGPT_CPU_BF16=yes is not valid; set it to 1 or 0"):
+        runtime.cpu_supports_bf16()
+    monkeypatch.delenv(runtime.CPU_BF16_ENV)
+    assert runtime.cpu_supports_bf16() is runtime.detected_cpu_bf16()
+
+
+@pytest.mark.parametrize(
+    "requested, recorded, native, expected",
+    [
+        ("auto", "float32", "1", "float32"),  # the stage's precision, on either CPU
+        ("auto", "float32", "0", "float32"),
+        ("auto", "bfloat16", "1", "bfloat16"),
+        ("auto", "bfloat16", "0", "float32"),  # emulated here: float32, said so
+        ("auto", "float16", "1", "float32"),  # float16 on a CPU: emulated
+        ("auto", None, "1", "bfloat16"),  # nothing recorded: auto's pick
+        ("auto", None, "0", "float32"),
+        ("bfloat16", "float32", "0", "bfloat16"),  # asked by name: as asked
+    ],
+)
+def test_evaluation_replays_the_stages_precision(monkeypatch, requested, recorded, native,
+                                                 expected):  # fmt: skip
+    monkeypatch.setenv(runtime.CPU_BF16_ENV, native)
+    precision, why = runtime.replay_precision(requested, recorded, CPU)
+    assert precision == expected
+    if recorded and expected != recorded and requested == "auto":
+        assert "only emulates" in why
 
 
 def test_explicit_precisions():

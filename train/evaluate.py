@@ -44,7 +44,7 @@ from .checkpoint import BEST_NAME, CHECKPOINT_NAME, language_model, load_checkpo
 from .compare import compare, format_comparison, write_report
 from .lm_eval import file_bits_per_byte
 from .reward_eval import format_reward_table, reward_metrics
-from .runtime import runtime_session
+from .runtime import replay_precision, resolve_device, runtime_session
 from .settings import (
     EVAL_FILES,
     MAX_BAD_FRACTION,
@@ -87,12 +87,24 @@ def held_out_items(cfg: DictConfig) -> list[dict]:
     return items + eval_file_items(files, cfg.max_bad_fraction, names)
 
 
+def precision_for(cfg: DictConfig, checkpoints: list[dict]) -> str:
+    """The precision to score at (runtime.replay_precision: the one the checkpoints were
+    trained at, when they agree and this device runs it natively), printed with why."""
+    recorded = {c.get("precision") for c in checkpoints}
+    common = recorded.pop() if len(recorded) == 1 else None
+    precision, why = replay_precision(cfg.precision, common, resolve_device(cfg.device))
+    print(f"precision: {precision} ({why})")
+    return precision
+
+
 def run(cfg: DictConfig) -> dict:
     check(cfg, {**RUNTIME, **RULES})
-    with runtime_session(cfg.device, cfg.precision, cfg.seed) as rt:
-        if cfg.get("checkpoints"):
+    if cfg.get("checkpoints"):
+        recorded = [load_checkpoint(p) for p in cfg.checkpoints]
+        with runtime_session(cfg.device, precision_for(cfg, recorded), cfg.seed) as rt:
             return side_by_side(cfg, rt)
-        ckpt = load_checkpoint(cfg.checkpoint)
+    ckpt = load_checkpoint(cfg.checkpoint)
+    with runtime_session(cfg.device, precision_for(cfg, [ckpt]), cfg.seed) as rt:
         if ckpt["model_kind"] == "reward":
             return score_reward_model(cfg, rt, ckpt["path"])
         model, tok = language_model(ckpt)

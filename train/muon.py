@@ -76,10 +76,13 @@ def uses_gram_form(rows: int, cols: int, dtype: torch.dtype) -> bool:
 
 
 @torch.no_grad()
-def orthogonalize(update: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """U with its singular values pushed to ~1, same shape: (..., rows, cols), batched."""
+def orthogonalize(
+    update: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """U with its singular values pushed to ~1, same shape: (..., rows, cols), batched.
+    The products run in `dtype` (None: ns_dtype, this device's choice)."""
     a, b, c = NS_COEFFICIENTS
-    x = update.to(ns_dtype(update.device))
+    x = update.to(dtype or ns_dtype(update.device))
     tall = x.size(-2) > x.size(-1)
     if tall:
         x = x.mT  # (..., small, large): x @ x.mT is the smaller square

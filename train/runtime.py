@@ -17,7 +17,10 @@ import ctypes
 import functools
 import os
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -104,13 +107,75 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     raise UserError(f"device={name} is not known; use auto, cpu, cuda, cuda:N or mps")
 
 
-@functools.cache
+# The CPU instruction-set flags that multiply bfloat16 natively: AVX-512 BF16 (Intel Cooper
+# Lake and Sapphire Rapids on, AMD Zen 4 on), AMX (Intel Sapphire Rapids on), Arm's BF16.
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+# The one override of the detection: "1" or "0" says whether this CPU runs bf16 natively.
+# Tests set it to exercise both branches on any machine (subprocesses inherit it).
+CPU_BF16_ENV = "HANDGPT_CPU_BF16"
+
+
 def cpu_supports_bf16() -> bool:
-    """True when the CPU has native bfloat16 instructions (AVX-512 BF16 or AMX)."""
+    """True when the CPU multiplies bfloat16 natively, so that bf16 is the faster dtype.
+
+    $HANDGPT_CPU_BF16 (1 or 0) answers first; otherwise the CPU's own flags (Linux), or
+    where there are none to read, a measurement (detected_cpu_bf16)."""
+    forced = os.environ.get(CPU_BF16_ENV, "").strip()
+    if forced:
+        if forced not in ("0", "1"):
+            raise UserError(f"{CPU_BF16_ENV}={forced} is not valid; set it to 1 or 0, or unset it")
+        return forced == "1"
+    return detected_cpu_bf16()
+
+
+@functools.cache
+def detected_cpu_bf16() -> bool:
+    """This CPU's answer, found once per process."""
+    return native_bf16(cpu_flags(), bf16_speedup)
+
+
+def native_bf16(flags: frozenset[str] | None, speedup: Callable[[], float]) -> bool:
+    """The decision: a CPU whose flags name a bf16 instruction (NATIVE_BF16_FLAGS) runs it
+    natively, one whose flags do not, emulates it; with no flags to read (macOS, Windows),
+    bf16 is native when a bf16 matmul outruns float32's (`speedup() > 1`).
+
+    Not oneDNN's own answer (torch.ops.mkldnn._is_mkldnn_bf16_supported): it says yes on
+    any AVX-512 CPU, Skylake and Cascade Lake included, which emulate bf16 tens of times
+    slower than they multiply float32."""
+    if flags is not None:
+        return bool(flags & NATIVE_BF16_FLAGS)
+    return speedup() > 1.0
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str] | None:
+    """The CPU's instruction-set flags ("flags" on x86, "Features" on Arm), or None where
+    the file does not exist or names none."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return None
+
+
+def bf16_speedup(n: int = 256, repeats: int = 3) -> float:
+    """float32 time / bfloat16 time of an n x n matmul on this CPU, best of `repeats` each:
+    about 2 where bf16 is native, about 1/45 where it is emulated (tens of milliseconds)."""
+
+    def best(dtype: torch.dtype) -> float:
+        a = torch.ones(n, n, dtype=dtype)
+        a @ a  # warm-up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ a
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best(torch.float32) / best(torch.bfloat16)
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype:
@@ -131,6 +196,35 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
             "use precision=float16 or precision=auto"
         )
     return dtype
+
+
+def precision_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> "bfloat16": the name a config and a checkpoint use."""
+    return str(dtype).removeprefix("torch.")
+
+
+def replay_precision(requested: str, recorded: str | None, device: torch.device) -> tuple[str, str]:
+    """The precision to score a trained checkpoint at, and why, in words.
+
+    A precision asked for by name is used as asked. With auto: the precision the stage ran
+    at (its checkpoint records it), so that the stage's figures come out the same, unless
+    this device would only emulate it (bfloat16 on a CPU without native bf16 is ~45 times
+    slower, float16 on any CPU): then float32, whose figures may differ in the last
+    digits. Nothing recorded (an older or a Hugging Face checkpoint): auto's usual pick."""
+    if str(requested).strip().lower() != "auto":
+        return str(requested), "as asked"
+    if recorded not in PRECISIONS:
+        auto = precision_name(resolve_precision("auto", device))
+        return auto, "auto; the checkpoint does not record the precision it was trained at"
+    emulated = device.type == "cpu" and (
+        recorded == "float16" or (recorded == "bfloat16" and not cpu_supports_bf16())
+    )
+    if emulated:
+        return "float32", (
+            f"the checkpoint was trained in {recorded}, which this CPU only emulates; "
+            "figures may differ from the stage's in the last digits"
+        )
+    return recorded, "the precision the checkpoint was trained at"
 
 
 def setup_runtime(device: str = "auto", precision: str = "auto", seed: int = 0) -> Runtime:

@@ -28,7 +28,7 @@ from .files import atomic_write_text, remove_stale_temporaries
 from .loop import Batches, LoopConfig, StepFn, Trainer
 from .optim import optimizer_from_config
 from .peak import peak_flops
-from .runtime import Runtime, setup_runtime, teardown_runtime
+from .runtime import Runtime, precision_name, setup_runtime, teardown_runtime
 from .settings import LOOP, OPTIMIZER, RUNTIME, Rule, check, check_relations
 from .task_eval import save_eval
 
@@ -163,6 +163,7 @@ class Stage:
                 "model_kind": model_kind,
                 "model_config": model.config.to_dict(),
                 "tokenizer": tokenizer.state(),
+                "precision": precision_name(rt.dtype),  # what train.evaluate replays
                 "config": OmegaConf.to_container(cfg, resolve=True),
                 **meta,
             },

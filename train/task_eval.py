@@ -44,6 +44,7 @@ from model.generate import complete
 from tokenizer.chat import render_prompt
 
 from .files import atomic_write_text
+from .runtime import precision_name
 
 FORM_AVERAGE_TASKS = ("repeat", "first_word", "last_word")
 EVAL_FILE = "eval.json"
@@ -324,9 +325,11 @@ def eval_file_items(
 
 
 def score(model, tok, items: Sequence[dict], runtime, max_new_tokens: int | None) -> dict:
-    """evaluate_tasks on rank 0, in eval mode under the run's autocast ({} elsewhere)."""
+    """evaluate_tasks on rank 0, in eval mode under the run's autocast ({} elsewhere),
+    with the precision it ran at (figures in bf16 and float32 differ a little)."""
     if not items or not runtime.is_main:
         return {}
     model.eval()
     with torch.no_grad(), runtime.autocast():
-        return evaluate_tasks(model, tok, items, max_new_tokens)
+        results = evaluate_tasks(model, tok, items, max_new_tokens)
+    return {**results, "precision": precision_name(runtime.dtype)}
