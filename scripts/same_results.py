@@ -84,9 +84,10 @@ def run_all(out: Path) -> None:
                            stdout=subprocess.DEVNULL)  # fmt: skip
             lines = (work / name / "metrics.jsonl").read_text().splitlines()
             evaluation = work / name / "eval.json"
+            text = evaluation.read_text() if evaluation.exists() else "null"
             results[name] = without_timings({
                 "metrics": [json.loads(line) for line in lines],
-                "eval": json.loads(evaluation.read_text()) if evaluation.exists() else None,
+                "eval": json.loads(text.replace(str(work), "<work>")),
             })  # fmt: skip
     out.write_text(json.dumps(results, indent=1) + "\n")
     counts = ", ".join(f"{k} {len(v['metrics'])} lines" for k, v in results.items())
