@@ -3,7 +3,7 @@
 One module for both uses, so that what evaluation calls right is what the labeller
 rewards:
 
-- evaluation (train/task_eval.py) asks `is_correct(reply, answer, task)`;
+- evaluation (train/eval/task_eval.py) asks `is_correct(reply, answer, task)`;
 - the labeller that stands in for InstructGPT's human raters (the reward model's
   preference data, PPO with `reward=tasks`) asks `grade(item, reply)`, a score in [0, 1]:
   1 exactly when is_correct says so, and below 1 a graded score for a wrong reply, so

@@ -26,7 +26,7 @@ the 4096-piece Shakespeare tokenizer, the reply's tokens occur as they are in th
 for 100% of the repeat items, 93% of first-word and 68% of last-word items (the rest have
 punctuation merged into the word's last piece, "▁him." for "him"); with the line after a
 newline and a reply without the space it was 24%, 25% and 0%. Evaluation strips the
-space (train/task_eval.py); an item's "answer" holds the answer without it.
+space (train/eval/task_eval.py); an item's "answer" holds the answer without it.
 
 Held-out split. Items are split by their *source*, not by phrasing: every usable line
 (its exact text) and every person's name is assigned once, with a fixed seed, to train or

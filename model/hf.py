@@ -27,7 +27,7 @@ Biases: HF's GPT-2 always has biases. A model imported from HF therefore gets bi
 A model of ours with bias=False is exported with all biases set to zero (Linear biases and
 LayerNorm shifts), which computes exactly the same function; imported back by this module
 alone, it becomes a bias=True model whose biases are zero. (train/export.py also writes our
-own config beside the weights, and train/pretrained.py restores bias=False from it.)
+own config beside the weights, and train/core/pretrained.py restores bias=False from it.)
 
 Dropout is a training setting, not a weight: an imported model gets the `dropout` you pass
 (default 0.0); an export writes our single dropout rate into HF's three (embd_pdrop,

@@ -29,6 +29,6 @@ def corpus(tmp_path_factory) -> dict:
     return {"file": d / "plays.txt", "root": d / "data"}
 
 
-# The measured peak FLOP/s is cached per machine (train/peak.py); the tests keep theirs in a
+# The measured peak FLOP/s is cached per machine (train/core/peak.py); the tests keep theirs in a
 # folder of their own, never in the user's ~/.cache (subprocesses inherit the variable).
 os.environ["HANDGPT_CACHE"] = tempfile.mkdtemp(prefix="handgpt-test-cache-")

@@ -17,7 +17,7 @@ import torch
 
 import tokenizer
 from model import GPT, GPTConfig
-from train.checkpoint import save_checkpoint
+from train.core.checkpoint import save_checkpoint
 
 ENTRY_POINTS = {
     "pretrain": "train.pretrain",

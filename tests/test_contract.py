@@ -11,12 +11,12 @@ import torch
 from errors import UserError
 from model import GPT, GPTConfig
 from model.heads import ScalarModel
-from train.checkpoint import load_checkpoint, load_kind, load_model, save_checkpoint
-from train.loop import LoopConfig, StepResult, Trainer
-from train.optim import build_optimizer
-from train.progress import Progress
-from train.runtime import Runtime
-from train.settings import check, choice, integer, number, optional, pair
+from train.core.checkpoint import load_checkpoint, load_kind, load_model, save_checkpoint
+from train.core.optim import build_optimizer
+from train.core.progress import Progress
+from train.core.runtime import Runtime
+from train.core.settings import check, choice, integer, number, optional, pair
+from train.core.trainer import LoopConfig, StepResult, Trainer
 
 TINY = dict(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32, bias=False)
 CPU = torch.device("cpu")
@@ -83,7 +83,7 @@ def test_step_metrics_are_averaged_over_micro_batches_and_logged(tmp_path):
 
 def test_tokens_per_second_counts_the_tokens_the_step_reports(tmp_path, monkeypatch):
     clock = iter(range(10_000))  # each perf_counter() call: one second later
-    monkeypatch.setattr("train.loop.time.perf_counter", lambda: float(next(clock)))
+    monkeypatch.setattr("train.core.trainer.time.perf_counter", lambda: float(next(clock)))
     trainer = trainer_for(tmp_path, toy_step, grad_accum=1)
     trainer.run()
     rates = [r["tokens_per_sec"] for r in records(tmp_path) if "train_loss" in r]

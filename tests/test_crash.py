@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 from test_pretrain import ROOT, env, overrides, train_losses, val_losses
 
-from train.checkpoint import load_checkpoint
-from train.metrics import read_metrics
+from train.core.checkpoint import load_checkpoint
+from train.core.metrics import read_metrics
 
 DRIVER = """
 import io, os, signal, sys
 import torch
-import train.checkpoint as checkpoint, train.files as files
+import train.core.checkpoint as checkpoint, train.core.files as files
 
 moment, kill_at = sys.argv[1], int(sys.argv[2])
 saves = {"n": 0}
@@ -64,9 +64,9 @@ def replace(src, dst):
 
 
 import runpy
-import train.loop
+import train.core.trainer
 
-checkpoint.save_checkpoint = train.loop.save_checkpoint = save_checkpoint
+checkpoint.save_checkpoint = train.core.trainer.save_checkpoint = save_checkpoint
 os.fsync, os.replace = fsync, replace
 sys.argv = ["train/pretrain.py", *sys.argv[3:]]
 runpy.run_module("train.pretrain", run_name="__main__")  # as python -m train.pretrain

@@ -17,10 +17,10 @@ from errors import UserError
 from model import GPT, GPTConfig
 from model.generate import complete
 from train.bench import FixedBatch
-from train.loop import LoopConfig, Trainer
-from train.losses import next_token_step
-from train.optim import build_optimizer
-from train.runtime import Runtime, resolve_device, resolve_precision
+from train.core.optim import build_optimizer
+from train.core.runtime import Runtime, resolve_device, resolve_precision
+from train.core.trainer import LoopConfig, Trainer
+from train.rl.losses import next_token_step
 
 pytestmark = [
     pytest.mark.cuda,

@@ -18,9 +18,9 @@ from tiny_sft import save_sft
 import tokenizer
 import train.align as align
 from data.preferences import collate_groups, read_preference_file, render_group
-from train.checkpoint import load_model
+from train.core.checkpoint import load_model
 from train.dpo import attach_reference_logps
-from train.losses import dpo_loss, sequence_logprobs
+from train.rl.losses import dpo_loss, sequence_logprobs
 
 ROOT = Path(__file__).resolve().parents[1]
 

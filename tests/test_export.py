@@ -24,7 +24,7 @@ from tokenizer import SPECIAL_TOKENS
 from tokenizer.chat import render_conversation, render_prompt
 from tokenizer.hf import ESCAPE
 from train import export
-from train.checkpoint import load_checkpoint, load_model, save_checkpoint
+from train.core.checkpoint import load_checkpoint, load_model, save_checkpoint
 
 transformers = pytest.importorskip("transformers")
 from tiny_hf import TEXT, make_gpt2_dir  # noqa: E402

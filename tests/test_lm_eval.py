@@ -1,5 +1,5 @@
 """The evaluation windows (data/loader.py sequential_windows), shared by the validation loss
-of a token file and the bits per byte of a text (train/lm_eval.py)."""
+of a token file and the bits per byte of a text (train/eval/lm_eval.py)."""
 
 import numpy as np
 import torch

@@ -1,12 +1,12 @@
-"""Muon (train/muon.py) and how train/optim.py hands it the model's parameters."""
+"""Muon (train/core/muon.py) and how train/core/optim.py hands it the model's parameters."""
 
 import pytest
 import torch
 
-import train.runtime as runtime
+import train.core.runtime as runtime
 from errors import UserError
 from model import GPT, GPTConfig
-from train.muon import (
+from train.core.muon import (
     NS_COEFFICIENTS,
     Muon,
     _gram_form,
@@ -15,8 +15,8 @@ from train.muon import (
     orthogonalize,
     uses_gram_form,
 )
-from train.optim import build_optimizer, set_lr
-from train.settings import OPTIMIZER, check
+from train.core.optim import build_optimizer, set_lr
+from train.core.settings import OPTIMIZER, check
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, bias=True)
 

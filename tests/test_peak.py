@@ -1,4 +1,4 @@
-"""The denominators of MFU and of the bandwidth fraction (train/peak.py): a CPU's peak is
+"""The denominators of MFU and of the bandwidth fraction (train/core/peak.py): a CPU's peak is
 measured once per machine and setting, cached, reused, and measured again elsewhere."""
 
 import json
@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-import train.peak as peak
+import train.core.peak as peak
 
 CPU = torch.device("cpu")
 

@@ -15,11 +15,11 @@ import tokenizer
 from data.batching import collate
 from model import GPT, GPTConfig
 from tokenizer.chat import render_conversation
-from train.advantages import gae, group_advantages, kl_rewards, whiten
-from train.checkpoint import load_checkpoint
-from train.losses import clipped_policy_loss, clipped_value_loss, reply_logprobs
+from train.core.checkpoint import load_checkpoint
 from train.ppo import verdict
-from train.rollouts import Rollouts, RolloutSettings
+from train.rl.advantages import gae, group_advantages, kl_rewards, whiten
+from train.rl.losses import clipped_policy_loss, clipped_value_loss, reply_logprobs
+from train.rl.rollouts import Rollouts, RolloutSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -185,8 +185,8 @@ def test_a_tiny_ppo_run_learns_to_say_yes_and_keeps_its_reference(tiny):
 def test_the_reference_never_changes_while_the_policy_learns(tiny, tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from train.losses import ppo_step
     from train.ppo import build_models
+    from train.rl.losses import ppo_step
 
     d = tiny["dir"]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):

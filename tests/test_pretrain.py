@@ -23,11 +23,11 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+import train.core.trainer as loop
 import train.evaluate as evaluate
-import train.loop as loop
 import train.pretrain as pretrain
 from errors import UserError
-from train.checkpoint import load_model
+from train.core.checkpoint import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("the king and queen of love shall speak to thee my lord what is this night "

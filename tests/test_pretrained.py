@@ -21,7 +21,7 @@ import tokenizer
 from errors import UserError
 from tokenizer import SPECIAL_TOKENS, GPT2BPETokenizer
 from tokenizer.chat import render_conversation, render_prompt
-from train.checkpoint import hf_source, load_checkpoint, load_model
+from train.core.checkpoint import hf_source, load_checkpoint, load_model
 
 transformers = pytest.importorskip("transformers")
 from test_sample_cli import FLOAT32, in_process  # noqa: E402

@@ -17,10 +17,10 @@ from data.judge import grade, is_correct, match_rule
 from data.preferences import collate_groups, read_preference_file, render_group
 from model import GPTConfig
 from model.heads import ScalarModel
-from train.checkpoint import load_kind
-from train.losses import pairwise_loss
-from train.preference_data import off_task_replies
-from train.reward_eval import spearman
+from train.core.checkpoint import load_kind
+from train.eval.reward_eval import spearman
+from train.rl.losses import pairwise_loss
+from train.rl.preference_data import off_task_replies
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,12 +16,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from test_pretrain import ROOT, overrides, pretrain_in_process, read_metrics
 
-import train.files as files
+import train.core.files as files
 import train.pretrain as pretrain
 from errors import UserError, report_user_errors
-from train.checkpoint import load_checkpoint, save_checkpoint
-from train.metrics import MetricsLog
-from train.metrics import read_metrics as tolerant_read
+from train.core.checkpoint import load_checkpoint, save_checkpoint
+from train.core.metrics import MetricsLog
+from train.core.metrics import read_metrics as tolerant_read
 
 SHORT = {"max_iters": 6, "eval_interval": 3}
 
@@ -186,7 +186,7 @@ def test_a_diverging_run_never_replaces_its_checkpoint(trained, corpus, tmp_path
 
 
 def test_with_no_checkpoint_yet_the_message_says_so(corpus, tmp_path, monkeypatch):
-    from train.loop import StepResult
+    from train.core.trainer import StepResult
 
     def nan_step(model, batch):
         return StepResult(model(*batch)[1] * float("nan"), batch[0].numel())
@@ -324,7 +324,7 @@ def test_a_malicious_checkpoint_gets_one_short_line(tmp_path):
 
 
 def test_a_checkpoint_with_nan_weights_is_one_line(trained, tmp_path):
-    from train.checkpoint import load_model
+    from train.core.checkpoint import load_model
 
     ckpt = torch.load(trained / "ckpt.pt", weights_only=True)
     name = "h.0.attn.c_attn.weight"
@@ -335,7 +335,7 @@ def test_a_checkpoint_with_nan_weights_is_one_line(trained, tmp_path):
 
 
 def test_an_invalid_model_config_is_one_line(trained, tmp_path):
-    from train.checkpoint import load_model
+    from train.core.checkpoint import load_model
 
     ckpt = torch.load(trained / "ckpt.pt", weights_only=True)
     ckpt["model_config"]["n_head"] = 5  # does not divide n_embd

@@ -23,7 +23,7 @@ from errors import report_user_errors
 from model import GPT, GPTConfig
 from model.generate import generate
 from tokenizer.chat import render_prompt
-from train.checkpoint import load_model, save_checkpoint
+from train.core.checkpoint import load_model, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = [

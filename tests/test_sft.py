@@ -18,7 +18,7 @@ import torch
 
 import tokenizer
 from model import GPT, GPTConfig
-from train.checkpoint import load_checkpoint, save_checkpoint
+from train.core.checkpoint import load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 PHRASINGS = ("Please confirm with OK: ticket {n}", "Ticket {n} is done. Reply OK.", "Ack {n}")
@@ -154,7 +154,7 @@ ALPACA = [{"instruction": f"Say {k}.", "output": f"{k}"} for k in range(6)]
 
 def test_eval_files_never_merge_with_a_built_in_task_or_each_other(tmp_path):
     from errors import UserError
-    from train.task_eval import eval_file_items
+    from train.eval.task_eval import eval_file_items
 
     (tmp_path / "b").mkdir()
     repeat = write(tmp_path / "repeat.jsonl", ALPACA[:2])
@@ -196,7 +196,7 @@ def test_training_and_eval_data_that_overlap_are_warned_about(tmp_path):
 
 
 def test_an_answer_longer_than_the_reply_budget_is_warned_about():
-    from train.task_eval import check_budget, reply_budgets
+    from train.eval.task_eval import check_budget, reply_budgets
 
     class Chars:  # one token per character
         def encode(self, text):

@@ -21,16 +21,16 @@ import numpy as np
 import pytest
 import torch
 
-import train.checkpoint as checkpoint
-import train.files as files
-import train.peak as peak
-import train.runtime as runtime
+import train.core.checkpoint as checkpoint
+import train.core.files as files
+import train.core.peak as peak
+import train.core.runtime as runtime
 from errors import UserError
 from model import GPT, GPTConfig
-from train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from train.loop import LoopConfig, StepResult, Trainer
-from train.optim import build_optimizer, fraction_done, lr_at
-from train.runtime import Runtime, resolve_device, resolve_precision
+from train.core.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from train.core.optim import build_optimizer, fraction_done, lr_at
+from train.core.runtime import Runtime, resolve_device, resolve_precision
+from train.core.trainer import LoopConfig, StepResult, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -210,8 +210,8 @@ def test_precision_on_a_gpu_without_bf16(monkeypatch):
 FAULTS_PER_STEP = """
 import resource, sys, torch
 from model import GPT, GPTConfig
-from train.runtime import setup_runtime
-from train.optim import build_optimizer
+from train.core.runtime import setup_runtime
+from train.core.optim import build_optimizer
 setup_runtime("cpu", "float32")  # on a CPU this keeps freed memory (keep_freed_memory)
 torch.set_num_threads(1)
 model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=128, vocab_size=16384))

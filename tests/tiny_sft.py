@@ -4,7 +4,7 @@ export): a tiny GPT and its tokenizer, saved in the project's one checkpoint for
 from pathlib import Path
 
 from model import GPT, GPTConfig
-from train.checkpoint import save_checkpoint
+from train.core.checkpoint import save_checkpoint
 
 SHAPE = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 32}
 

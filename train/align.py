@@ -2,7 +2,7 @@
 
     pretrain -> sft -> rm -> ppo -> dpo        each skipped when it finished before (its
                                                out_dir has done.json) with the same config
-    base, SFT, PPO and DPO on the same held-out items (train/compare.py): accuracy per
+    base, SFT, PPO and DPO on the same held-out items (train/eval/compare.py): accuracy per
     task and overall, each model's KL to SFT, the reward model's mean score and the judge's
     -> out/align/report.json and out/align/accuracy.png
 
@@ -27,11 +27,11 @@ from omegaconf.errors import OmegaConfBaseException
 
 from errors import UserError, entry_point, hydra_error
 
-from .compare import compare, format_comparison, write_report
-from .runtime import runtime_session
-from .settings import RUNTIME, check, choice, integer, list_of, mapping_of, text
-from .stage import DONE_FILE, check_stage
-from .task_eval import builtin_tasks, save_eval
+from .core.runtime import runtime_session
+from .core.settings import RUNTIME, check, choice, integer, list_of, mapping_of, text
+from .core.stage import DONE_FILE, check_stage
+from .eval.compare import compare, format_comparison, write_report
+from .eval.task_eval import builtin_tasks, save_eval
 
 STAGES = {"pretrain": "pretrain", "sft": "sft", "rm": "reward", "ppo": "ppo", "dpo": "dpo"}
 CONF = Path(__file__).resolve().parents[1] / "conf"

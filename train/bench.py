@@ -8,12 +8,12 @@ Every figure is measured `repeats` times; the table shows the best and the media
 JSON (out/bench/bench.json) keeps every run and the machine's load average, because on a
 shared machine the spread matters as much as the figure.
 
-Training: forward + backward + optimizer step (`optimizer`: adamw or muon, train/optim.py)
+Training: forward + backward + optimizer step (`optimizer`: adamw or muon, train/core/optim.py)
 on random tokens, weights in float32 under autocast, as the training loop runs them.
 
     tokens/s = batch * seq_len / seconds per step
     MFU      = flops_per_token(seq_len) * tokens/s / peak FLOP/s
-(flops_per_token: model/gpt.py; the peak: train/peak.py, measured once per machine and
+(flops_per_token: model/gpt.py; the peak: train/core/peak.py, measured once per machine and
 cached, or a GPU's datasheet figure; the table says which). Muon's Newton-Schulz products
 are not model FLOPs: their share of the peak is a line of its own, never part of MFU.
 
@@ -52,12 +52,12 @@ from errors import UserError, entry_point
 from model import GPT, GPTConfig
 from model.generate import complete, generate, prepare_for_decoding
 
-from .loop import LoopConfig, Trainer
-from .losses import next_token_step
-from .optim import build_optimizer
-from .peak import Peak, peak_flops, read_bandwidth
-from .runtime import Runtime, setup_runtime
-from .settings import OPTIMIZER, RUNTIME, Rule, check, flag, integer, number, optional
+from .core.optim import build_optimizer
+from .core.peak import Peak, peak_flops, read_bandwidth
+from .core.runtime import Runtime, setup_runtime
+from .core.settings import OPTIMIZER, RUNTIME, Rule, check, flag, integer, number, optional
+from .core.trainer import LoopConfig, Trainer
+from .rl.losses import next_token_step
 
 
 def note(message: str) -> None:
@@ -108,7 +108,7 @@ class FixedBatch:
 
 
 def bench_training(model: GPT, cfg: DictConfig, rt: Runtime, peak: Peak) -> dict:
-    """Training tokens/s and MFU of the training loop's own optimizer step (train/loop.py:
+    """Training tokens/s and MFU of the training loop's own optimizer step (train/core/trainer.py:
     forward and backward under autocast, gradient clipping, optimizer step)."""
     B, steps = cfg.train_batch_size, cfg.train_steps
     T = min(cfg.train_seq_len or model.config.block_size, model.config.block_size)

@@ -4,10 +4,10 @@ The preference objective without a reward model and without sampling:
 
     policy, and a frozen reference: both the SFT weights at the start
     data: the reward model's preference set (built in: the SFT model's samples ranked by
-          the tasks' judge, train/preference_data.py; generated here when missing) and/or
+          the tasks' judge, train/rl/preference_data.py; generated here when missing) and/or
           the user's preference files, in the layouts the reward model reads
     log pi_ref(y | x) of every response computed once, before training, and reused
-    train with the shared loop on (train/losses.py: dpo_loss)
+    train with the shared loop on (train/rl/losses.py: dpo_loss)
 
         h    = beta [ (log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x)) ]
         loss = -log sigmoid(h)          (with label smoothing s: -(1-s) log s(h) - s log s(-h))
@@ -32,14 +32,14 @@ from data.batching import LengthGroupedLoader
 from data.preferences import collate_groups
 from errors import entry_point
 
-from .checkpoint import CHECKPOINT_NAME, load_model
-from .compare import sampled
-from .losses import dpo_step, sequence_logprobs
+from .core.checkpoint import CHECKPOINT_NAME, load_model
+from .core.settings import flag, integer, number, optional
+from .core.stage import Stage
+from .eval.compare import sampled
+from .eval.task_eval import builtin_tasks, format_table, score
 from .reward import RULES as REWARD_RULES
 from .reward import preference_groups, rendered
-from .settings import flag, integer, number, optional
-from .stage import Stage
-from .task_eval import builtin_tasks, format_table, score
+from .rl.losses import dpo_step, sequence_logprobs
 
 RULES = {
     **REWARD_RULES,  # the same data: preference files, the built-in set, the tasks

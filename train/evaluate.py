@@ -1,12 +1,12 @@
 """python -m train.evaluate: score a checkpoint.
 
-Bits per byte of a text file (train/lm_eval.py: loss per token and per byte, which
+Bits per byte of a text file (train/eval/lm_eval.py: loss per token and per byte, which
 compares across tokenizers):
 
     python -m train.evaluate checkpoint=out/pretrain text_file=some.txt
 
 The same entry point scores instruction following: accuracy on the held-out built-in
-task items and on the user's eval files (train/task_eval.py; each task judged by its
+task items and on the user's eval files (train/eval/task_eval.py; each task judged by its
 match rule, exact or normalised, data/judge.py), the same items for any checkpoint, so a
 base model and its SFT model compare; results go to eval.json beside the checkpoint.
 
@@ -19,7 +19,7 @@ changed (other eval_files, other task settings), the entries scored on the old i
 dropped from eval.json, with a note, so that its base and sft always compare.
 
 A reward model's checkpoint is scored on held-out comparisons instead (pairwise accuracy,
-right vs wrong, rank correlation with the judge: train/reward_eval.py), the built-in
+right vs wrong, rank correlation with the judge: train/eval/reward_eval.py), the built-in
 held-out pairs it was trained beside and any preference files given as eval_files:
 
     python -m train.evaluate checkpoint=out/rm eval_files=[my_prefs.jsonl]
@@ -40,12 +40,9 @@ from data.preferences import read_preference_file, render_group
 from data.records import file_entry
 from errors import UserError, entry_point
 
-from .checkpoint import BEST_NAME, CHECKPOINT_NAME, language_model, load_checkpoint, load_kind
-from .compare import compare, format_comparison, write_report
-from .lm_eval import file_bits_per_byte
-from .reward_eval import format_reward_table, reward_metrics
-from .runtime import replay_precision, resolve_device, runtime_session
-from .settings import (
+from .core.checkpoint import BEST_NAME, CHECKPOINT_NAME, language_model, load_checkpoint, load_kind
+from .core.runtime import replay_precision, resolve_device, runtime_session
+from .core.settings import (
     EVAL_FILES,
     MAX_BAD_FRACTION,
     RUNTIME,
@@ -56,7 +53,10 @@ from .settings import (
     optional,
     text,
 )
-from .task_eval import (
+from .eval.compare import compare, format_comparison, write_report
+from .eval.lm_eval import file_bits_per_byte
+from .eval.reward_eval import format_reward_table, reward_metrics
+from .eval.task_eval import (
     builtin_tasks,
     check_budget,
     eval_file_items,
@@ -135,7 +135,7 @@ def run(cfg: DictConfig) -> dict:
 
 def score_reward_model(cfg: DictConfig, rt, path: str) -> dict:
     """A reward checkpoint: its held-out comparisons (the built-in set it was trained
-    beside, and the user's eval_files) scored as train/reward_eval.py describes."""
+    beside, and the user's eval_files) scored as train/eval/reward_eval.py describes."""
     model, tok, ckpt = load_kind(path, "reward")
     model.to(rt.device)
     held_out = Path(ckpt.get("preferences") or ".") / "test.jsonl"
@@ -164,7 +164,7 @@ def run_name(path: str) -> str:
 
 def side_by_side(cfg: DictConfig, rt) -> dict:
     """Several checkpoints on the same held-out items, with their KL to the reference and
-    the reward model's mean score (train/compare.py): make align's table, for any models."""
+    the reward model's mean score (train/eval/compare.py): make align's table, for any models."""
     paths = [str(p) for p in cfg.checkpoints]
     names = [run_name(p) for p in paths]
     if len(set(names)) < len(names):

@@ -18,7 +18,7 @@ The folder holds
     tokenizer_config.json             format as its chat template (tokenizer/hf.py)
     handgpt.json,                     what Hugging Face's format has no place for, so that
     handgpt_tokenizer.bin             init_from=my-model/ gives back this very model
-                                      (train/pretrained.py)
+                                      (train/core/pretrained.py)
 
 It is written into a temporary folder beside `out` and renamed when complete, so a killed
 export leaves no half-written model; an existing `out` is replaced only with overwrite=true.
@@ -38,9 +38,9 @@ from model.hf import export_pretrained
 from tokenizer.base import Tokenizer
 from tokenizer.hf import save_hf_tokenizer
 
-from .checkpoint import load_model
-from .pretrained import EXPORT_FORMAT, EXPORT_META, EXPORT_TOKENIZER
-from .settings import check, choice, flag
+from .core.checkpoint import load_model
+from .core.pretrained import EXPORT_FORMAT, EXPORT_META, EXPORT_TOKENIZER
+from .core.settings import check, choice, flag
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RULES = {"dtype": choice(*DTYPES), "overwrite": flag()}

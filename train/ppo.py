@@ -11,15 +11,15 @@ Four models, as in InstructGPT:
                 is, and its loss never pulls on the policy's weights); none with
                 advantage=group (GRPO), which needs no value function
 
-Each rollout (train/rollouts.py) samples replies to a batch of prompts, scores them, turns
-the per-token rewards into advantages (train/advantages.py), and the shared loop takes
-ppo_epochs passes of minibatch updates over it (train/losses.py: ppo_step):
+Each rollout (train/rl/rollouts.py) samples replies to a batch of prompts, scores them, turns
+the per-token rewards into advantages (train/rl/advantages.py), and the shared loop takes
+ppo_epochs passes of minibatch updates over it (train/rl/losses.py: ppo_step):
 
     r_t  = -beta * (log pi(a_t|s_t) - log pi_ref(a_t|s_t))   (+ the score at the last token)
     L    = -mean min(rho A, clip(rho, 1-eps, 1+eps) A)  +  vf_coef * L_V  (+ ptx_coef * L_ptx)
 
 Every rollout logs the reward model's score beside the judge's grade of the same replies
-(the gold); the run ends with a PNG of both against the KL (train/plots.py), and the SFT
+(the gold); the run ends with a PNG of both against the KL (train/eval/plots.py), and the SFT
 and PPO models scored on the same held-out items (eval.json).
 """
 
@@ -40,13 +40,9 @@ from data.records import file_entry, read_data_file
 from errors import UserError, entry_point
 from model.heads import PolicyWithValue
 
-from .checkpoint import CHECKPOINT_NAME, load_kind, load_model
-from .lm_eval import language_model_metrics
-from .losses import ppo_step
-from .metrics import read_metrics
-from .plots import reward_vs_kl
-from .rollouts import Rollouts, RolloutSettings
-from .settings import (
+from .core.checkpoint import CHECKPOINT_NAME, load_kind, load_model
+from .core.metrics import read_metrics
+from .core.settings import (
     EVAL_FILES,
     MAX_BAD_FRACTION,
     TASKS,
@@ -58,8 +54,12 @@ from .settings import (
     optional,
     text,
 )
-from .stage import Stage
-from .task_eval import builtin_tasks, check_budget, eval_file_items, format_table, score
+from .core.stage import Stage
+from .eval.lm_eval import language_model_metrics
+from .eval.plots import reward_vs_kl
+from .eval.task_eval import builtin_tasks, check_budget, eval_file_items, format_table, score
+from .rl.losses import ppo_step
+from .rl.rollouts import Rollouts, RolloutSettings
 
 RULES = {
     "init_from": text(),

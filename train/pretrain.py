@@ -2,7 +2,7 @@
 
     prepare the data (tokenizer + token files, a no-op when already prepared)
     build the model from conf/model/<size>.yaml with the tokenizer's vocabulary
-    train it on next-token prediction with the shared loop (train/stage.py, train/loop.py)
+    train it on next-token prediction with the shared loop (train/core/)
     evaluate on the validation split: loss, perplexity, bits per byte, a sample
 
 Under torchrun every process runs this script; rank 0 prepares the data first, and
@@ -19,11 +19,11 @@ from data.prepare import prepare
 from errors import UserError, entry_point
 from model import GPT, GPTConfig
 
-from .checkpoint import CHECKPOINT_NAME
-from .lm_eval import language_model_metrics, sample_text
-from .losses import next_token_step
-from .settings import integer, optional
-from .stage import Stage
+from .core.checkpoint import CHECKPOINT_NAME
+from .core.settings import integer, optional
+from .core.stage import Stage
+from .eval.lm_eval import language_model_metrics, sample_text
+from .rl.losses import next_token_step
 
 RULES = {
     "batch_size": integer(1),

@@ -2,11 +2,11 @@
 
 load the SFT checkpoint; the reward model is its trunk with a scalar head (model/heads.py)
 preference data: the built-in set (the SFT model's samples ranked by the tasks' judge,
-    train/preference_data.py) and/or the user's files (data/preferences.py)
+    train/rl/preference_data.py) and/or the user's files (data/preferences.py)
 train on comparisons with the shared loop: every response of a prompt scored once,
-    all the prompt's pairs in one batch (train/losses.py: reward_step)
+    all the prompt's pairs in one batch (train/rl/losses.py: reward_step)
 normalise: shift the head's bias so that the SFT model's samples score 0 on average
-score the held-out pairs (train/reward_eval.py); write eval.json
+score the held-out pairs (train/eval/reward_eval.py); write eval.json
 
 r(x, y)  = w . h_L(x, y)[last token] + b            the head reads the final <|end|>
 loss     = -log sigmoid( r(x, y_w) - r(x, y_l) )     averaged per prompt, then over prompts
@@ -24,11 +24,8 @@ from data.preferences import collate_groups, load_preference_data, render_group
 from errors import UserError, entry_point
 from model.heads import ScalarModel
 
-from .checkpoint import CHECKPOINT_NAME, load_kind, load_model
-from .losses import reward_step
-from .preference_data import builtin_preferences
-from .reward_eval import format_reward_table, group_rewards, reward_metrics
-from .settings import (
+from .core.checkpoint import CHECKPOINT_NAME, load_kind, load_model
+from .core.settings import (
     MAX_BAD_FRACTION,
     PREFERENCES,
     TASKS,
@@ -39,8 +36,11 @@ from .settings import (
     optional,
     text,
 )
-from .stage import Stage
-from .task_eval import builtin_tasks
+from .core.stage import Stage
+from .eval.reward_eval import format_reward_table, group_rewards, reward_metrics
+from .eval.task_eval import builtin_tasks
+from .rl.losses import reward_step
+from .rl.preference_data import builtin_preferences
 
 RULES = {
     "init_from": text(),

@@ -40,9 +40,19 @@ from model import GPT
 from model.generate import completions, prepare_for_decoding
 from tokenizer.chat import ChatFormatError, render_prompt
 
-from .checkpoint import CHECKPOINT_NAME, load_model
-from .runtime import setup_runtime
-from .settings import RUNTIME, TEMPERATURE, check, choice, flag, integer, number, optional, text
+from .core.checkpoint import CHECKPOINT_NAME, load_model
+from .core.runtime import setup_runtime
+from .core.settings import (
+    RUNTIME,
+    TEMPERATURE,
+    check,
+    choice,
+    flag,
+    integer,
+    number,
+    optional,
+    text,
+)
 
 MODES = ("generate", "chat")
 
@@ -65,7 +75,7 @@ RULES = {
 
 
 def check_settings(cfg: DictConfig) -> dict:
-    """The decoding settings, checked (train/settings.py), as plain Python values."""
+    """The decoding settings, checked (train/core/settings.py), as plain Python values."""
     check(cfg, {**RUNTIME, **RULES})
     names = ("max_new_tokens", "num_samples", "temperature", "top_k", "top_p")
     return {name: cfg.get(name) for name in names}

@@ -4,7 +4,7 @@ load the pretrained checkpoint (model + tokenizer)
 conversations: the built-in tasks (data/tasks.py) and/or Alpaca, Dolly, chat files
 render each with the chat format; loss only on the assistant's tokens (-100 elsewhere)
 score the base model on the held-out task items (greedy, chat format, data/judge.py's rules)
-fine-tune with the shared loop (train/stage.py, train/loop.py)
+fine-tune with the shared loop (train/core/stage.py, train/core/trainer.py)
 score the tuned model on the same items; print both side by side; write eval.json
 """
 
@@ -22,12 +22,20 @@ from errors import UserError, entry_point
 from model import GPT
 from tokenizer.chat import render_prompt
 
-from .checkpoint import CHECKPOINT_NAME, load_model
-from .lm_eval import language_model_metrics, sample_text
-from .losses import next_token_step
-from .settings import EVAL_FILES, MAX_BAD_FRACTION, TASKS, TRAINING_FILES, integer, optional, text
-from .stage import Stage
-from .task_eval import builtin_tasks, check_budget, eval_file_items, format_table, score
+from .core.checkpoint import CHECKPOINT_NAME, load_model
+from .core.settings import (
+    EVAL_FILES,
+    MAX_BAD_FRACTION,
+    TASKS,
+    TRAINING_FILES,
+    integer,
+    optional,
+    text,
+)
+from .core.stage import Stage
+from .eval.lm_eval import language_model_metrics, sample_text
+from .eval.task_eval import builtin_tasks, check_budget, eval_file_items, format_table, score
+from .rl.losses import next_token_step
 
 RULES = {
     "init_from": text(),

@@ -50,7 +50,7 @@ A weight that stacks several matrices (attention's c_attn holds W_q, W_k and W_v
 the other) is orthogonalised block by block: its group sets `parts`, the number of equal
 row blocks.
 
-Every group has its own lr; train/optim.py builds the groups and the schedule scales
+Every group has its own lr; train/core/optim.py builds the groups and the schedule scales
 them all together (each group's lr_scale).
 """
 

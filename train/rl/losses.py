@@ -1,13 +1,13 @@
 """The step functions of the training stages: one batch in, StepResult(loss, tokens, metrics) out.
 
-Each is what train/loop.py calls on every micro-batch (see its docstring for the contract).
+Each is what train/core/trainer.py calls on every micro-batch (see its docstring for the contract).
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .loop import StepResult
+from ..core.trainer import StepResult
 
 
 def next_token_step(
@@ -108,7 +108,7 @@ def ppo_step(
     vf_coef: float = 0.1,
     ptx_coef: float = 0.0,
 ) -> StepResult:
-    """One PPO minibatch (train/rollouts.py). Reply tokens are where batch["mask"] is 1, in
+    """One PPO minibatch (train/rl/rollouts.py). Reply tokens are where batch["mask"] is 1, in
     (B, T-1) "target" positions: position t holds what predicts ids[:, t+1].
 
         loss = L_policy + vf_coef * L_V + ptx_coef * L_pretraining (optional: PPO-ptx)

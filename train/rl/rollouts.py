@@ -1,6 +1,6 @@
 """PPO's batch source: sample replies with the policy, score them, and serve minibatches.
 
-The training loop (train/loop.py) draws one minibatch per optimizer step. This source
+The training loop (train/core/trainer.py) draws one minibatch per optimizer step. This source
 keeps a queue of them; when it runs out, it collects a new rollout with the current policy:
 
     prompts   rollout_prompts prompts (x samples each for advantage=group), drawn anew for
@@ -12,7 +12,7 @@ keeps a queue of them; when it runs out, it collects a new rollout with the curr
               reward=tasks the judge's grade (data/judge.py); the judge's grade is kept
               beside it in either case: the gold score that shows reward hacking
     rewards   per token: -beta (log pi_old - log pi_ref), plus the score at the last token
-    advantages GAE from the value function, or group-relative (train/advantages.py)
+    advantages GAE from the value function, or group-relative (train/rl/advantages.py)
 
 and queues ppo_epochs passes over the rollout, each in a new random order, cut into
 minibatches of minibatch_size replies. Every minibatch carries the rollout's figures
@@ -38,9 +38,9 @@ from data.judge import grade
 from model.generate import Completion, complete
 from tokenizer.chat import render_prompt
 
+from ..eval.task_eval import prompt_messages
 from .advantages import gae, group_advantages, kl_rewards, whiten
 from .losses import reply_logprobs
-from .task_eval import prompt_messages
 
 
 @dataclass
@@ -65,7 +65,7 @@ class RolloutSettings:
 
 
 class Rollouts:
-    """A Batches source (train/loop.py) that collects rollouts as it needs them."""
+    """A Batches source (train/core/trainer.py) that collects rollouts as it needs them."""
 
     def __init__(
         self,

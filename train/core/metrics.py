@@ -7,7 +7,7 @@ val_bpb in bits per byte, ...). Written by rank 0 only.
 Each line is flushed as it is written, so a killed run keeps every line it finished; a
 line cut short by a kill is skipped by `read_metrics`, never an error. A resumed run keeps
 the lines up to the step it resumes from: it reads them (tolerantly) and writes them back
-atomically (train/files.py), so a kill at that moment cannot empty the file either.
+atomically (train/core/files.py), so a kill at that moment cannot empty the file either.
 """
 
 import json

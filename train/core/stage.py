@@ -7,9 +7,9 @@
         stage.save_eval({"sft": scores})
 
 A stage script then holds only what makes the stage different: where its model and its
-batches come from, its step function (train/losses.py) and how it is evaluated.
-`Stage.train` builds the optimizer (train/optim.py) and the Trainer (train/loop.py) from
-the config, with the checkpoint's metadata (stage, model kind, model config, tokenizer,
+batches come from, its step function (train/rl/losses.py) and how it is evaluated.
+`Stage.train` builds the optimizer (train/core/optim.py) and the Trainer
+(train/core/trainer.py) from the config, with the checkpoint's metadata (stage, model kind, model config, tokenizer,
 resolved config), restores the run being resumed, and runs the loop.
 """
 
@@ -23,14 +23,14 @@ from torch import nn
 
 from errors import UserError
 
+from ..eval.task_eval import save_eval
 from .checkpoint import BEST_NAME, CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from .files import atomic_write_text, remove_stale_temporaries
-from .loop import Batches, LoopConfig, StepFn, Trainer
 from .optim import optimizer_from_config
 from .peak import peak_flops
 from .runtime import Runtime, precision_name, setup_runtime, teardown_runtime
 from .settings import LOOP, OPTIMIZER, RUNTIME, Rule, check, check_relations
-from .task_eval import save_eval
+from .trainer import Batches, LoopConfig, StepFn, Trainer
 
 DONE_FILE = "done.json"  # written when a stage finished (train/align.py skips such stages)
 # What a run writes into its out_dir (overwrite=true removes exactly these).
@@ -51,7 +51,7 @@ def resumable_checkpoint(out_dir: Path) -> dict:
 
 def check_stage(cfg: DictConfig, rules: dict[str, Rule] | None = None) -> None:
     """A stage's settings against the loop's, the optimizer's, the runtime's and its own
-    rules (train/settings.py); train.align checks every stage this way before running any."""
+    rules (train/core/settings.py); train.align checks every stage this way before running any."""
     check(cfg, {**RUNTIME, **LOOP, **OPTIMIZER, **(rules or {})})
     check_relations(cfg)
 
@@ -59,7 +59,7 @@ def check_stage(cfg: DictConfig, rules: dict[str, Rule] | None = None) -> None:
 class Stage:
     def __init__(self, name: str, cfg: DictConfig, rules: dict[str, Rule] | None = None) -> None:
         """name: the stage ("pretrain", "sft", ...), written into its checkpoints.
-        rules: the stage's own settings (train/settings.py); the loop's, the optimizer's
+        rules: the stage's own settings (train/core/settings.py); the loop's, the optimizer's
         and the runtime's are always checked."""
         self.name = name
         self.cfg = cfg
@@ -148,7 +148,7 @@ class Stage:
         rt, cfg = self.runtime, self.cfg
         model.to(rt.device)
         peak = None
-        if rt.is_main and flops_per_token:  # MFU's denominator (train/peak.py)
+        if rt.is_main and flops_per_token:  # MFU's denominator (train/core/peak.py)
             peak = peak_flops(rt.device, rt.dtype, cfg.get("peak_tflops"))
         trainer = Trainer(
             model,

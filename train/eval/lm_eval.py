@@ -27,7 +27,7 @@ from errors import UserError
 from model import GPT, IGNORE_INDEX
 from model.generate import complete
 
-from .runtime import Runtime
+from ..core.runtime import Runtime
 
 
 def language_model_metrics(

@@ -9,7 +9,7 @@
     mean reward            the mean score over the replies (after normalisation, the SFT
                            model's samples average 0)
 
-The held-out pairs come from held-out prompts only (train/preference_data.py).
+The held-out pairs come from held-out prompts only (train/rl/preference_data.py).
 """
 
 from collections.abc import Sequence

@@ -1,6 +1,6 @@
 """Hugging Face models as starting points: a GPT-2 directory or hub name, read as a checkpoint.
 
-Every stage loads its models through train/checkpoint.py: load_checkpoint. Given a Hugging
+Every stage loads its models through train/core/checkpoint.py: load_checkpoint. Given a Hugging
 Face source instead of a checkpoint (which paths are: checkpoint.py: hf_source), it calls
 checkpoint_from_hf here, which returns what a checkpoint file holds (model config, weights,
 tokenizer state). So init_from=gpt2 (SFT, reward model, PPO, DPO) and checkpoint=gpt2

@@ -9,7 +9,7 @@ loss is the scalar to minimise on that batch, tokens the tokens the forward pass
 (padding excluded: what tokens/s and MFU count), metrics any named figures (accuracy,
 margin, KL ...). Each optimizer step is then
 
-    lr = schedule(step, fraction of the run done)                      (train/optim.py)
+    lr = schedule(step, fraction of the run done)                      (train/core/optim.py)
     for each of grad_accum micro-batches:
         result = step(model, batches.next_batch())    forward under autocast
         backward(result.loss / grad_accum)            DDP averages gradients across ranks
@@ -90,7 +90,7 @@ StepFn = Callable[[nn.Module, Any], StepResult]
 @dataclass
 class LoopConfig:
     """The loop's settings; each stage's config has these keys at its top level.
-    Their rules are train/settings.py's LOOP table."""
+    Their rules are train/core/settings.py's LOOP table."""
 
     max_iters: int = 1000
     max_minutes: float | None = None  # wall-clock budget; None = no limit
@@ -99,7 +99,7 @@ class LoopConfig:
     lr: float = 1e-3  # peak learning rate
     min_lr: float = 1e-4  # learning rate at the end of the run
     warmup_iters: int = 100
-    schedule: str = "cosine"  # "cosine" or "wsd" (train/optim.py)
+    schedule: str = "cosine"  # "cosine" or "wsd" (train/core/optim.py)
     cooldown: float = 0.4  # wsd: the fraction of the run that decays to min_lr
     log_interval: int = 10
     eval_interval: int = 250  # evaluate, sample and checkpoint every this many steps

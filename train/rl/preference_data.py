@@ -45,8 +45,8 @@ from data.tasks import TaskSet
 from model.generate import complete
 from tokenizer.chat import render_prompt
 
-from .files import atomic_write_text
-from .task_eval import prompt_messages
+from ..core.files import atomic_write_text
+from ..eval.task_eval import prompt_messages
 
 FORMAT = 2  # 2: names held out from every task, conversations of several questions
 SPLITS = ("train", "test")

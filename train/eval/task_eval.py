@@ -43,8 +43,8 @@ from errors import UserError
 from model.generate import complete
 from tokenizer.chat import render_prompt
 
-from .files import atomic_write_text
-from .runtime import precision_name
+from ..core.files import atomic_write_text
+from ..core.runtime import precision_name
 
 FORM_AVERAGE_TASKS = ("repeat", "first_word", "last_word")
 EVAL_FILE = "eval.json"
@@ -221,7 +221,7 @@ def load_eval(run_dir: str | Path, name: str = EVAL_FILE) -> dict:
 
 
 def save_eval(results: dict, run_dir: str | Path, name: str = EVAL_FILE) -> Path:
-    """Write results as JSON to run_dir/eval.json, atomically (train/files.py)."""
+    """Write results as JSON to run_dir/eval.json, atomically (train/core/files.py)."""
     text = json.dumps(results, indent=2, ensure_ascii=False) + "\n"
     return atomic_write_text(Path(run_dir) / name, text)
 

@@ -5,7 +5,7 @@ Two optimizers (`optimizer: adamw | muon` in the stage's config):
 - adamw: AdamW (Loshchilov & Hutter) with decoupled weight decay applied to matrices only:
   embeddings and Linear weights decay; biases and LayerNorm gains do not (shrinking them
   towards zero is not regularisation, it just fights the normalisation).
-- muon: Muon (train/muon.py) for the 2-D weights inside the transformer blocks, at its own
+- muon: Muon (train/core/muon.py) for the 2-D weights inside the transformer blocks, at its own
   peak rate muon_lr; AdamW, as above, for embeddings, LM head, norms and biases at lr.
   c_attn stacks W_q, W_k and W_v, and Muon orthogonalises them one by one.
 

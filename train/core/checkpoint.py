@@ -13,17 +13,17 @@ A checkpoint is a dict of plain values and tensors:
     config        the run's resolved config
     metrics       the last evaluation's figures
     init_from     (fine-tuning stages) the checkpoint the run started from
-  for resuming (train/loop.py writes them):
+  for resuming (train/core/trainer.py writes them):
     step, elapsed_s, optimizer, scaler, best, per_rank (each rank's RNG states and
     data position)
 
-It is written with train/files.py: atomic_write (temporary file, fsync, rename), so a
+It is written with train/core/files.py: atomic_write (temporary file, fsync, rename), so a
 kill at any moment leaves either the old file or the new one. It is read with
 torch.load(weights_only=True), which unpickles only tensors and plain containers: a
 checkpoint from the internet cannot run code.
 
 Wherever a checkpoint is read, a Hugging Face GPT-2 may stand instead (hf_source): a
-model directory, or a hub name like gpt2; train/pretrained.py turns it into the same dict.
+model directory, or a hub name like gpt2; train/core/pretrained.py turns it into the same dict.
 """
 
 import random

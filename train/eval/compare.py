@@ -3,7 +3,7 @@
 For each checkpoint (any kind: its language model is scored):
     accuracy       greedy replies to the held-out task items, per task and overall,
                    each task judged by its match rule (data/judge.py)
-                   (train/task_eval.py), the same items for every model
+                   (train/eval/task_eval.py), the same items for every model
     sampled        one reply per held-out prompt at temperature 1: the KL to the SFT model
                    (sum over the reply's tokens of log pi - log pi_sft, mean over replies),
                    the reward model's mean score, and the judge's mean grade (the gold)
@@ -13,9 +13,9 @@ For each checkpoint (any kind: its language model is scored):
 
 from pathlib import Path
 
-from .checkpoint import load_kind, load_model
+from ..core.checkpoint import load_kind, load_model
+from ..rl.rollouts import Rollouts, RolloutSettings
 from .plots import accuracy_bars
-from .rollouts import Rollouts, RolloutSettings
 from .task_eval import format_table, score
 
 SAMPLED_REPLY_TOKENS = 48  # the sampled replies' budget when the greedy one follows the answers
