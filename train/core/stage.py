@@ -9,7 +9,8 @@
 A stage script then holds only what makes the stage different: where its model and its
 batches come from, its step function (train/rl/losses.py) and how it is evaluated.
 `Stage.train` builds the optimizer (train/core/optim.py) and the Trainer
-(train/core/trainer.py) from the config, with the checkpoint's metadata (stage, model kind, model config, tokenizer,
+(train/core/trainer.py) from the config, with the checkpoint's metadata (stage, model kind,
+model config, tokenizer,
 resolved config), restores the run being resumed, and runs the loop.
 """
 
