@@ -40,7 +40,7 @@ from data.tasks import (
 from model import GPT, GPTConfig
 from model.generate import complete
 from tokenizer.chat import render_prompt
-from train import task_eval
+from train.eval import task_eval
 from train.eval.task_eval import evaluate_tasks, format_table, save_eval
 
 WORDS = ("thou art the king of night and every golden river sings to morning light "
