@@ -2,12 +2,8 @@
 
 Every layer (tokenizer, data, train) raises `UserError` for bad input: a missing file, a
 corrupt checkpoint, an impossible setting. Its message is one line that says what is
-wrong, where, and what to do. The entry points catch it, print the message and exit
-non-zero; anything else is a bug and keeps its traceback:
-
-    @hydra.main(version_base=None, config_path="../conf", config_name="pretrain")
-    @report_user_errors
-    def main(cfg): ...
+wrong, where, and what to do. The entry points (command.py: entry_point) catch it, print
+the message and exit non-zero; anything else is a bug and keeps its traceback.
 
 A `UserError` anywhere below prints `error: <message>` on stderr and exits with status
 2; Ctrl-C exits with 130 (the shell's code for an interrupt), so `make pretrain && make
@@ -15,9 +11,7 @@ sft` never carries on after an interrupted stage.
 """
 
 import functools
-import os
 import sys
-from pathlib import Path
 
 
 class UserError(Exception):
@@ -39,89 +33,3 @@ def report_user_errors(fn):
             sys.exit(130)
 
     return wrapper
-
-
-# ------------------------------------------------------------------------ Hydra entry points
-
-CONF = Path(__file__).resolve().parent / "conf"
-
-
-def entry_point(config_name: str):
-    """@hydra.main for conf/<config_name>.yaml with the one-line error boundary around it:
-
-        @entry_point("sft")
-        def main(cfg): run(cfg)
-
-    Hydra's own errors, raised while it reads the command line and composes the config
-    (an unknown setting, a malformed override, an unknown preset), become one line and
-    exit 2, like a UserError; Hydra alone prints several lines and a hint about stack
-    traces. The task itself runs under report_user_errors. Everything else of Hydra's
-    command line (--help, --cfg job, -m, +key=value) is unchanged.
-    """
-    import hydra  # entry points only: the library modules never need Hydra
-
-    def decorate(fn):
-        started = []  # the task began: errors from here on are the task's, not Hydra's
-
-        @functools.wraps(fn)
-        def task(cfg):
-            started.append(True)
-            return report_user_errors(fn)(cfg)
-
-        hydra_main = hydra.main(version_base=None, config_path=str(CONF), config_name=config_name)(
-            task
-        )
-
-        @functools.wraps(fn)
-        def main(cfg=None):
-            if cfg is not None:  # called with a composed config (tests, train.align)
-                return task(cfg)
-            started.clear()
-            before = os.environ.get("HYDRA_FULL_ERROR")
-            os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors, not prints them
-            try:
-                return hydra_main()
-            except BrokenPipeError:  # --cfg job | head: the reader went away; stop quietly
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-                sys.exit(1)
-            except Exception as e:
-                if started:
-                    raise  # a bug in the task: keep its traceback
-                print(f"error: {hydra_error(e, config_name)}", file=sys.stderr)
-                sys.exit(2)
-            finally:
-                if before is None:
-                    os.environ.pop("HYDRA_FULL_ERROR", None)
-                else:
-                    os.environ["HYDRA_FULL_ERROR"] = before
-
-        return main
-
-    return decorate
-
-
-def _lines(e: BaseException | None) -> list[str]:
-    return [line.strip() for line in str(e or "").splitlines() if line.strip()]
-
-
-def hydra_error(e: Exception, config_name: str) -> str:
-    """One line for an error Hydra raised while composing conf/<config_name>.yaml."""
-    lines, cause = _lines(e), _lines(e.__cause__)
-    where = f"conf/{config_name}.yaml"
-    if cause and "not in struct" in cause[0]:  # Key 'foo' is not in struct, full_key: data.foo
-        full = [line.split(":", 1)[1].strip() for line in cause if line.startswith("full_key:")]
-        key = full[0] if full else cause[0].split("'")[1]
-        return (
-            f"unknown setting '{key}': {where} has no such key; check its spelling "
-            "(--cfg job lists the settings)"
-        )
-    options = getattr(e, "options", None)
-    if options:  # an unknown preset: model=huge
-        first = next((line for line in lines if "Could not" in line), lines[0])
-        return f"{first}; available: {', '.join(options)}"
-    message = (lines[0] if lines else type(e).__name__).rstrip(".")
-    if cause and cause[0] not in message:
-        message += f" ({cause[0].rstrip('.')})"
-    if isinstance(getattr(e, "override", None), str):
-        message = f"cannot read the override {e.override!r}: {message}"
-    return f"{message}; see {where} and https://hydra.cc/docs/advanced/override_grammar/basic"

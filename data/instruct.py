@@ -359,3 +359,12 @@ def render_examples(
             f"({block_size} tokens) even when cut to their final reply; nothing to train on"
         )
     return examples, report
+
+
+def prompt_messages(item: dict) -> list[dict]:
+    """The conversation of an item up to the reply the model must write (the final assistant
+    answer is left out when the item carries it)."""
+    messages = list(item["messages"])
+    if messages and messages[-1].get("role") == "assistant":
+        messages = messages[:-1]
+    return messages

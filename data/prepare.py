@@ -25,7 +25,7 @@ How:
 
 A key (SHA-256 over the input hashes and the settings) is stored in meta.json; when it
 matches, `prepare` returns at once without reading the text again. Training calls
-`prepare(cfg.data)` itself, so `make pretrain` prepares the data when needed.
+`prepare(settings.data)` itself, so `make pretrain` prepares the data when needed.
 """
 
 import contextlib
@@ -42,12 +42,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 import tokenizer as tokenizers
-from data.sources import Document, input_hashes, load_documents
-from errors import UserError, entry_point
+from checks import CommandSettings
+from command import entry_point
+from data.sources import DataConfig, Document, input_hashes, load_documents
+from errors import UserError
 from tokenizer import Tokenizer
 
 FORMAT = 1  # bump when the layout of the prepared files changes: forces a rebuild
@@ -70,43 +71,31 @@ class Prepared:
     rebuilt: bool = False
 
 
-def settings_of(data_cfg) -> dict:
-    """The settings that determine the output, validated, as plain values."""
-    if isinstance(data_cfg, DictConfig):
-        cfg = OmegaConf.to_container(data_cfg, resolve=True)
-    else:
-        cfg = dict(data_cfg)
-    s = {
+def settings_of(data: DataConfig) -> dict:
+    """The settings that determine the output (what the preparation's key covers)."""
+    return {
         "format": FORMAT,
-        "source": cfg.get("source", "shakespeare"),
-        "vocab_size": cfg.get("vocab_size", 4096),
-        "val_fraction": cfg.get("val_fraction", 0.1),
-        "seed": cfg.get("seed", 1337),
-        "tokenizer": cfg.get("tokenizer", "sentencepiece"),
+        "source": data.source,
+        "vocab_size": data.vocab_size,
+        "val_fraction": data.val_fraction,
+        "seed": data.seed,
+        "tokenizer": data.tokenizer,
     }
-    if type(s["vocab_size"]) is not int or s["vocab_size"] < 1:  # True is no size
-        raise UserError(f"data.vocab_size must be a positive integer, got {s['vocab_size']!r}")
-    v = s["val_fraction"]
-    if type(v) not in (int, float) or not 0 < v < 1:
-        raise UserError(f"data.val_fraction must be between 0 and 1 (exclusive), got {v!r}")
-    if type(s["seed"]) is not int:
-        raise UserError(f"data.seed must be an integer, got {s['seed']!r}")
-    return s
 
 
-def prepare(data_cfg) -> Prepared:
-    """Make (or find up to date) the tokenizer and token files `data_cfg` describes."""
-    settings = settings_of(data_cfg)
-    out = _output_dir(data_cfg, settings)
+def prepare(data: DataConfig) -> Prepared:
+    """Make (or find up to date) the tokenizer and token files `data` describes."""
+    settings = settings_of(data)
+    out = _output_dir(data)
     recover_interrupted(out)
-    inputs = input_hashes(data_cfg)  # checks that the inputs exist
+    inputs = input_hashes(data)  # checks that the inputs exist
     key = _sha256_json({"settings": settings, "inputs": inputs})
     found = _up_to_date(out, key)
     if found is not None:
         return found
 
     start = time.perf_counter()
-    train_docs, val_docs, split_by = _load_and_split(data_cfg, settings, inputs)
+    train_docs, val_docs, split_by = _load_and_split(data, inputs)
     tok = _train_tokenizer(train_docs, settings, split_by)
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
     with _staging(out) as stage:
@@ -133,24 +122,22 @@ def prepare(data_cfg) -> Prepared:
     return Prepared(out, tok, meta, out / TRAIN_FILE, out / VAL_FILE, rebuilt=True)
 
 
-def _output_dir(data_cfg, settings: dict) -> Path:
-    """<data.root>/<data.name>: the folder the preparation lives in (name: the source's)."""
-    name = str(data_cfg.get("name") or settings["source"])
-    if not name or "/" in name or name.startswith("."):
+def _output_dir(data: DataConfig) -> Path:
+    """<data.root>/<data.name>: the folder the preparation lives in."""
+    name = data.name
+    if "/" in name or name.startswith("."):
         raise UserError(f"data.name '{name}' must be a plain folder name, like 'shakespeare'")
-    return Path(data_cfg.get("root") or "out/data") / name
+    return Path(data.root) / name
 
 
-def _load_and_split(
-    data_cfg, settings: dict, inputs: dict
-) -> tuple[list[Document], list[Document], str]:
+def _load_and_split(data: DataConfig, inputs: dict) -> tuple[list[Document], list[Document], str]:
     """The corpus's non-empty documents, split into training and validation
     (split_documents); UserError when there is no text at all."""
-    docs = [d for d in load_documents(data_cfg) if d.text]
+    docs = [d for d in load_documents(data) if d.text]
     if not docs:
-        where = ", ".join(inputs) or settings["source"]
+        where = ", ".join(inputs) or data.source
         raise UserError(f"the corpus is empty: {where} holds no text; give it some text")
-    return split_documents(docs, settings["val_fraction"], settings["seed"])
+    return split_documents(docs, data.val_fraction, data.seed)
 
 
 def _train_tokenizer(train_docs: list[Document], settings: dict, split_by: str) -> Tokenizer:
@@ -336,19 +323,26 @@ def describe(p: Prepared) -> str:
     )
 
 
-def run(cfg: DictConfig) -> Prepared:
+@dataclass
+class PrepareSettings(CommandSettings):
+    """python -m data.prepare's settings (conf/prepare.yaml): the corpus alone."""
+
+    data: DataConfig
+
+
+def run(settings: PrepareSettings) -> Prepared:
     """The entry point's work: prepare, then say what was done and how long it took."""
     start = time.perf_counter()
-    p = prepare(cfg.data)
+    p = prepare(settings.data)
     state = "prepared" if p.rebuilt else "up to date"
     print(f"{state} in {time.perf_counter() - start:.2f}s: {describe(p)}")
     return p
 
 
-@entry_point("prepare")
-def main(cfg: DictConfig) -> None:
+@entry_point("prepare", PrepareSettings)
+def main(settings: PrepareSettings) -> None:
     """`python -m data.prepare [overrides]`; UserErrors print one line and exit 2."""
-    run(cfg)
+    run(settings)
 
 
 if __name__ == "__main__":

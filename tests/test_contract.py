@@ -3,11 +3,14 @@ tokens, best_metric), the progress bar's two bounds, the config rules, and check
 that hold other kinds of model than a plain GPT."""
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from tiny_loop import TEST_LOOP, loop_settings
 
+from checks import Settings, choice, integer, number, pair, setting
 from errors import UserError
 from model import GPT, GPTConfig
 from model.heads import ScalarModel
@@ -15,8 +18,7 @@ from train.core.checkpoint import load_checkpoint, load_kind, load_model, save_c
 from train.core.optim import build_optimizer
 from train.core.progress import Progress
 from train.core.runtime import Runtime
-from train.core.settings import check, choice, integer, number, optional, pair
-from train.core.trainer import LoopConfig, StepResult, Trainer
+from train.core.trainer import StepResult, Trainer
 
 TINY = dict(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32, bias=False)
 CPU = torch.device("cpu")
@@ -44,13 +46,11 @@ def trainer_for(tmp_path, step, evaluate=None, **loop):
     model = GPT(GPTConfig(**TINY))
     settings = {"max_iters": 4, "warmup_iters": 0, "log_interval": 1, "eval_interval": 2,
                 "lr": 1e-3, "min_lr": 0.0, **loop}  # fmt: skip
-    return Trainer(
+    trainer = Trainer(
         model,
         build_optimizer(model, lr=1e-3, weight_decay=0.0),
         Runtime(CPU, torch.float32),
-        Counter(),
-        step,
-        LoopConfig(**settings),
+        loop_settings(**settings),
         tmp_path,
         checkpoint_meta={
             "stage": "test",
@@ -59,6 +59,12 @@ def trainer_for(tmp_path, step, evaluate=None, **loop):
         },  # fmt: skip
         evaluate=evaluate,
     )
+    trainer.test_run = (Counter(), step)  # what .run() trains on, for run(trainer)
+    return trainer
+
+
+def run(trainer) -> dict:
+    return trainer.run(*trainer.test_run)
 
 
 def records(run_dir: Path) -> list[dict]:
@@ -74,7 +80,7 @@ def toy_step(model, batch):
 
 def test_step_metrics_are_averaged_over_micro_batches_and_logged(tmp_path):
     trainer = trainer_for(tmp_path, toy_step, grad_accum=2)
-    trainer.run()
+    run(trainer)
     logs = [r for r in records(tmp_path) if "train_loss" in r]
     # step s draws batches 2(s-1) and 2(s-1)+1: the mean of double is 2 * (2s - 1.5)
     assert [r["double"] for r in logs] == [2 * (2 * s - 1.5) for s in (1, 2, 3, 4)]
@@ -85,7 +91,7 @@ def test_tokens_per_second_counts_the_tokens_the_step_reports(tmp_path, monkeypa
     clock = iter(range(10_000))  # each perf_counter() call: one second later
     monkeypatch.setattr("train.core.trainer.time.perf_counter", lambda: float(next(clock)))
     trainer = trainer_for(tmp_path, toy_step, grad_accum=1)
-    trainer.run()
+    run(trainer)
     rates = [r["tokens_per_sec"] for r in records(tmp_path) if "train_loss" in r]
     # every step takes the same number of clock ticks; step n+1 trains on 10 + n tokens
     assert [r / rates[0] for r in rates] == pytest.approx([1.0, 11 / 10, 12 / 10, 13 / 10])
@@ -99,7 +105,7 @@ def test_best_checkpoint_follows_best_metric_and_mode(tmp_path):
 
     trainer = trainer_for(tmp_path, toy_step, evaluate, max_iters=6, best_metric="accuracy",
                           best_mode="max")  # fmt: skip
-    trainer.run()
+    run(trainer)
     best = load_checkpoint(tmp_path / "best.pt")
     assert best["step"] == 4 and best["best"]["metric"] == "accuracy"
     assert best["best"]["value"] == 0.9 and best["best"]["first"] == 0.5
@@ -107,13 +113,13 @@ def test_best_checkpoint_follows_best_metric_and_mode(tmp_path):
 
 def test_without_a_best_metric_there_is_no_best_checkpoint(tmp_path):
     trainer = trainer_for(tmp_path, toy_step, lambda m: {"val_loss": 1.0})
-    trainer.run()
+    run(trainer)
     assert (tmp_path / "ckpt.pt").is_file() and not (tmp_path / "best.pt").exists()
 
 
 def test_best_metric_absent_from_the_evaluation_writes_no_best(tmp_path):
     trainer = trainer_for(tmp_path, toy_step, lambda m: {"val_loss": 1.0}, best_metric="acc")
-    trainer.run()
+    run(trainer)
     assert not (tmp_path / "best.pt").exists()
 
 
@@ -121,11 +127,11 @@ def test_resume_keeps_the_best_value(tmp_path):
     values = iter([3.0, 2.0, 5.0, 4.0])
     trainer = trainer_for(tmp_path, toy_step, lambda m: {"val_loss": next(values)},
                           best_metric="val_loss")  # fmt: skip
-    trainer.run()  # evaluations at steps 2 and 4: best 2.0 at step 4
+    run(trainer)  # evaluations at steps 2 and 4: best 2.0 at step 4
     again = trainer_for(tmp_path, toy_step, lambda m: {"val_loss": next(values)},
                         best_metric="val_loss", max_iters=8)  # fmt: skip
-    again.load_state(load_checkpoint(tmp_path / "ckpt.pt"))
-    again.run()  # 5.0 and 4.0 are worse than the 2.0 of the first run
+    again.load_state(load_checkpoint(tmp_path / "ckpt.pt"), again.test_run[0])
+    run(again)  # 5.0 and 4.0 are worse than the 2.0 of the first run
     assert load_checkpoint(tmp_path / "best.pt")["step"] == 4
 
 
@@ -152,42 +158,45 @@ def test_progress_shows_time_and_the_time_left_under_a_budget():
     p.close()
 
 
-# --- config rules -------------------------------------------------------------------
+# --- settings and their rules --------------------------------------------------------
 
 
-INT1, POSITIVE = integer(1), number(above=0)
-BROKEN_RULES = [  # (rules, config, what the one line says)
-    (
-        {"batch_size": INT1},
-        {"batch_size": 0},
-        "batch_size=0 is not valid: it must be an integer >= 1",
-    ),
-    ({"batch_size": INT1}, {"batch_size": True}, "batch_size=True is not valid"),
-    ({"batch_size": INT1}, {"batch_size": "abc"}, "batch_size='abc' is not valid"),
-    ({"lr": POSITIVE}, {"lr": -1.0}, "lr=-1.0 is not valid: it must be a number > 0"),
-    ({"lr": POSITIVE}, {"lr": float("nan")}, "lr=nan is not valid"),
-    ({"p": number(0, 1)}, {"p": 5}, "p=5 is not valid: it must be a number >= 0 and <= 1"),
-    ({"o": choice("adamw", "muon")}, {"o": "lion"}, "o='lion' is not valid: it must be one of"),
-    (
-        {"b": pair(number(0, below=1))},
-        {"b": [2, 3]},
-        "b=\\[2, 3\\] is not valid: it must be a list",
-    ),
-    ({"t": optional(INT1)}, {"t": 0}, "t=0 is not valid: it must be an integer >= 1, or null"),
+@dataclass
+class Toy(Settings):
+    """A settings object with one field of each kind of rule."""
+
+    batch_size: int = setting(integer(1))
+    lr: float = setting(number(above=0))
+    p: float = setting(number(0, 1))
+    o: str = setting(choice("adamw", "muon"))
+    b: list = setting(pair(number(0, below=1)))
+    t: int | None = setting(integer(1), null=True)
+
+
+GOOD = {"batch_size": 4, "lr": 1, "p": 0.5, "o": "muon", "b": [0.9, 0.95], "t": None}
+BROKEN = [  # (the value changed, what the one line says)
+    ({"batch_size": 0}, "batch_size=0 is not valid: it must be an integer >= 1"),
+    ({"batch_size": True}, "batch_size=True is not valid"),
+    ({"batch_size": "abc"}, "batch_size='abc' is not valid"),
+    ({"lr": -1.0}, "lr=-1 is not valid: it must be a number > 0"),
+    ({"lr": float("nan")}, "lr=nan is not valid"),
+    ({"p": 5}, "p=5 is not valid: it must be a number >= 0 and <= 1"),
+    ({"o": "lion"}, "o='lion' is not valid: it must be one of adamw, muon"),
+    ({"b": [2, 3]}, "b=\\[2, 3\\] is not valid: it must be a list"),
+    ({"t": 0}, "t=0 is not valid: it must be an integer >= 1, or null"),
 ]
 
 
-@pytest.mark.parametrize("rules, cfg, message", BROKEN_RULES)
-def test_a_rule_broken_is_one_line_naming_setting_value_and_rule(rules, cfg, message):
+@pytest.mark.parametrize("change, message", BROKEN)
+def test_a_rule_broken_is_one_line_naming_setting_value_and_rule(change, message):
     with pytest.raises(UserError, match=message) as e:
-        check(cfg, rules)
+        Toy(**{**GOOD, **change})
     assert "\n" not in str(e.value)
 
 
 def test_values_that_keep_the_rules_pass():
-    check({"batch_size": 4, "lr": 1, "t": None, "b": [0.9, 0.95]},
-          {"batch_size": integer(1), "lr": number(above=0), "t": optional(integer(1)),
-           "b": pair(number(0, below=1))})  # fmt: skip
+    assert Toy(**GOOD).b == [0.9, 0.95]
+    assert Toy(**{**GOOD, "t": 3}).t == 3
 
 
 # --- checkpoints of other model kinds -----------------------------------------------
@@ -270,8 +279,6 @@ def doc_example() -> str:
 
 
 def test_the_documented_example_stage_trains_and_resumes(tmp_path):
-    from omegaconf import OmegaConf
-
     import tokenizer
 
     text = "To be, or not to be, that is the question. " * 40
@@ -284,21 +291,19 @@ def test_the_documented_example_stage_trains_and_resumes(tmp_path):
     (tmp_path / "text.txt").write_text(text)
     namespace: dict = {}
     exec(compile(doc_example(), "docs/training.md", "exec"), namespace)
-    cfg = OmegaConf.create({
-        "device": "cpu", "precision": "float32", "seed": 1, "resume": False,
-        "out_dir": str(tmp_path / "run"), "init_from": str(tmp_path / "base.pt"),
-        "text_file": str(tmp_path / "text.txt"), "batch_size": 4, "grad_accum": 1,
+    values = {
+        **TEST_LOOP, "device": "cpu", "precision": "float32", "seed": 1, "resume": False,
+        "overwrite": False, "out_dir": str(tmp_path / "run"), "batch_size": 4,
+        "init_from": str(tmp_path / "base.pt"), "text_file": str(tmp_path / "text.txt"),
         "optimizer": "adamw", "lr": 3e-3, "min_lr": 0.0, "weight_decay": 0.0,
-        "betas": [0.9, 0.95], "muon_lr": 0.02, "muon_momentum": 0.95,
-        "max_iters": 30, "max_minutes": None, "warmup_iters": 0, "eval_interval": 15,
-        "log_interval": 5, "peak_tflops": 1.0,
-    })  # fmt: skip
-    namespace["run"](cfg)
+        "betas": [0.9, 0.95], "muon_lr": 0.02, "muon_momentum": 0.95, "max_iters": 30,
+        "warmup_iters": 0, "eval_interval": 15, "log_interval": 5, "peak_tflops": 1.0,
+    }  # fmt: skip
+    namespace["run"](namespace["TextFitSettings"](**values))
     logs = [r for r in records(tmp_path / "run") if "ppl" in r]
     assert logs[-1]["ppl"] < logs[0]["ppl"] / 2  # it learnt the text
     ckpt = load_checkpoint(tmp_path / "run")
     assert ckpt["stage"] == "textfit" and ckpt["step"] == 30
     assert ckpt["init_from"] == str(tmp_path / "base.pt")
-    cfg.max_iters, cfg.resume = 40, True
-    namespace["run"](cfg)
+    namespace["run"](namespace["TextFitSettings"](**{**values, "max_iters": 40, "resume": True}))
     assert load_checkpoint(tmp_path / "run")["step"] == 40

@@ -12,15 +12,14 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
+from tiny_loop import loop_settings
 
 from errors import UserError
 from model import GPT, GPTConfig
 from model.generate import complete
-from train.bench import FixedBatch
 from train.core.optim import build_optimizer
 from train.core.runtime import Runtime, resolve_device, resolve_precision
-from train.core.trainer import LoopConfig, Trainer
-from train.rl.losses import next_token_step
+from train.core.trainer import Trainer, next_token_step
 
 pytestmark = [
     pytest.mark.cuda,
@@ -40,14 +39,14 @@ def batch(B: int = 4, T: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def losses(rt: Runtime, steps: int = 6, optimizer: str = "muon", model=None, tmp=None) -> list:
-    """The loop's train_step `steps` times on one fixed batch; the losses."""
+    """The Trainer's update `steps` times on one fixed batch; the losses."""
     torch.manual_seed(0)
     model = (model or GPT(GPTConfig(**SMALL))).to(rt.device)
     opt = build_optimizer(model, 1e-3, 0.0, device_type="cuda", kind=optimizer)
-    loop = LoopConfig(max_iters=steps, warmup_iters=0, lr=1e-3, min_lr=1e-3)
-    trainer = Trainer(model, opt, rt, FixedBatch(*batch()), next_token_step, loop, tmp or "unused",
-                      checkpoint_meta={})  # fmt: skip
-    return [trainer.train_step()[0] for _ in range(steps)]
+    loop = loop_settings(max_iters=steps, warmup_iters=0, lr=1e-3, min_lr=1e-3)
+    trainer = Trainer(model, opt, rt, loop, tmp or "unused", checkpoint_meta={})
+    fixed = batch()
+    return [trainer.update([fixed], next_token_step).loss for _ in range(steps)]
 
 
 def test_cuda_devices_resolve_and_a_missing_one_is_a_user_error():

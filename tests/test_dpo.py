@@ -3,16 +3,17 @@ reference's log-probabilities computed once and equal to a fresh computation, a 
 `python -m train.dpo` run that learns the preferences; and `make align`'s skipping."""
 
 import contextlib
+import dataclasses
 import json
 import math
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from omegaconf import OmegaConf
 from tiny_sft import save_sft
 
 import tokenizer
@@ -21,6 +22,7 @@ from data.preferences import collate_groups, read_preference_file, render_group
 from train.core.checkpoint import load_model
 from train.dpo import attach_reference_logps
 from train.rl.losses import dpo_loss, sequence_logprobs
+from train.settings import load
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -138,30 +140,30 @@ def finished_run(out: Path, cfg: dict) -> None:
     (out / "done.json").write_text("{}")
 
 
+@dataclass
+class FakeSettings:
+    out_dir: str
+    lr: float
+    overwrite: bool = False
+
+
 def test_a_stage_with_an_unchanged_config_is_not_run_again(tmp_path, monkeypatch):
     calls = []
-    cfgs = {name: {"out_dir": str(tmp_path / name), "lr": 1.0} for name in align.STAGES}
 
-    def fake_config(name, overrides):
-        cfg = dict(cfgs[name])
-        for o in overrides:
-            k, v = o.split("=")
-            cfg[k] = {"true": True}.get(v, float(v) if v.replace(".", "").isdigit() else v)
-        return OmegaConf.create(cfg)
+    def fake_settings(plan, name):
+        lr = [float(o.split("=")[1]) for o in align.stage_overrides(plan, name) if "lr=" in o]
+        return FakeSettings(str(tmp_path / name), lr[-1] if lr else 1.0)
 
-    class FakeModule:
-        def __init__(self, name):
-            self.name = name
+    def fake_run(name, overrides):
+        calls.append(name)
+        settings = fake_settings(plan, name)
+        finished_run(Path(settings.out_dir), dataclasses.asdict(settings))
 
-        def run(self, cfg):
-            calls.append(self.name)
-            finished_run(Path(cfg.out_dir), {k: v for k, v in OmegaConf.to_container(cfg).items()})
-
-    monkeypatch.setattr(align, "stage_config", fake_config)
-    monkeypatch.setattr(align.importlib, "import_module", lambda m: FakeModule(m.split(".")[-1]))
-    plan = OmegaConf.create({"stages": list(align.STAGES), "overrides": {"all": []}})
+    monkeypatch.setattr(align, "stage_settings", fake_settings)
+    monkeypatch.setattr(align, "run_stage", fake_run)
+    plan = load("align", ["overrides.all=[]"])
     assert set(align.run_stages(plan, log=lambda m: None).values()) == {"ran"}
-    assert calls == ["pretrain", "sft", "reward", "ppo", "dpo"]
+    assert calls == ["pretrain", "sft", "rm", "ppo", "dpo"]
 
     calls.clear()  # nothing changed: everything is skipped
     assert set(align.run_stages(plan, log=lambda m: None).values()) == {"skipped"}

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiny_sft import save_sft
@@ -25,6 +24,7 @@ from tokenizer.chat import render_conversation, render_prompt
 from tokenizer.hf import ESCAPE
 from train import export
 from train.core.checkpoint import load_checkpoint, load_model, save_checkpoint
+from train.settings import load
 
 transformers = pytest.importorskip("transformers")
 from tiny_hf import TEXT, make_gpt2_dir  # noqa: E402
@@ -34,9 +34,7 @@ KINDS = ("sentencepiece", "gpt2")
 
 
 def export_cli(*overrides: str) -> Path:
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        cfg = compose("export", overrides=list(overrides))
-    return export.run(cfg)
+    return export.run(load("export", overrides))
 
 
 def sentencepiece_checkpoint(path: Path) -> Path:

@@ -15,8 +15,7 @@ from train.core.muon import (
     orthogonalize,
     uses_gram_form,
 )
-from train.core.optim import build_optimizer, set_lr
-from train.core.settings import OPTIMIZER, check
+from train.core.optim import OptimizerSettings, build_optimizer, set_lr
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, bias=True)
 
@@ -230,7 +229,7 @@ def test_unknown_optimizer_is_an_error():
     with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
         build_optimizer(GPT(GPTConfig(**TINY)), lr=1e-3, weight_decay=0.0, kind="sgd")
     with pytest.raises(UserError, match="optimizer='sgd' is not valid: it must be one of adamw"):
-        check({"optimizer": "sgd"}, OPTIMIZER)  # what the stages check before any work
+        OptimizerSettings("sgd", 0.0, [0.9, 0.95], 0.02, 0.95)  # checked before any work
 
 
 @pytest.mark.parametrize("native", [True, False])

@@ -20,6 +20,7 @@ from train.ppo import verdict
 from train.rl.advantages import gae, group_advantages, kl_rewards, whiten
 from train.rl.losses import clipped_policy_loss, clipped_value_loss, reply_logprobs
 from train.rl.rollouts import Rollouts, RolloutSettings
+from train.settings import load
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,38 +119,44 @@ def tiny(tmp_path_factory):
     return {"dir": d, "tok": tok, "model": model.eval()}
 
 
+ROLLOUTS = {  # a group of eight replies to one prompt, scored by the judge
+    "rollout_prompts": 1, "group_size": 8, "advantage": "group", "reward": "tasks",
+    "reply_tokens": 48, "sample_batch": 64, "unfinished_penalty": -1.0, "seed": 0,
+    "ppo_epochs": 2, "minibatch_size": 32, "beta": 0.02, "kl_target": None, "kl_horizon": 10000,
+    "gamma": 1.0, "lam": 0.95,
+}  # fmt: skip
+
+
 def rollouts_for(tiny, **settings):
     model = tiny["model"]
     items = [{"messages": [{"role": "user", "content": "Say yes"}], "answer": "yes", "task": "t"}]
-    s = RolloutSettings(rollout_prompts=1, group_size=8, advantage="group", reward="tasks",
-                        **settings)  # fmt: skip
+    s = RolloutSettings(**{**ROLLOUTS, **settings})
     models = {"policy": model, "reference": model, "value": None, "reward": None}
     return Rollouts(models, tiny["tok"], items, s, torch.device("cpu"))
 
 
 def test_rollout_logprobs_equal_those_of_a_training_forward(tiny):
-    batches = rollouts_for(tiny, ppo_epochs=1, minibatch_size=8).collect()
-    (batch,) = batches
+    rollout = rollouts_for(tiny).collect()
+    (batch,) = rollout.minibatches(epochs=1, size=8)
     with torch.no_grad():
         recomputed = reply_logprobs(tiny["model"](batch["ids"])[0], batch["ids"])
     m = batch["mask"].bool()
     assert m.any()
     assert torch.allclose(recomputed[m], batch["old_logprobs"][m], atol=1e-5)
-    assert batch["rollout_kl"].abs().item() < 1e-4  # the policy is the reference here
+    assert abs(rollout.figures["kl"]) < 1e-4  # the policy is the reference here
 
 
 def test_a_reply_that_never_ends_its_turn_gets_the_penalty(tiny):
     source = rollouts_for(tiny, reply_tokens=1, unfinished_penalty=-3.0)  # 1 token: no <|end|>
-    source.collect()
-    assert source.last["unfinished"] == 1.0 and source.last["score"] == -3.0
-    assert source.last["gold"] == 0.0
+    figures = source.collect().figures
+    assert figures["unfinished"] == 1.0 and figures["score"] == -3.0
+    assert figures["gold"] == 0.0
 
 
 def test_the_judge_scores_a_finished_right_reply_one(tiny):
-    source = rollouts_for(tiny, reply_tokens=4)
-    source.collect()
-    assert 0.0 < source.last["gold"] < 1.0  # some " yes" (1), some " no" (0)
-    assert source.last["score"] == pytest.approx(source.last["gold"])  # reward=tasks: the judge
+    figures = rollouts_for(tiny, reply_tokens=4).collect().figures
+    assert 0.0 < figures["gold"] < 1.0  # some " yes" (1), some " no" (0)
+    assert figures["score"] == pytest.approx(figures["gold"])  # reward=tasks: the judge
 
 
 # --- a tiny run ---------------------------------------------------------------------------
@@ -183,29 +190,37 @@ def test_a_tiny_ppo_run_learns_to_say_yes_and_keeps_its_reference(tiny):
 
 
 def test_the_reference_never_changes_while_the_policy_learns(tiny, tmp_path):
-    from hydra import compose, initialize_config_dir
 
     from train.ppo import build_models
     from train.rl.losses import ppo_step
 
     d = tiny["dir"]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        cfg = compose(config_name="ppo", overrides=[f"init_from={d / 'sft.pt'}",
-                      "reward=tasks", "advantage=group", "device=cpu"])  # fmt: skip
+    cfg = load(
+        "ppo",
+        [
+            f"init_from={d / 'sft.pt'}",
+            "reward=tasks",
+            "advantage=group",
+            "group_size=4",
+            "device=cpu",
+        ],
+    )
 
     class FakeStage:
         resumed, runtime = None, type("R", (), {"device": torch.device("cpu")})
 
     model, frozen, tok, _ = build_models(cfg, FakeStage)
     before = {k: v.clone() for k, v in frozen["reference"].state_dict().items()}
-    source = rollouts_for({**tiny, "model": model}, minibatch_size=8)
+    source = rollouts_for({**tiny, "model": model})
     source.models["reference"] = frozen["reference"]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(4):
-        loss = ppo_step(model, source.next_batch()).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    for _ in range(2):
+        minibatches = source.collect().minibatches(epochs=2, size=8)
+        for minibatch in minibatches:
+            loss = ppo_step(model, minibatch).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
     assert all(torch.equal(before[k], v) for k, v in frozen["reference"].state_dict().items())
     assert not all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not any(p.requires_grad for p in frozen["reference"].parameters())

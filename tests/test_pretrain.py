@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import train.core.trainer as loop
@@ -28,6 +27,7 @@ import train.evaluate as evaluate
 import train.pretrain as pretrain
 from errors import UserError
 from train.core.checkpoint import load_model
+from train.settings import load
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("the king and queen of love shall speak to thee my lord what is this night "
@@ -86,9 +86,7 @@ def pretrain_cli(args: list[str], **kwargs) -> subprocess.CompletedProcess:
 
 def pretrain_in_process(args: list[str]) -> dict:
     """The same run as the command line, composed by Hydra and run in this process."""
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        cfg = compose(config_name="pretrain", overrides=args)
-    return pretrain.run(cfg)
+    return pretrain.run(load("pretrain", args))
 
 
 def read_metrics(run: Path) -> list[dict]:
@@ -118,6 +116,7 @@ def smoke_run(corpus, tmp_path_factory) -> tuple[Path, subprocess.CompletedProce
 def test_smoke_run_directory(smoke_run, corpus):
     run, result = smoke_run
     assert sorted(p.name for p in run.iterdir()) == [
+        ".lock",  # held while a run writes the folder (released when it exits)
         "best.pt",
         "ckpt.pt",
         "config.yaml",
@@ -357,14 +356,7 @@ def test_evaluate_bad_text_file(smoke_run, tmp_path, content, message):
     path = tmp_path / "text.txt"
     if content is not None:
         path.write_bytes(content)
-    cfg = OmegaConf.create(
-        {
-            "checkpoint": str(run),
-            "text_file": str(path),
-            "device": "cpu",
-            "precision": "float32",
-            "seed": 0,
-        }  # fmt: skip
-    )
+    cfg = load("evaluate", [f"checkpoint={run}", f"text_file={path}", "device=cpu",
+                            "precision=float32", "seed=0"])  # fmt: skip
     with pytest.raises(UserError, match=message):
         evaluate.run(cfg)

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 import tokenizer
 import train.sample as sample_cli
@@ -24,6 +23,7 @@ from model import GPT, GPTConfig
 from model.generate import generate
 from tokenizer.chat import render_prompt
 from train.core.checkpoint import load_model, save_checkpoint
+from train.settings import load
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = [
@@ -97,10 +97,8 @@ def cli(*overrides: str, stdin: str = "") -> subprocess.CompletedProcess:
 def in_process(capsys, monkeypatch, *overrides: str, stdin: str = "") -> tuple[int, str, str]:
     """The entry point without a new interpreter: (exit status, stdout, stderr)."""
     monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        cfg = compose("sample", overrides=list(overrides))
     try:
-        report_user_errors(sample_cli.run)(cfg)
+        report_user_errors(lambda: sample_cli.run(load("sample", overrides)))()
         code = 0
     except SystemExit as e:
         code = e.code
@@ -343,8 +341,7 @@ def test_ctrl_c_at_the_prompt_quits(ckpt, capsys, monkeypatch):
             raise KeyboardInterrupt
 
     monkeypatch.setattr(sys, "stdin", CtrlC())
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        cfg = compose("sample", overrides=[f"checkpoint={ckpt}", "mode=chat", *FLOAT32])
+    cfg = load("sample", [f"checkpoint={ckpt}", "mode=chat", *FLOAT32])
     with pytest.raises(SystemExit) as e:
         report_user_errors(sample_cli.run)(cfg)
     assert e.value.code == 130 and "interrupted" in capsys.readouterr().err

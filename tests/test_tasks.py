@@ -40,8 +40,9 @@ from data.tasks import (
 from model import GPT, GPTConfig
 from model.generate import complete
 from tokenizer.chat import render_prompt
+from train.core.files import save_eval
 from train.eval import task_eval
-from train.eval.task_eval import evaluate_tasks, format_table, save_eval
+from train.eval.task_eval import evaluate_tasks, format_table
 
 WORDS = ("thou art the king of night and every golden river sings to morning light "
          "where shall we find a noble heart or quiet grave beneath cold stars my lord "
@@ -228,33 +229,33 @@ def test_training_sizes_per_task_leave_the_test_items_alone(corpus, taskset):
 
 
 def test_config_sizes_per_task(tmp_path):
-    from omegaconf import OmegaConf
-
+    from data.sources import DataConfig
+    from data.tasks import TasksConfig, builtin_tasks
     from errors import UserError
 
     (tmp_path / "poem.txt").write_text(
         "\n".join(f"The river sings {w} tonight." for w in WORDS), encoding="utf-8"
     )
+    data = DataConfig(name="poem", source="text", paths=[str(tmp_path / "poem.txt")], url=None,
+                      sha256=None, tokenizer="sentencepiece", vocab_size=400, val_fraction=0.1,
+                      seed=0, root=str(tmp_path), cache_dir=str(tmp_path))  # fmt: skip
     sizes = dict.fromkeys(TASKS, 4) | {"repeat": 9}
-    cfg = OmegaConf.create({
-        "data": {"source": "text", "paths": [str(tmp_path / "poem.txt")]},
-        "tasks": {"seed": 1, "n_train": sizes, "n_test": 2},
-    })  # fmt: skip
+
+    def tasks(n_train) -> TasksConfig:
+        return TasksConfig(weight=1.0, seed=1, n_train=n_train, n_test=2, multi_turn=0.0,
+                           system_share=0.0, n_test_turns=0)  # fmt: skip
+
     counts = dict.fromkeys(FORM_TASKS, 0)  # a poem has no plays: form tasks only
-    for item in task_eval.builtin_tasks(cfg).train:
+    for item in builtin_tasks(tasks(sizes), data).train:
         counts[item["task"]] += 1
     assert counts == dict.fromkeys(FORM_TASKS, 4) | {"repeat": 9}
-    cfg.tasks.n_train = 3  # one number for every task
-    assert len(task_eval.builtin_tasks(cfg).train) == 3 * len(FORM_TASKS)
-    cfg.tasks.n_train = {"repeat": 9}
+    assert len(builtin_tasks(tasks(3), data).train) == 3 * len(FORM_TASKS)  # one for every task
     with pytest.raises(UserError, match="tasks.n_train: give a size for each of"):
-        task_eval.builtin_tasks(cfg)
-    cfg.tasks.n_train = "many"  # as a mistyped command-line override gives it
-    with pytest.raises(UserError, match="whole numbers >= 0"):
-        task_eval.builtin_tasks(cfg)
-    cfg.tasks.n_train = sizes | {"one_word": -1}
+        tasks({"repeat": 9})
+    with pytest.raises(UserError, match="tasks.n_train='many' is not valid: it must be an int"):
+        tasks("many")  # as a mistyped command-line override gives it
     with pytest.raises(UserError, match="whole numbers >= 0.*one_word"):
-        task_eval.builtin_tasks(cfg)
+        tasks(sizes | {"one_word": -1})
 
 
 def test_answers_are_true_of_the_corpus(corpus, taskset):

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_loop import loop_settings
 
 import train.core.checkpoint as checkpoint
 import train.core.files as files
@@ -27,10 +28,11 @@ import train.core.peak as peak
 import train.core.runtime as runtime
 from errors import UserError
 from model import GPT, GPTConfig
+from train.core import guards
 from train.core.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from train.core.optim import build_optimizer, fraction_done, lr_at
 from train.core.runtime import Runtime, resolve_device, resolve_precision
-from train.core.trainer import LoopConfig, StepResult, Trainer
+from train.core.trainer import StepResult, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -332,13 +334,13 @@ def test_schedule_settings_are_checked():
     with pytest.raises(
         UserError, match="schedule='linear' is not valid: it must be one of cosine, wsd"
     ):
-        LoopConfig(schedule="linear")
+        loop_settings(schedule="linear")
     with pytest.raises(
         UserError, match="cooldown=0.0 is not valid: it must be a number > 0 and <= 1"
     ):
-        LoopConfig(schedule="wsd", cooldown=0.0)
+        loop_settings(schedule="wsd", cooldown=0.0)
     with pytest.raises(UserError, match="min_lr=0.1 is above lr=0.01"):
-        LoopConfig(lr=0.01, min_lr=0.1)
+        loop_settings(lr=0.01, min_lr=0.1)
 
 
 def test_fraction_done_takes_the_bound_that_applies():
@@ -522,8 +524,17 @@ def make_trainer(out_dir, loss_fn=lm_loss, batch_size=4, rt=None, evaluate=True,
     torch.manual_seed(0)
     model = GPT(GPTConfig(**TINY))
     opt = build_optimizer(model, lr=1e-2, weight_decay=0.1)
-    cfg = LoopConfig(**{"max_iters": 6, "warmup_iters": 1, "log_interval": 1, "lr": 1e-2,
-                        "eval_interval": 3, "best_metric": "val_loss", **loop})  # fmt: skip
+    cfg = loop_settings(
+        **{
+            "max_iters": 6,
+            "warmup_iters": 1,
+            "log_interval": 1,
+            "lr": 1e-2,
+            "eval_interval": 3,
+            "best_metric": "val_loss",
+            **loop,
+        }
+    )
     x_val, y_val = RandomBatches(8, seed=99).next_batch()
     calls = {"evaluate": 0, "sample": 0}
 
@@ -539,8 +550,6 @@ def make_trainer(out_dir, loss_fn=lm_loss, batch_size=4, rt=None, evaluate=True,
         model,
         opt,
         rt or Runtime(CPU, torch.float32),
-        RandomBatches(batch_size),
-        lambda m, batch: StepResult(loss_fn(m, batch), batch[0].numel()),
         cfg,
         out_dir,
         checkpoint_meta={
@@ -552,7 +561,13 @@ def make_trainer(out_dir, loss_fn=lm_loss, batch_size=4, rt=None, evaluate=True,
         sample=sample_fn,
     )
     trainer.calls = calls
+    trainer.batches = RandomBatches(batch_size)  # what run(trainer) trains on
+    trainer.step_fn = lambda m, batch: StepResult(loss_fn(m, batch), batch[0].numel())
     return trainer
+
+
+def run(trainer) -> dict:
+    return trainer.run(trainer.batches, trainer.step_fn)
 
 
 def read_metrics(out_dir) -> list[dict]:
@@ -561,7 +576,7 @@ def read_metrics(out_dir) -> list[dict]:
 
 def test_loop_logs_evaluates_and_saves(tmp_path, capsys):
     trainer = make_trainer(tmp_path, max_iters=6, eval_interval=3)
-    result = trainer.run()
+    result = run(trainer)
     records = read_metrics(tmp_path)
     logs = [r for r in records if "train_loss" in r]
     evals = [r for r in records if "val_loss" in r]
@@ -580,7 +595,7 @@ def test_loop_logs_evaluates_and_saves(tmp_path, capsys):
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     """grad_accum=2 over batches of 4 == one step over the same 8 sequences."""
     accum = make_trainer(tmp_path / "a", batch_size=4, grad_accum=2, max_iters=3, grad_clip=0.5)
-    accum.run()
+    run(accum)
 
     class Joined(RandomBatches):  # the two micro-batches accum sees, as one batch
         def next_batch(self):
@@ -589,7 +604,7 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
 
     whole = make_trainer(tmp_path / "b", batch_size=4, grad_accum=1, max_iters=3, grad_clip=0.5)
     whole.batches = Joined(4)
-    whole.run()
+    run(whole)
     a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for ra, rb in zip(a, b, strict=True):
@@ -614,7 +629,7 @@ def test_micro_batches_share_one_autocast_cast_of_the_weights(tmp_path):
     batches = [trainer.batches.next_batch() for _ in range(3)]
     trainer.batches = RandomBatches(4)  # the same three batches again
     with profile() as loop_prof:
-        trainer.train_step()
+        trainer.update((trainer.batches.next_batch() for _ in range(3)), trainer.step_fn)
     with profile() as ref_prof:
         for batch in batches:
             with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -643,7 +658,7 @@ def test_gradient_norm_is_clipped(tmp_path, clip):
         return real_step(*args, **kwargs)
 
     trainer.optimizer.step = step
-    trainer.run()
+    run(trainer)
     assert len(norms) == 3
     if clip:
         assert all(n == pytest.approx(clip, rel=1e-4) for n in norms)
@@ -665,7 +680,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, bad):
     with pytest.raises(
         UserError, match=f"loss became {bad} at step 5.*the checkpoint of step 4 in .* is kept"
     ):
-        trainer.run()
+        run(trainer)
     assert signal.getsignal(signal.SIGINT) is previous_handler
     ckpt = load_checkpoint(tmp_path)
     assert ckpt["step"] == 4
@@ -684,7 +699,7 @@ def test_max_minutes_stops_the_run_and_drives_the_schedule(tmp_path):
         tmp_path, slow_loss, max_iters=1000, max_minutes=budget_s / 60, eval_interval=1000
     )
     start = time.perf_counter()
-    result = trainer.run()
+    result = run(trainer)
     took = time.perf_counter() - start
     assert budget_s <= took < budget_s + 5
     assert 2 <= trainer.step < 1000
@@ -698,7 +713,7 @@ def test_max_minutes_stops_the_run_and_drives_the_schedule(tmp_path):
 
 def test_max_iters_zero_evaluates_the_initial_model(tmp_path):
     trainer = make_trainer(tmp_path, max_iters=0)
-    result = trainer.run()
+    result = run(trainer)
     assert trainer.step == 0 and result["step"] == 0 and "val_loss" in result
     assert load_checkpoint(tmp_path)["step"] == 0
 
@@ -715,7 +730,7 @@ def test_ctrl_c_saves_a_checkpoint_and_interrupts(tmp_path, capsys):
     holder["trainer"] = trainer
     previous_handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):  # after the step finishes and the loop saves
-        trainer.run()
+        run(trainer)
     assert signal.getsignal(signal.SIGINT) is previous_handler
     assert trainer.step == 3
     assert "stopped at step 3" in capsys.readouterr().out
@@ -725,22 +740,23 @@ def test_ctrl_c_saves_a_checkpoint_and_interrupts(tmp_path, capsys):
     assert trainer.calls["evaluate"] == 0
 
 
-def test_second_ctrl_c_aborts(tmp_path):
-    trainer = make_trainer(tmp_path)
-    trainer._on_sigint(signal.SIGINT, None)
-    assert trainer.stop_requested
-    with pytest.raises(KeyboardInterrupt):
-        trainer._on_sigint(signal.SIGINT, None)
+def test_second_ctrl_c_aborts():
+    with guards.CtrlC(is_main=False) as ctrl_c:
+        ctrl_c._on_sigint(signal.SIGINT, None)
+        assert ctrl_c.requested
+        with pytest.raises(KeyboardInterrupt):
+            ctrl_c._on_sigint(signal.SIGINT, None)
 
 
-def test_a_stop_agreed_with_other_ranks_takes_the_ctrl_c_way_out(tmp_path, capsys):
-    """Under DDP only some ranks may see Ctrl-C; the others learn of it through _agree and
-    must leave the same way (save, no evaluation), or their collectives would not match."""
+def test_a_stop_agreed_with_other_ranks_takes_the_ctrl_c_way_out(tmp_path, capsys, monkeypatch):
+    """Under DDP only some ranks may see Ctrl-C; the others learn of it through
+    guards.agree and must leave the same way (save, no evaluation), or their collectives
+    would not match."""
     trainer = make_trainer(tmp_path, max_iters=10, eval_interval=5)
-    trainer._agree = lambda elapsed, stop: (elapsed, stop or trainer.step == 2)
+    monkeypatch.setattr(guards, "agree", lambda rt, elapsed, stop: (elapsed, trainer.step == 2))
     with pytest.raises(KeyboardInterrupt):
-        trainer.run()
-    assert not trainer.stop_requested and trainer.step == 2
+        run(trainer)
+    assert trainer.step == 2
     assert "stopped at step 2" in capsys.readouterr().out
     assert trainer.calls["evaluate"] == 0
     assert load_checkpoint(tmp_path)["step"] == 2
@@ -749,6 +765,6 @@ def test_a_stop_agreed_with_other_ranks_takes_the_ctrl_c_way_out(tmp_path, capsy
 def test_only_rank_zero_writes(tmp_path):
     rt = Runtime(CPU, torch.float32, rank=1, local_rank=1, world_size=1)
     trainer = make_trainer(tmp_path / "run", rt=rt, max_iters=4, eval_interval=2)
-    trainer.run()
+    run(trainer)
     assert trainer.step == 4
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())

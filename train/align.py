@@ -1,142 +1,125 @@
 """python -m train.align (make align): every InstructGPT stage, then one table.
 
     pretrain -> sft -> rm -> ppo -> dpo        each skipped when it finished before (its
-                                               out_dir has done.json) with the same config
+                                               out_dir has done.json) with the same settings
     base, SFT, PPO and DPO on the same held-out items (train/eval/compare.py): accuracy per
     task and overall, each model's KL to SFT, the reward model's mean score and the judge's
     -> out/align/report.json and out/align/accuracy.png
 
-A stage runs again when its resolved config differs from the one in its out_dir (its
-config.yaml; `resume` and `overwrite` aside), or when a stage before it ran again (it
-starts from that stage's checkpoint). Running again replaces its earlier run
-(overwrite=true): asking for `make align` after changing a setting is asking for that.
+Every stage's settings are checked before any stage runs (a typo in the last stage's
+overrides must not wait for the first stages to finish). A stage runs again when its
+settings differ from those in its out_dir (its config.yaml; `resume` and `overwrite`
+aside), or when a stage before it ran again (it starts from that stage's checkpoint).
+Running again replaces its earlier run (overwrite=true): asking for `make align` after
+changing a setting is asking for that. Each stage runs as its own command,
+`python -m train.<stage> <overrides>`, exactly as a user would type it.
 
     make align ARGS="overrides.all=['device=cuda'] overrides.ppo=['beta=0.01']"   (quoted: Hydra)
 """
 
-import importlib
+import dataclasses
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import yaml
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from errors import UserError, entry_point, hydra_error
+from command import entry_point
+from data.tasks import builtin_tasks
+from errors import UserError
 
+from .core.files import save_eval
+from .core.guards import DONE_FILE
 from .core.runtime import runtime_session
-from .core.settings import RUNTIME, check, choice, integer, list_of, mapping_of, text
-from .core.stage import DONE_FILE, check_stage
 from .eval.compare import compare, format_comparison, write_report
-from .eval.task_eval import builtin_tasks, save_eval
+from .settings import STAGES, AlignSettings, load
 
-STAGES = {"pretrain": "pretrain", "sft": "sft", "rm": "reward", "ppo": "ppo", "dpo": "dpo"}
-CONF = Path(__file__).resolve().parents[1] / "conf"
+COMMANDS = {"pretrain": "pretrain", "sft": "sft", "rm": "reward", "ppo": "ppo", "dpo": "dpo"}
 IGNORED = ("resume", "overwrite")  # settings that say how to start, not what to compute
 
 
-RULES = {
-    "stages": list_of(choice(*STAGES)),
-    "overrides": mapping_of(list_of(text()), ("all", *STAGES)),
-    "eval_max_new_tokens": integer(1),
-}
+def stage_overrides(s: AlignSettings, name: str) -> list[str]:
+    return list(s.overrides.get("all", [])) + list(s.overrides.get(name, []))
 
 
-def stage_config(name: str, overrides: list[str]) -> DictConfig:
-    """The resolved config `python -m train.<name> <overrides>` would run with; UserError
-    (one line) for an override Hydra refuses."""
-    GlobalHydra.instance().clear()  # this entry point's own Hydra has done its work
+def stage_settings(s: AlignSettings, name: str):
+    """The typed settings the stage will run with; one line naming the stage if refused."""
     try:
-        with initialize_config_dir(config_dir=str(CONF), version_base=None):
-            return compose(config_name=STAGES[name], overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as e:
-        raise UserError(f"overrides for {name}: {hydra_error(e, STAGES[name])}") from None
+        return load(COMMANDS[name], stage_overrides(s, name))
+    except UserError as e:
+        raise UserError(f"overrides for {name}: {e}") from None
 
 
-def stage_overrides(cfg: DictConfig, name: str) -> list[str]:
-    return list(cfg.overrides.get("all", [])) + list(cfg.overrides.get(name, []))
+def comparable(settings: dict) -> dict:
+    return {k: v for k, v in settings.items() if k not in IGNORED}
 
 
-def check_settings(cfg: DictConfig) -> None:
-    """align's own settings, then every stage's config with its overrides, before any runs
-    (a typo in the last stage's overrides must not wait for the first stages to finish)."""
-    check(cfg, {**RUNTIME, **RULES})
-    for name in cfg.stages:
-        module = importlib.import_module(f"train.{STAGES[name]}")
-        check_stage(stage_config(name, stage_overrides(cfg, name)), module.RULES)
-
-
-def comparable(cfg: dict) -> dict:
-    return {k: v for k, v in cfg.items() if k not in IGNORED}
-
-
-def is_done(cfg: DictConfig) -> bool:
-    """True when cfg's out_dir holds a finished run of this very config."""
-    out = Path(cfg.out_dir)
+def is_done(settings) -> bool:
+    """True when the settings' out_dir holds a finished run of these very settings."""
+    out = Path(settings.out_dir)
     try:
         before = yaml.safe_load((out / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
         return False
-    now = OmegaConf.to_container(cfg, resolve=True)
+    now = dataclasses.asdict(settings)
     return (out / DONE_FILE).is_file() and comparable(before or {}) == comparable(now)
 
 
-def run_stages(cfg: DictConfig, log=print) -> dict[str, str]:
+def run_stage(name: str, overrides: list[str]) -> None:
+    """python -m train.<stage> <overrides> overwrite=true; its errors are its own lines."""
+    command = [sys.executable, "-m", f"train.{COMMANDS[name]}", *overrides, "overwrite=true"]
+    code = subprocess.run(command).returncode
+    if code == 130:
+        raise KeyboardInterrupt
+    if code != 0:
+        raise UserError(
+            f"{name} stopped (exit status {code}; its message is above); the stages before "
+            "it are kept: fix it and run make align again"
+        )
+
+
+def run_stages(s: AlignSettings, log=print) -> dict[str, str]:
     """Run what is missing; {stage: what happened ("skipped" or "ran")}."""
+    planned = {name: stage_settings(s, name) for name in s.stages}  # all checked first
     done, upstream_ran = {}, False
-    for name in cfg.stages:
-        overrides = stage_overrides(cfg, name)
-        stage_cfg = stage_config(name, overrides)
-        if not upstream_ran and is_done(stage_cfg):
-            log(f"== {name}: done before with the same config, skipped ({stage_cfg.out_dir})")
+    for name, settings in planned.items():
+        if not upstream_ran and is_done(settings):
+            log(f"== {name}: done before with the same settings, skipped ({settings.out_dir})")
             done[name] = "skipped"
             continue
-        log(f"== {name}: running (python -m train.{STAGES[name]})")
-        stage_cfg = stage_config(name, overrides + ["overwrite=true"])
+        log(f"== {name}: running (python -m train.{COMMANDS[name]})")
         start = time.perf_counter()
-        importlib.import_module(f"train.{STAGES[name]}").run(stage_cfg)
+        run_stage(name, stage_overrides(s, name))
         minutes, seconds = divmod(round(time.perf_counter() - start), 60)
         log(f"== {name}: done in {minutes} min {seconds:02d} s")
         done[name], upstream_ran = "ran", True
     return done
 
 
-def report(cfg: DictConfig) -> dict:
+def report(s: AlignSettings) -> dict:
     """The side-by-side table of the models the stages wrote."""
-    paths = {
-        name: stage_config(name, []).out_dir for name in ("pretrain", "sft", "rm", "ppo", "dpo")
-    }
-    models = {
-        "base": paths["pretrain"],
-        "sft": paths["sft"],
-        "ppo": paths["ppo"],
-        "dpo": paths["dpo"],
-    }
+    out = {name: stage_settings(s, name).out_dir for name in STAGES}
+    models = {"base": out["pretrain"], "sft": out["sft"], "ppo": out["ppo"], "dpo": out["dpo"]}
     models = {k: v for k, v in models.items() if k == "base" or Path(v, "ckpt.pt").is_file()}
-    sft_cfg = stage_config("sft", [])
-    with runtime_session(cfg.device, cfg.precision, cfg.seed) as rt:
-        items = builtin_tasks(sft_cfg).test
-        results = compare(
-            models, paths["sft"], paths["rm"], items, rt, cfg.eval_max_new_tokens, cfg.seed
-        )
+    sft = stage_settings(s, "sft")
+    with runtime_session(s.device, s.precision, s.seed) as rt:
+        items = builtin_tasks(sft.tasks, sft.data).test
+        results = compare(models, out["sft"], out["rm"], items, rt, s.eval_max_new_tokens, s.seed)
     print(format_comparison(results))
-    path = write_report(results, cfg.out_dir, save_eval)
-    print(f"written to {path} and {Path(cfg.out_dir) / 'accuracy.png'}")
+    path = write_report(results, s.out_dir, save_eval)
+    print(f"written to {path} and {Path(s.out_dir) / 'accuracy.png'}")
     return results
 
 
-def run(cfg: DictConfig) -> dict:
-    check_settings(cfg)
-    run_stages(cfg)
-    return report(cfg)
+def run(settings: AlignSettings) -> dict:
+    run_stages(settings)
+    return report(settings)
 
 
-@entry_point("align")
-def main(cfg: DictConfig) -> None:
-    run(cfg)
+@entry_point("align", AlignSettings)
+def main(settings: AlignSettings) -> None:
+    run(settings)
 
 
 if __name__ == "__main__":

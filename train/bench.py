@@ -41,23 +41,42 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
 
-from errors import UserError, entry_point
+from command import entry_point
+from errors import UserError
 from model import GPT, GPTConfig
 from model.generate import complete, generate, prepare_for_decoding
 
 from .core.optim import build_optimizer
 from .core.peak import Peak, peak_flops, read_bandwidth
-from .core.runtime import Runtime, setup_runtime
-from .core.settings import OPTIMIZER, RUNTIME, Rule, check, flag, integer, number, optional
-from .core.trainer import LoopConfig, Trainer
-from .rl.losses import next_token_step
+from .core.runtime import Runtime, precision_name, setup_runtime
+from .core.trainer import LoopSettings, Trainer, next_token_step
+from .settings import BenchSettings
+
+# The loop of the timed training steps: one update at a fixed rate, clipped as in training.
+LOOP = LoopSettings(
+    max_iters=1,
+    max_minutes=None,
+    grad_accum=1,
+    grad_clip=1.0,
+    lr=1e-4,
+    min_lr=0.0,
+    warmup_iters=0,
+    schedule="cosine",
+    cooldown=0.4,
+    log_interval=1,
+    eval_interval=1,
+    compile=False,
+    best_metric=None,
+    best_mode="min",
+    max_regression=None,
+    peak_tflops=None,
+)
 
 
 def note(message: str) -> None:
@@ -91,23 +110,7 @@ def timed(fn: Callable[[], None], rt: Runtime) -> float:
 # --------------------------------------------------------------------------- training
 
 
-class FixedBatch:
-    """The same batch every step (speed does not depend on the tokens), as a Batches source."""
-
-    def __init__(self, *tensors: torch.Tensor) -> None:
-        self.tensors = tensors
-
-    def next_batch(self) -> tuple[torch.Tensor, ...]:
-        return self.tensors
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
-def bench_training(model: GPT, cfg: DictConfig, rt: Runtime, peak: Peak) -> dict:
+def bench_training(model: GPT, cfg: BenchSettings, rt: Runtime, peak: Peak) -> dict:
     """Training tokens/s and MFU of the training loop's own optimizer step (train/core/trainer.py:
     forward and backward under autocast, gradient clipping, optimizer step)."""
     B, steps = cfg.train_batch_size, cfg.train_steps
@@ -117,11 +120,11 @@ def bench_training(model: GPT, cfg: DictConfig, rt: Runtime, peak: Peak) -> dict
     V = model.config.vocab_size
     x = torch.randint(0, V, (B, T), device=rt.device, generator=g)
     y = torch.randint(0, V, (B, T), device=rt.device, generator=g)
-    loop = LoopConfig(max_iters=1, warmup_iters=0, lr=1e-4, min_lr=0.0, grad_clip=1.0)
-    trainer = Trainer(model, optimizer, rt, FixedBatch(x, y), next_token_step, loop,
-                      cfg.out_dir, checkpoint_meta={})  # fmt: skip
+    trainer = Trainer(model, optimizer, rt, LOOP, cfg.out_dir, checkpoint_meta={})
     trainer.model.train()
-    step = trainer.train_step
+
+    def step() -> None:
+        trainer.update([(x, y)], next_token_step)
 
     reset_peak_memory(rt)
     note(f"training: batch {B} x {T} tokens, 1 warm-up + {cfg.repeats} x {steps} steps")
@@ -165,7 +168,7 @@ def hf_available(setting) -> bool:
     return True
 
 
-def bench_sampling(model: GPT, cfg: DictConfig, rt: Runtime) -> dict:
+def bench_sampling(model: GPT, cfg: BenchSettings, rt: Runtime) -> dict:
     """Batch-1 sampling tokens/s: cached, uncached and (optionally) transformers.
 
     The cached and transformers runs alternate, so that on a shared machine both see the
@@ -242,7 +245,7 @@ def mixed_prompts(n: int, length: int, vocab: int, longest: int, seed: int) -> l
     return [torch.randint(0, vocab, (t,), generator=g).tolist() for t in lengths]
 
 
-def bench_batched(model: GPT, cfg: DictConfig, rt: Runtime, peak: Peak) -> dict:
+def bench_batched(model: GPT, cfg: BenchSettings, rt: Runtime, peak: Peak) -> dict:
     """Generation throughput with `complete` at each batch size: prompts of mixed lengths,
     left-padded together, batch_new_tokens each, top-k sampling (no stop token), as
     reward-model data, PPO rollouts and evaluation decode.
@@ -266,12 +269,16 @@ def bench_batched(model: GPT, cfg: DictConfig, rt: Runtime, peak: Peak) -> dict:
             gen = torch.Generator(device=rt.device).manual_seed(0)
             complete(model, prompts, N, float(cfg.temperature), cfg.top_k, generator=gen)
 
-        note(f"batched sampling: {B} prompts of {min(map(len, prompts))}-"
-             f"{max(map(len, prompts))} tokens, {N} new each, {cfg.repeats} runs")  # fmt: skip
+        note(
+            f"batched sampling: {B} prompts of {min(map(len, prompts))}-"
+            f"{max(map(len, prompts))} tokens, {N} new each, {cfg.repeats} runs"
+        )
         run()  # warm-up
         runs = [B * N / timed(run, rt) for _ in range(cfg.repeats)]
-        results[str(B)] = {"tokens_per_sec": summary(runs),
-                           "of_peak": summary([r * flops / peak.flops for r in runs])}  # fmt: skip
+        results[str(B)] = {
+            "tokens_per_sec": summary(runs),
+            "of_peak": summary([r * flops / peak.flops for r in runs]),
+        }
     out = {"new_tokens": N, "dtype": str(dtype).removeprefix("torch."), "batches": results}
     if "1" in results and len(results) > 1:
         top = results[str(max(cfg.batch_sizes))]["tokens_per_sec"]["best"]
@@ -280,7 +287,7 @@ def bench_batched(model: GPT, cfg: DictConfig, rt: Runtime, peak: Peak) -> dict:
 
 
 def transformers_runner(
-    model: GPT, idx: torch.Tensor, cfg: DictConfig, rt: Runtime
+    model: GPT, idx: torch.Tensor, cfg: BenchSettings, rt: Runtime
 ) -> tuple[Callable[[int], None], str]:
     """GPT2LMHeadModel.generate on the same weights, dtype and sampling settings."""
     import transformers
@@ -329,8 +336,9 @@ def table(results: dict) -> str:
     ]
     if "train" in results:
         t = results["train"]
-        lines.append(row(f"train tokens/s (batch {t['batch_size']}x{t['seq_len']})",
-                         t["tokens_per_sec"]))  # fmt: skip
+        lines.append(
+            row(f"train tokens/s (batch {t['batch_size']}x{t['seq_len']})", t["tokens_per_sec"])
+        )
         lines.append(row("train MFU %", t["mfu"], "{:10.2f}", 100))
         if "optimizer_mfu" in t:
             gflop = t["newton_schulz_flops_per_step"] / 1e9
@@ -391,46 +399,14 @@ def preset_name() -> str:
         return "custom"
 
 
-RULES = {
-    **{name: integer(1) for name in ("repeats", "train_batch_size", "train_steps")},
-    **{name: integer(1) for name in ("prompt_tokens", "new_tokens")},
-    **{name: optional(integer(1)) for name in ("train_seq_len", "uncached_new_tokens", "top_k")},
-    "temperature": number(above=0),  # the benchmark samples
-    "optimizer": OPTIMIZER["optimizer"],
-    "train": flag(),
-    "sample": flag(),
-    "hf": Rule("auto, true or false", lambda v: v == "auto" or isinstance(v, bool)),
-    "peak_tflops": optional(number(above=0)),
-    "batch_new_tokens": integer(1),
-}
-
-
-def check_settings(cfg: DictConfig) -> None:
-    """Bad numbers fail before minutes of measuring, with one line."""
-    check(cfg, {**RUNTIME, **RULES})
-    if cfg.prompt_tokens > cfg.model.block_size:
-        raise UserError(
-            f"prompt_tokens={cfg.prompt_tokens} exceeds block_size={cfg.model.block_size}"
-        )
-    sizes = cfg.batch_sizes
-    if not isinstance(sizes, Sequence) or not all(type(b) is int and b > 0 for b in sizes):
-        raise UserError(f"batch_sizes={sizes} must be a list of positive integers, e.g. [1,8,64]")
-    if cfg.batch_new_tokens >= cfg.model.block_size:
-        raise UserError(
-            f"batch_new_tokens={cfg.batch_new_tokens} must be below block_size="
-            f"{cfg.model.block_size}: the batched runs stay within the context"
-        )
-
-
-def run(cfg: DictConfig) -> dict:
-    check_settings(cfg)
+def run(cfg: BenchSettings) -> dict:
     rt = setup_runtime(cfg.device, cfg.precision, cfg.seed)
     try:
-        config = GPTConfig(**OmegaConf.to_container(cfg.model, resolve=True))
+        config = GPTConfig(**cfg.model)
     except (TypeError, ValueError) as e:
         raise UserError(f"model config: {e}") from None
     model = GPT(config).to(rt.device)  # float32 master weights
-    peak = peak_flops(rt.device, rt.dtype, cfg.get("peak_tflops"))
+    peak = peak_flops(rt.device, rt.dtype, cfg.peak_tflops)
     note(peak.describe())
     preset = preset_name()
     results: dict = {
@@ -439,7 +415,7 @@ def run(cfg: DictConfig) -> dict:
         "params": model.num_params(),
         "machine": {
             "device": str(rt.device),
-            "dtype": str(rt.dtype).removeprefix("torch."),
+            "dtype": precision_name(rt.dtype),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "load_before": os.getloadavg()[0],
@@ -463,9 +439,9 @@ def run(cfg: DictConfig) -> dict:
     return results
 
 
-@entry_point("bench")
-def main(cfg: DictConfig) -> None:
-    run(cfg)
+@entry_point("bench", BenchSettings)
+def main(settings: BenchSettings) -> None:
+    run(settings)
 
 
 if __name__ == "__main__":

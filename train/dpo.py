@@ -22,35 +22,23 @@ with that r is DPO's loss (Z cancels in the difference). docs/alignment.md says 
 
 import copy
 import dataclasses
-import math
 from functools import partial
 
 import torch
-from omegaconf import DictConfig
 
+from command import entry_point
 from data.batching import LengthGroupedLoader
 from data.preferences import collate_groups
-from errors import entry_point
+from data.tasks import builtin_tasks
 
 from .core.checkpoint import CHECKPOINT_NAME, load_model
-from .core.settings import flag, integer, number, optional
 from .core.stage import Stage
+from .core.trainer import epochs_to_updates
 from .eval.compare import sampled
-from .eval.task_eval import builtin_tasks, format_table, score
-from .reward import RULES as REWARD_RULES
-from .reward import preference_groups, rendered
+from .eval.task_eval import format_table, score
 from .rl.losses import dpo_step, sequence_logprobs
-
-RULES = {
-    **REWARD_RULES,  # the same data: preference files, the built-in set, the tasks
-    "beta": number(above=0),
-    "label_smoothing": number(0, below=0.5),
-    "nll_coef": number(0),
-    "min_chosen_score": optional(number(0, 1)),
-    "eval_tasks": flag(),
-    "eval_max_new_tokens": integer(1),  # also the sampled replies' budget
-    "max_iters": optional(integer(0)),
-}
+from .rl.preference_data import preference_groups, rendered
+from .settings import DPOSettings
 
 
 def keep_pairs(groups, min_chosen_score: float | None) -> list:
@@ -102,61 +90,71 @@ def preference_accuracy(model, groups, pad_id: int, device, beta: float) -> dict
     return {"val_pref_accuracy": sum(hits) / len(hits), "val_margin": sum(margins) / len(margins)}
 
 
-def run(cfg: DictConfig) -> dict:
-    with Stage("dpo", cfg, RULES) as stage:
+def run(settings: DPOSettings) -> dict:
+    s = settings
+    with Stage("dpo", s) as stage:
         rt = stage.runtime
-        policy, tok, init = load_model(cfg.init_from)
-        groups = preference_groups(cfg, stage, policy, tok, init["path"])
+        policy, tok, init = load_model(s.init_from)
+        groups = preference_groups(s, stage, policy, tok, init["path"])
         reference = copy.deepcopy(policy).requires_grad_(False).to(rt.device).eval()
         if stage.resumed is not None:
             policy, tok, _ = load_model(stage.resumed["path"])
         T = policy.config.block_size
-        groups["train"] = keep_pairs(groups["train"], cfg.min_chosen_score)
+        groups["train"] = keep_pairs(groups["train"], s.min_chosen_score)
         train = rendered(tok, groups["train"], T, "training comparisons", stage.log)
         test = rendered(tok, groups["test"], T, "held-out comparisons", stage.log)
         for part in (train, test):
             attach_reference_logps(reference, part, tok.pad_id, rt.device, rt.autocast)
         pad = partial(collate_groups, pad_id=tok.pad_id)
-        loader = LengthGroupedLoader(train, lambda g: g.length, pad, cfg.batch_size, cfg.seed,
-                                     rt.rank, rt.world_size)  # fmt: skip
-        per_step = cfg.batch_size * cfg.grad_accum * rt.world_size
-        max_iters = (
-            cfg.max_iters
-            if cfg.max_iters is not None
-            else math.ceil(cfg.epochs * len(train) / per_step)
+        loader = LengthGroupedLoader(
+            train, lambda g: g.length, pad, s.batch_size, s.seed, rt.rank, rt.world_size
         )
-        items = builtin_tasks(cfg).test if cfg.tasks.weight > 0 else []
+        max_iters = s.max_iters
+        if max_iters is None:
+            per_update = s.batch_size * s.grad_accum * rt.world_size
+            max_iters = epochs_to_updates(s.epochs, len(train), per_update)
+        items = builtin_tasks(s.tasks, s.data).test if s.tasks.weight > 0 else []
         policy.to(rt.device)
-        before = score(policy, tok, items, rt, cfg.eval_max_new_tokens) if not stage.resumed else {}
+        before = score(policy, tok, items, rt, s.eval_max_new_tokens) if not stage.resumed else {}
 
         def evaluate(m) -> dict:
-            figures = preference_accuracy(m, test, tok.pad_id, rt.device, cfg.beta)
-            tasks = score(m, tok, items, rt, cfg.eval_max_new_tokens) if cfg.eval_tasks else {}
+            figures = preference_accuracy(m, test, tok.pad_id, rt.device, s.beta)
+            tasks = score(m, tok, items, rt, s.eval_max_new_tokens) if s.eval_tasks else {}
             return {**figures, **({"val_accuracy": tasks["overall"]["accuracy"]} if tasks else {})}
 
-        step = partial(dpo_step, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
-                       nll_coef=cfg.nll_coef)  # fmt: skip
-        stage.train(policy, tok, loader, step, evaluate=evaluate, loop={"max_iters": max_iters},
-                    flops_per_token=policy.flops_per_token(T), init_from=init["path"])  # fmt: skip
-        after = score(policy, tok, items, rt, cfg.eval_max_new_tokens)
+        step = partial(
+            dpo_step, beta=s.beta, label_smoothing=s.label_smoothing, nll_coef=s.nll_coef
+        )
+        stage.train(
+            policy,
+            tok,
+            loader,
+            step,
+            evaluate=evaluate,
+            max_iters=max_iters,
+            flops_per_token=policy.flops_per_token(T),
+            init_from=init["path"],
+        )
+        after = score(policy, tok, items, rt, s.eval_max_new_tokens)
         if not after:
             return {}
         results = {"sft": before, "dpo": after} if before else {"dpo": after}
         for name, model in (("sft", reference), ("dpo", policy)):
             if name in results:
-                results[name]["sampled"] = sampled(model, reference, None, tok, items, rt,
-                                                   cfg.eval_max_new_tokens, cfg.seed)  # fmt: skip
+                results[name]["sampled"] = sampled(
+                    model, reference, None, tok, items, rt, s.eval_max_new_tokens, s.seed
+                )
         stage.log("held-out accuracy (greedy, chat format):\n" + format_table(results))
         stage.log(f"dpo: KL to the reference {results['dpo']['sampled']['kl']:.3f} nats per reply")
-        prefs = preference_accuracy(policy, test, tok.pad_id, rt.device, cfg.beta)
+        prefs = preference_accuracy(policy, test, tok.pad_id, rt.device, s.beta)
         path = str(stage.out_dir / CHECKPOINT_NAME)
         stage.save_eval({"checkpoint": path, **results, "preferences": prefs})
         return after
 
 
-@entry_point("dpo")
-def main(cfg: DictConfig) -> None:
-    run(cfg)
+@entry_point("dpo", DPOSettings)
+def main(settings: DPOSettings) -> None:
+    run(settings)
 
 
 if __name__ == "__main__":

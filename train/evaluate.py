@@ -34,95 +34,69 @@ import sys
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
+from command import entry_point
 from data.preferences import read_preference_file, render_group
 from data.records import file_entry
-from errors import UserError, entry_point
+from data.tasks import builtin_tasks
+from errors import UserError
 
 from .core.checkpoint import BEST_NAME, CHECKPOINT_NAME, language_model, load_checkpoint, load_kind
+from .core.files import load_eval, save_eval
 from .core.runtime import replay_precision, resolve_device, runtime_session
-from .core.settings import (
-    EVAL_FILES,
-    MAX_BAD_FRACTION,
-    RUNTIME,
-    TASKS,
-    check,
-    flag,
-    integer,
-    optional,
-    text,
-)
 from .eval.compare import compare, format_comparison, write_report
 from .eval.lm_eval import file_bits_per_byte
 from .eval.reward_eval import format_reward_table, reward_metrics
-from .eval.task_eval import (
-    builtin_tasks,
-    check_budget,
-    eval_file_items,
-    format_table,
-    load_eval,
-    save_eval,
-    score,
-)
-
-RULES = {
-    "checkpoint": text(),
-    "text_file": optional(text()),
-    "task_eval": optional(flag()),
-    "eval_files": EVAL_FILES,
-    "eval_max_new_tokens": optional(integer(1)),
-    **MAX_BAD_FRACTION,
-    **TASKS,
-}
+from .eval.task_eval import check_budget, eval_file_items, format_table, score
+from .settings import EvaluateSettings
 
 
-def held_out_items(cfg: DictConfig) -> list[dict]:
+def held_out_items(s: EvaluateSettings) -> list[dict]:
     """The built-in held-out items (alone and as later questions) and the eval files'."""
     items, names = [], []
-    if cfg.tasks.weight > 0:
-        tasks = builtin_tasks(cfg)
+    if s.tasks.weight > 0:
+        tasks = builtin_tasks(s.tasks, s.data)
         items, names = tasks.test + tasks.test_turns, tasks.tasks()
-    files = OmegaConf.to_container(cfg.eval_files, resolve=True)
-    return items + eval_file_items(files, cfg.max_bad_fraction, names)
+    return items + eval_file_items(s.eval_files, s.max_bad_fraction, names)
 
 
-def precision_for(cfg: DictConfig, checkpoints: list[dict]) -> str:
+def precision_for(requested: str, device: str, checkpoints: list[dict]) -> str:
     """The precision to score at (runtime.replay_precision: the one the checkpoints were
     trained at, when they agree and this device runs it natively), printed with why."""
     recorded = {c.get("precision") for c in checkpoints}
     common = recorded.pop() if len(recorded) == 1 else None
-    precision, why = replay_precision(cfg.precision, common, resolve_device(cfg.device))
+    precision, why = replay_precision(requested, common, resolve_device(device))
     print(f"precision: {precision} ({why})")
     return precision
 
 
-def run(cfg: DictConfig) -> dict:
-    check(cfg, {**RUNTIME, **RULES})
-    if cfg.get("checkpoints"):
-        recorded = [load_checkpoint(p) for p in cfg.checkpoints]
-        with runtime_session(cfg.device, precision_for(cfg, recorded), cfg.seed) as rt:
-            return side_by_side(cfg, rt)
-    ckpt = load_checkpoint(cfg.checkpoint)
-    with runtime_session(cfg.device, precision_for(cfg, [ckpt]), cfg.seed) as rt:
+def run(s: EvaluateSettings) -> dict:
+    if s.checkpoints:
+        recorded = [load_checkpoint(p) for p in s.checkpoints]
+        with runtime_session(
+            s.device, precision_for(s.precision, s.device, recorded), s.seed
+        ) as rt:
+            return side_by_side(s, rt)
+    ckpt = load_checkpoint(s.checkpoint)
+    with runtime_session(s.device, precision_for(s.precision, s.device, [ckpt]), s.seed) as rt:
         if ckpt["model_kind"] == "reward":
-            return score_reward_model(cfg, rt, ckpt["path"])
+            return score_reward_model(s, rt, ckpt["path"])
         model, tok = language_model(ckpt)
         model.to(rt.device)
         results: dict = {"checkpoint": ckpt["path"]}
-        if cfg.text_file:
+        if s.text_file:
             results["text"] = {
-                "file": str(cfg.text_file),
-                **file_bits_per_byte(model, tok, rt, cfg.text_file),
+                "file": str(s.text_file),
+                **file_bits_per_byte(model, tok, rt, s.text_file),
             }
-        task_eval = cfg.task_eval if cfg.task_eval is not None else not cfg.text_file
+        task_eval = s.task_eval if s.task_eval is not None else not s.text_file
         if task_eval:
-            items = held_out_items(cfg)
-            warning = check_budget(tok, items, cfg.eval_max_new_tokens)
+            items = held_out_items(s)
+            warning = check_budget(tok, items, s.eval_max_new_tokens)
             if warning:
                 print(f"warning: {warning}", file=sys.stderr)
             stage = ckpt.get("stage", "model")
-            results[stage] = score(model, tok, items, rt, cfg.eval_max_new_tokens)
+            results[stage] = score(model, tok, items, rt, s.eval_max_new_tokens)
             if results[stage]:
                 print(f"{ckpt['path']}: held-out accuracy (greedy, chat format)")
                 print(format_table({stage: results[stage]}))
@@ -133,16 +107,16 @@ def run(cfg: DictConfig) -> dict:
         return results
 
 
-def score_reward_model(cfg: DictConfig, rt, path: str) -> dict:
+def score_reward_model(s: EvaluateSettings, rt, path: str) -> dict:
     """A reward checkpoint: its held-out comparisons (the built-in set it was trained
     beside, and the user's eval_files) scored as train/eval/reward_eval.py describes."""
     model, tok, ckpt = load_kind(path, "reward")
     model.to(rt.device)
     held_out = Path(ckpt.get("preferences") or ".") / "test.jsonl"
-    groups = read_preference_file(held_out) if cfg.tasks.weight > 0 and held_out.is_file() else []
-    for entry in OmegaConf.to_container(cfg.eval_files, resolve=True):
+    groups = read_preference_file(held_out) if s.tasks.weight > 0 and held_out.is_file() else []
+    for entry in s.eval_files:
         file, _ = file_entry(entry, "eval_files", ("match", "name"))
-        groups += read_preference_file(file, cfg.max_bad_fraction)
+        groups += read_preference_file(file, s.max_bad_fraction)
     block = model.config.block_size
     rendered = [r for r in (render_group(tok, g, block) for g in groups) if r is not None]
     if not rendered:
@@ -162,21 +136,28 @@ def run_name(path: str) -> str:
     return p.parent.name if p.name in (CHECKPOINT_NAME, BEST_NAME) else p.stem
 
 
-def side_by_side(cfg: DictConfig, rt) -> dict:
+def side_by_side(s: EvaluateSettings, rt) -> dict:
     """Several checkpoints on the same held-out items, with their KL to the reference and
     the reward model's mean score (train/eval/compare.py): make align's table, for any models."""
-    paths = [str(p) for p in cfg.checkpoints]
+    paths = [str(p) for p in s.checkpoints]
     names = [run_name(p) for p in paths]
     if len(set(names)) < len(names):
         names = paths  # two runs of one name: tell them apart by their paths
-    items = builtin_tasks(cfg).test if cfg.tasks.weight > 0 else []
-    items += eval_file_items(cfg.eval_files)
-    reward = cfg.reward_model if cfg.reward_model and Path(cfg.reward_model).exists() else None
-    results = compare(dict(zip(names, paths, strict=True)), cfg.reference, reward, items, rt,
-                      cfg.eval_max_new_tokens, cfg.seed)  # fmt: skip
+    items = builtin_tasks(s.tasks, s.data).test if s.tasks.weight > 0 else []
+    items += eval_file_items(s.eval_files)
+    reward = s.reward_model if s.reward_model and Path(s.reward_model).exists() else None
+    results = compare(
+        dict(zip(names, paths, strict=True)),
+        s.reference,
+        reward,
+        items,
+        rt,
+        s.eval_max_new_tokens,
+        s.seed,
+    )
     print(format_comparison(results))
-    if cfg.report_dir:
-        print(f"written to {write_report(results, cfg.report_dir, save_eval)}")
+    if s.report_dir:
+        print(f"written to {write_report(results, s.report_dir, save_eval)}")
     return results
 
 
@@ -203,9 +184,9 @@ def _item_set(entry) -> str | None:
     return None
 
 
-@entry_point("evaluate")
-def main(cfg: DictConfig) -> None:
-    run(cfg)
+@entry_point("evaluate", EvaluateSettings)
+def main(settings: EvaluateSettings) -> None:
+    run(settings)
 
 
 if __name__ == "__main__":

@@ -28,11 +28,10 @@ import json
 import shutil
 from pathlib import Path
 
-import hydra
 import torch
-from omegaconf import DictConfig
 
-from errors import UserError, report_user_errors
+from command import entry_point
+from errors import UserError
 from model import GPT
 from model.hf import export_pretrained
 from tokenizer.base import Tokenizer
@@ -40,17 +39,15 @@ from tokenizer.hf import save_hf_tokenizer
 
 from .core.checkpoint import load_model
 from .core.pretrained import EXPORT_FORMAT, EXPORT_META, EXPORT_TOKENIZER
-from .core.settings import check, choice, flag
+from .settings import ExportSettings
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-RULES = {"dtype": choice(*DTYPES), "overwrite": flag()}
 STAGING_SUFFIX = ".export-tmp"
 
 
-def run(cfg: DictConfig) -> Path:
+def run(cfg: ExportSettings) -> Path:
     """Export cfg.checkpoint into cfg.out; returns the folder."""
-    check(cfg, RULES)
-    if not cfg.get("out"):
+    if not cfg.out:
         raise UserError("give the folder to write: out=my-model/")
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
@@ -98,10 +95,9 @@ def write_export(model: GPT, tok: Tokenizer, ckpt: dict, out_dir: Path) -> None:
     (out_dir / EXPORT_META).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="export")
-@report_user_errors
-def main(cfg: DictConfig) -> None:
-    run(cfg)
+@entry_point("export", ExportSettings)
+def main(settings: ExportSettings) -> None:
+    run(settings)
 
 
 if __name__ == "__main__":

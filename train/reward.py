@@ -13,46 +13,22 @@ loss     = -log sigmoid( r(x, y_w) - r(x, y_l) )     averaged per prompt, then o
 b       <- b - mean over SFT samples of r(x, y)      after training (InstructGPT's shift)
 """
 
-import math
 from functools import partial
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
+from command import entry_point
 from data.batching import LengthGroupedLoader
-from data.preferences import collate_groups, load_preference_data, render_group
-from errors import UserError, entry_point
+from data.preferences import collate_groups
 from model.heads import ScalarModel
 
 from .core.checkpoint import CHECKPOINT_NAME, load_kind, load_model
-from .core.settings import (
-    MAX_BAD_FRACTION,
-    PREFERENCES,
-    TASKS,
-    TRAINING_FILES,
-    file_list,
-    integer,
-    number,
-    optional,
-    text,
-)
 from .core.stage import Stage
+from .core.trainer import epochs_to_updates
 from .eval.reward_eval import format_reward_table, group_rewards, reward_metrics
-from .eval.task_eval import builtin_tasks
 from .rl.losses import reward_step
-from .rl.preference_data import builtin_preferences
-
-RULES = {
-    "init_from": text(),
-    "files": TRAINING_FILES,
-    "eval_files": file_list(),
-    "batch_size": integer(1),
-    "epochs": number(above=0),
-    "max_iters": optional(integer(0)),
-    **MAX_BAD_FRACTION,
-    **TASKS,
-    **PREFERENCES,
-}
+from .rl.preference_data import preference_groups, rendered
+from .settings import RewardSettings
 
 
 def reward_model_from(sft) -> ScalarModel:
@@ -60,35 +36,6 @@ def reward_model_from(sft) -> ScalarModel:
     model = ScalarModel(sft.config)
     model.gpt.load_state_dict(sft.state_dict())
     return model
-
-
-def preference_groups(cfg: DictConfig, stage: Stage, sft, tok, sft_path: str) -> dict:
-    """{"train": groups, "test": groups}: the built-in set and the user's files."""
-    sets = {"train": [], "test": []}
-    if cfg.preferences.builtin:
-        tasks = builtin_tasks(cfg)
-        device = stage.runtime.device
-        build = partial(
-            builtin_preferences, cfg, sft.to(device), tok, tasks, sft_path, device, stage.log
-        )
-        sets = stage.main_first(build)
-    if cfg.files:
-        sources = OmegaConf.to_container(cfg.files, resolve=True)
-        sets["train"] += load_preference_data(sources, cfg.max_bad_fraction, cfg.seed, stage.log)
-    for path in cfg.eval_files:
-        sets["test"] += load_preference_data(
-            [path], cfg.max_bad_fraction, cfg.seed, stage.log, setting="eval_files"
-        )
-    if not sets["train"]:
-        raise UserError("no preference data: set preferences.builtin=true or give files=[...]")
-    return sets
-
-
-def rendered(tok, groups, block_size: int, what: str, log) -> list:
-    out = [r for r in (render_group(tok, g, block_size) for g in groups) if r is not None]
-    pairs = sum(len(r.pairs) for r in out)
-    log(f"{what}: {len(out)} prompts, {sum(len(r.rows) for r in out)} replies, {pairs} pairs")
-    return out
 
 
 def normalise(model: ScalarModel, groups, pad_id: int, stage: Stage) -> float:
@@ -102,11 +49,12 @@ def normalise(model: ScalarModel, groups, pad_id: int, stage: Stage) -> float:
     return offset
 
 
-def run(cfg: DictConfig) -> dict:
-    with Stage("reward", cfg, RULES) as stage:
+def run(settings: RewardSettings) -> dict:
+    s = settings
+    with Stage("reward", s) as stage:
         rt = stage.runtime
-        sft, tok, init = load_model(cfg.init_from)
-        groups = preference_groups(cfg, stage, sft, tok, init["path"])
+        sft, tok, init = load_model(s.init_from)
+        groups = preference_groups(s, stage, sft, tok, init["path"])
         model = reward_model_from(sft)
         if stage.resumed is not None:
             model, tok, _ = load_kind(stage.resumed["path"], "reward")
@@ -114,14 +62,13 @@ def run(cfg: DictConfig) -> dict:
         train = rendered(tok, groups["train"], T, "training comparisons", stage.log)
         test = rendered(tok, groups["test"], T, "held-out comparisons", stage.log)
         pad = partial(collate_groups, pad_id=tok.pad_id)
-        loader = LengthGroupedLoader(train, lambda g: g.length, pad, cfg.batch_size, cfg.seed,
-                                     rt.rank, rt.world_size)  # fmt: skip
-        per_step = cfg.batch_size * cfg.grad_accum * rt.world_size
-        max_iters = (
-            cfg.max_iters
-            if cfg.max_iters is not None
-            else math.ceil(cfg.epochs * len(train) / per_step)
+        loader = LengthGroupedLoader(
+            train, lambda g: g.length, pad, s.batch_size, s.seed, rt.rank, rt.world_size
         )
+        per_update = s.batch_size * s.grad_accum * rt.world_size
+        max_iters = s.max_iters
+        if max_iters is None:
+            max_iters = epochs_to_updates(s.epochs, len(train), per_update)
 
         def evaluate(m) -> dict:
             if not test:
@@ -132,11 +79,19 @@ def run(cfg: DictConfig) -> dict:
                 "val_rank_correlation": figures["rank_correlation"],
             }
 
-        builtin_dir = str(cfg.preferences.dir) if cfg.preferences.builtin else None
-        stage.train(model, tok, loader, reward_step, evaluate=evaluate, model_kind="reward",
-                    flops_per_token=model.gpt.flops_per_token(T),
-                    loop={"max_iters": max_iters}, init_from=init["path"],
-                    preferences=builtin_dir)  # fmt: skip
+        builtin_dir = s.preferences.dir if s.preferences.builtin else None
+        stage.train(
+            model,
+            tok,
+            loader,
+            reward_step,
+            evaluate=evaluate,
+            model_kind="reward",
+            flops_per_token=model.gpt.flops_per_token(T),
+            max_iters=max_iters,
+            init_from=init["path"],
+            preferences=builtin_dir,
+        )
         # the held-out replies are the SFT model's own samples; the built-in training set
         # also holds off-task replies (preference_data.py), which would pull the mean down
         offset = normalise(model, test or train, tok.pad_id, stage)
@@ -153,9 +108,9 @@ def run(cfg: DictConfig) -> dict:
         return figures
 
 
-@entry_point("reward")
-def main(cfg: DictConfig) -> None:
-    run(cfg)
+@entry_point("reward", RewardSettings)
+def main(settings: RewardSettings) -> None:
+    run(settings)
 
 
 if __name__ == "__main__":

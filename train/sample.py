@@ -32,53 +32,25 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 
+from command import entry_point
 from data.sources import read_utf8_file
-from errors import UserError, entry_point
+from errors import UserError
 from model import GPT
 from model.generate import completions, prepare_for_decoding
 from tokenizer.chat import ChatFormatError, render_prompt
 
 from .core.checkpoint import CHECKPOINT_NAME, load_model
-from .core.runtime import setup_runtime
-from .core.settings import (
-    RUNTIME,
-    TEMPERATURE,
-    check,
-    choice,
-    flag,
-    integer,
-    number,
-    optional,
-    text,
-)
-
-MODES = ("generate", "chat")
-
+from .core.runtime import precision_name, setup_runtime
+from .settings import SampleSettings
 
 # --------------------------------------------------------------------------- settings
 
 
-RULES = {
-    "checkpoint": optional(text()),
-    "prompt_file": optional(text()),
-    "system": optional(text()),
-    "max_new_tokens": integer(1),
-    "num_samples": integer(1),
-    "temperature": TEMPERATURE,
-    "top_k": optional(integer(0)),
-    "top_p": optional(number(above=0, high=1)),
-    "mode": choice(*MODES),
-    "use_cache": flag(),
-}
-
-
-def check_settings(cfg: DictConfig) -> dict:
-    """The decoding settings, checked (train/core/settings.py), as plain Python values."""
-    check(cfg, {**RUNTIME, **RULES})
+def decoding(s: SampleSettings) -> dict:
+    """The decoding settings as plain values (model/generate.py's keywords)."""
     names = ("max_new_tokens", "num_samples", "temperature", "top_k", "top_p")
-    return {name: cfg.get(name) for name in names}
+    return {name: getattr(s, name) for name in names}
 
 
 def find_checkpoint(path: str | None, root: Path = Path("out")) -> str:
@@ -94,20 +66,20 @@ def find_checkpoint(path: str | None, root: Path = Path("out")) -> str:
     return str(found[-1])
 
 
-def read_prompt(cfg: DictConfig) -> str | None:
+def read_prompt(prompt: str | None, prompt_file: str | None) -> str | None:
     """The prompt text from prompt=..., prompt=- (stdin) or prompt_file=...; None if none."""
-    if cfg.get("prompt") is not None and cfg.get("prompt_file"):
+    if prompt is not None and prompt_file:
         raise UserError("give either prompt or prompt_file, not both")
-    if cfg.get("prompt_file"):
-        path = Path(cfg.prompt_file)
+    if prompt_file:
+        path = Path(prompt_file)
         text = read_utf8_file(path, "prompt_file")
         source = f"prompt_file {path}"
-    elif cfg.get("prompt") is None:
+    elif prompt is None:
         return None
-    elif str(cfg.prompt) == "-":
+    elif str(prompt) == "-":
         text, source = sys.stdin.read(), "the prompt read from stdin"
     else:
-        text, source = str(cfg.prompt), "prompt"
+        text, source = str(prompt), "prompt"
     if not text.strip():
         raise UserError(f"{source} is empty; give some text, or leave prompt out to start afresh")
     return text
@@ -203,7 +175,7 @@ def crop_to_context(ids: list[int], block_size: int, what: str) -> list[int]:
 
 
 def sample(
-    model: GPT, tok, text: str | None, cfg: DictConfig, settings: dict, generator: torch.Generator
+    model: GPT, tok, text: str | None, use_cache: bool, settings: dict, generator: torch.Generator
 ) -> None:
     """Generate mode: num_samples continuations of the prompt, streamed one after another."""
     ids = [tok.eos_id] + (tok.encode(text) if text is not None else [])
@@ -212,7 +184,7 @@ def sample(
         if settings["num_samples"] > 1:
             print(f"---------- sample {i + 1} of {settings['num_samples']}", flush=True)
         sys.stdout.write(text or "")
-        stream_reply(model, tok, ids, settings, generator, cfg.use_cache)
+        stream_reply(model, tok, ids, settings, generator, use_cache)
         sys.stdout.write("\n")
         sys.stdout.flush()
 
@@ -274,7 +246,7 @@ def context_note(tok, history: list[dict], budget: int, block_size: int, reply: 
 def chat(
     model: GPT,
     tok,
-    cfg: DictConfig,
+    s: SampleSettings,
     settings: dict,
     generator: torch.Generator,
     messages: Iterable[str] | None = None,
@@ -283,7 +255,7 @@ def chat(
     block_size = model.config.block_size
     # Leave room for a reply: at most half the context, so that some history survives.
     budget = block_size - min(settings["max_new_tokens"], block_size // 2)
-    opening = [{"role": "system", "content": str(cfg.system)}] if cfg.get("system") else []
+    opening = [{"role": "system", "content": str(s.system)}] if s.system else []
     history = list(opening)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -310,11 +282,13 @@ def chat(
         if not interactive:
             print(f"you> {message}")
         history.append({"role": "user", "content": message})
-        reply = reply_to(model, tok, history, budget, cfg, settings, generator)
+        reply = reply_to(model, tok, history, budget, s.use_cache, settings, generator)
         history.append({"role": "assistant", "content": tok.decode(reply)})
 
 
-def reply_to(model, tok, history, budget: int, cfg, settings: dict, generator) -> list[int]:
+def reply_to(
+    model, tok, history, budget: int, use_cache: bool, settings: dict, generator
+) -> list[int]:
     """Stream the assistant's reply to the history; Ctrl-C stops it and keeps its start."""
     try:
         ids = fit_history(tok, history, budget)
@@ -325,7 +299,7 @@ def reply_to(model, tok, history, budget: int, cfg, settings: dict, generator) -
     out = TextStream(tok, lstrip=True)  # replies start with a space: not after "> "
     stopped = False
     try:
-        reply = stream_reply(model, tok, ids, settings, generator, cfg.use_cache, out)
+        reply = stream_reply(model, tok, ids, settings, generator, use_cache, out)
     except KeyboardInterrupt:  # stop this reply only; a second Ctrl-C (at the prompt) quits
         sys.stdout.write(out.flush())
         reply, stopped = out.ids, True
@@ -339,31 +313,31 @@ def reply_to(model, tok, history, budget: int, cfg, settings: dict, generator) -
 # --------------------------------------------------------------------------- entry point
 
 
-def run(cfg: DictConfig) -> None:
-    settings = check_settings(cfg)
-    text = read_prompt(cfg) if cfg.mode == "generate" else None  # bad input fails before loading
-    rt = setup_runtime(cfg.device, cfg.precision, cfg.seed)
-    model, tok, ckpt = load_model(find_checkpoint(cfg.get("checkpoint")))
+def run(s: SampleSettings) -> None:
+    settings = decoding(s)
+    text = read_prompt(s.prompt, s.prompt_file) if s.mode == "generate" else None  # fail early
+    rt = setup_runtime(s.device, s.precision, s.seed)
+    model, tok, ckpt = load_model(find_checkpoint(s.checkpoint))
     # Inference only: the weights themselves go to the compute dtype (no autocast), so
     # bf16/fp16 halve the bytes read per token; decoding is bound by reading the weights.
     model = prepare_for_decoding(model.to(device=rt.device, dtype=rt.dtype))
     print(
         f"{ckpt['path']}: {model.num_params() / 1e6:.1f}M parameters, context "
-        f"{model.config.block_size}, on {rt.device} in {str(rt.dtype).removeprefix('torch.')}",
+        f"{model.config.block_size}, on {rt.device} in {precision_name(rt.dtype)}",
         file=sys.stderr,
         flush=True,
     )
-    generator = torch.Generator(device=rt.device).manual_seed(int(cfg.seed))
-    if cfg.mode == "chat":
-        chat(model, tok, cfg, settings, generator)
+    generator = torch.Generator(device=rt.device).manual_seed(int(s.seed))
+    if s.mode == "chat":
+        chat(model, tok, s, settings, generator)
     else:
-        sample(model, tok, text, cfg, settings, generator)
+        sample(model, tok, text, s.use_cache, settings, generator)
 
 
-@entry_point("sample")
-def main(cfg: DictConfig) -> None:
+@entry_point("sample", SampleSettings)
+def main(settings: SampleSettings) -> None:
     try:
-        run(cfg)
+        run(settings)
     except BrokenPipeError:  # the reader went away (| head): stop quietly, as Python suggests
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)

@@ -13,61 +13,42 @@ from functools import partial
 from pathlib import Path
 
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
 
+from command import entry_point
 from data.batching import SFTLoader, eval_batches
 from data.instruct import load_instruction_data, mix, render_examples
 from data.records import file_entry
-from errors import UserError, entry_point
+from data.tasks import builtin_tasks
+from errors import UserError
 from model import GPT
 from tokenizer.chat import render_prompt
 
 from .core.checkpoint import CHECKPOINT_NAME, load_model
-from .core.settings import (
-    EVAL_FILES,
-    MAX_BAD_FRACTION,
-    TASKS,
-    TRAINING_FILES,
-    integer,
-    optional,
-    text,
-)
 from .core.stage import Stage
+from .core.trainer import next_token_step
 from .eval.lm_eval import language_model_metrics, sample_text
-from .eval.task_eval import builtin_tasks, check_budget, eval_file_items, format_table, score
-from .rl.losses import next_token_step
-
-RULES = {
-    "init_from": text(),
-    "batch_size": integer(1),
-    "files": TRAINING_FILES,
-    "eval_files": EVAL_FILES,
-    "eval_max_new_tokens": optional(integer(1)),
-    **MAX_BAD_FRACTION,
-    **TASKS,
-}
+from .eval.task_eval import check_budget, eval_file_items, format_table, score
+from .settings import SFTSettings
 
 
-def instruction_data(cfg: DictConfig, log=print) -> tuple[list, list]:
+def instruction_data(s: SFTSettings, log=print) -> tuple[list, list]:
     """(training conversations, held-out items) from the built-in tasks and files."""
     parts, test_items, builtin = [], [], []
-    if cfg.tasks.weight > 0:
-        tasks = builtin_tasks(cfg)
+    if s.tasks.weight > 0:
+        tasks = builtin_tasks(s.tasks, s.data)
         log(
             f"built-in tasks: {len(tasks.train)} training conversations; {len(tasks.test)} "
             f"held-out items, and {len(tasks.test_turns)} of them asked again as a later question"
         )
-        parts.append(([item["messages"] for item in tasks.train], cfg.tasks.weight))
+        parts.append(([item["messages"] for item in tasks.train], s.tasks.weight))
         test_items = tasks.test + tasks.test_turns
         builtin = tasks.tasks()
-    conversations = mix(parts, cfg.seed) if parts else []
+    conversations = mix(parts, s.seed) if parts else []
     from_files = []
-    if cfg.files:
-        sources = OmegaConf.to_container(cfg.files, resolve=True)
-        from_files = load_instruction_data(sources, cfg.max_bad_fraction, cfg.seed, log)
-    eval_files = OmegaConf.to_container(cfg.eval_files, resolve=True)
-    held_out = eval_file_items(eval_files, cfg.max_bad_fraction, builtin, log)
-    for warning in overlap_warnings(cfg.files, eval_files, from_files, held_out):
+    if s.files:
+        from_files = load_instruction_data(s.files, s.max_bad_fraction, s.seed, log)
+    held_out = eval_file_items(s.eval_files, s.max_bad_fraction, builtin, log)
+    for warning in overlap_warnings(s.files, s.eval_files, from_files, held_out):
         log(f"warning: {warning}")
     if not conversations and not from_files:
         raise UserError("no instruction data: set tasks.weight > 0 or give files=[...]")
@@ -101,31 +82,32 @@ def _key(messages: list[dict]) -> str:
     return json.dumps([(m["role"], m["content"].strip()) for m in messages], ensure_ascii=False)
 
 
-def run(cfg: DictConfig) -> dict:
-    with Stage("sft", cfg, RULES) as stage:
+def run(settings: SFTSettings) -> dict:
+    s = settings
+    with Stage("sft", s) as stage:
         rt = stage.runtime
-        model, tok, init = load_model(cfg.init_from)
+        model, tok, init = load_model(s.init_from)
         if stage.resumed is not None:  # the run's own model and tokenizer, not init_from's
             model, tok, _ = load_model(stage.resumed["path"])
         block_size = model.config.block_size
         stage.log(f"fine-tuning {init['path']} ({model.num_params() / 1e6:.2f}M parameters)")
 
-        conversations, test_items = instruction_data(cfg, stage.log)
+        conversations, test_items = instruction_data(s, stage.log)
         examples, report = render_examples(tok, conversations, block_size)
         stage.log(f"training data: {report.summary()}")
         for line in report.details(block_size):
             stage.log(line)
-        warning = check_budget(tok, test_items, cfg.eval_max_new_tokens)
+        warning = check_budget(tok, test_items, s.eval_max_new_tokens)
         if warning:
             stage.log(f"warning: {warning}")
-        loader = SFTLoader(examples, cfg.batch_size, cfg.seed, rt.rank, rt.world_size, tok.pad_id)
+        loader = SFTLoader(examples, s.batch_size, s.seed, rt.rank, rt.world_size, tok.pad_id)
         held_out = [item["messages"] for item in test_items]
         val_examples = render_examples(tok, held_out, block_size)[0] if held_out else []
 
         def evaluate(m: GPT) -> dict:
             if not val_examples:
                 return {}
-            batches = eval_batches(val_examples, cfg.batch_size, tok.pad_id)
+            batches = eval_batches(val_examples, s.batch_size, tok.pad_id)
             return language_model_metrics(m, batches, None, rt)
 
         prompt = render_prompt(tok, held_out[0][:-1]) if held_out else [tok.bos_id]
@@ -135,16 +117,21 @@ def run(cfg: DictConfig) -> dict:
             return f"{tok.decode(prompt)!r} -> {reply!r}"
 
         model.to(rt.device)
-        base = (
-            score(model, tok, test_items, rt, cfg.eval_max_new_tokens) if not stage.resumed else {}
-        )
+        base = score(model, tok, test_items, rt, s.eval_max_new_tokens) if not stage.resumed else {}
         if base:
             stage.log(f"base model, held-out accuracy: {base['overall']['accuracy']:.1%}")
         step = partial(next_token_step, pad_id=tok.pad_id)
-        result = stage.train(model, tok, loader, step, evaluate=evaluate, sample=sample,
-                             flops_per_token=model.flops_per_token(block_size),
-                             init_from=init["path"])  # fmt: skip
-        tuned = score(model, tok, test_items, rt, cfg.eval_max_new_tokens)
+        result = stage.train(
+            model,
+            tok,
+            loader,
+            step,
+            evaluate=evaluate,
+            sample=sample,
+            flops_per_token=model.flops_per_token(block_size),
+            init_from=init["path"],
+        )
+        tuned = score(model, tok, test_items, rt, s.eval_max_new_tokens)
         if tuned:
             results = {"sft": tuned} if not base else {"base": base, "sft": tuned}
             stage.log("held-out accuracy (greedy, chat format):\n" + format_table(results))
@@ -154,9 +141,9 @@ def run(cfg: DictConfig) -> dict:
         return {**result, "eval": tuned}
 
 
-@entry_point("sft")
-def main(cfg: DictConfig) -> None:
-    run(cfg)
+@entry_point("sft", SFTSettings)
+def main(settings: SFTSettings) -> None:
+    run(settings)
 
 
 if __name__ == "__main__":

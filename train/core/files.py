@@ -14,6 +14,7 @@ at the start of the next one.
 """
 
 import errno
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -67,3 +68,21 @@ def remove_stale_temporaries(directory: str | Path) -> list[Path]:
         if path.is_file():
             path.unlink(missing_ok=True)
     return stale
+
+
+EVAL_FILE = "eval.json"  # a run's evaluations, beside its checkpoint
+
+
+def save_eval(results: dict, run_dir: str | Path, name: str = EVAL_FILE) -> Path:
+    """Write results as JSON to run_dir/eval.json (or `name`), atomically."""
+    text = json.dumps(results, indent=2, ensure_ascii=False) + "\n"
+    return atomic_write_text(Path(run_dir) / name, text)
+
+
+def load_eval(run_dir: str | Path, name: str = EVAL_FILE) -> dict:
+    """The results in run_dir/eval.json; {} when there is none or it cannot be read."""
+    try:
+        results = json.loads((Path(run_dir) / name).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return results if isinstance(results, dict) else {}

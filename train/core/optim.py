@@ -29,9 +29,12 @@ min_lr at whichever bound ends the run: the schedule follows the bound that appl
 
 import math
 import re
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from checks import Settings, choice, number, pair, setting
 
 from .muon import Muon
 
@@ -82,18 +85,28 @@ def build_optimizer(
     return Muon(groups, lr=lr, momentum=muon_momentum, betas=betas)
 
 
-def optimizer_from_config(model: nn.Module, cfg, device_type: str) -> torch.optim.Optimizer:
-    """build_optimizer with a stage's settings (optimizer, lr, weight_decay, betas, muon_*)."""
-    return build_optimizer(
-        model,
-        cfg.lr,
-        cfg.weight_decay,
-        cfg.betas,
-        device_type,
-        kind=cfg.optimizer,
-        muon_lr=cfg.muon_lr,
-        muon_momentum=cfg.muon_momentum,
-    )
+@dataclass
+class OptimizerSettings(Settings):
+    """The optimizer's settings; their values and meaning are in conf/training.yaml."""
+
+    optimizer: str = setting(choice(*OPTIMIZERS))
+    weight_decay: float = setting(number(0))
+    betas: list[float] = setting(pair(number(0, below=1)))
+    muon_lr: float = setting(number(above=0))
+    muon_momentum: float = setting(number(0, below=1))
+
+    def build(self, model: nn.Module, lr: float, device_type: str) -> torch.optim.Optimizer:
+        """build_optimizer with these settings and the peak rate lr."""
+        return build_optimizer(
+            model,
+            lr,
+            self.weight_decay,
+            self.betas,
+            device_type,
+            self.optimizer,
+            self.muon_lr,
+            self.muon_momentum,
+        )
 
 
 SCHEDULES = ("cosine", "wsd")

@@ -71,8 +71,14 @@ class Progress:
             else (self.max_iters, step, STEP_FORMAT)
         )
         # smoothing=0: the rate is the average since the bar opened, a steady ETA
-        self.bar = _Bar(total=total, initial=start, bar_format=fmt, smoothing=0,
-                        disable=not self.enabled, dynamic_ncols=True)  # fmt: skip
+        self.bar = _Bar(
+            total=total,
+            initial=start,
+            bar_format=fmt,
+            smoothing=0,
+            disable=not self.enabled,
+            dynamic_ncols=True,
+        )
 
     def _show_postfix(self, refresh: bool = True) -> None:
         parts = [f"step {self.step}"] if self.by_time else []

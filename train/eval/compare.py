@@ -14,20 +14,27 @@ For each checkpoint (any kind: its language model is scored):
 from pathlib import Path
 
 from ..core.checkpoint import load_kind, load_model
-from ..rl.rollouts import Rollouts, RolloutSettings
+from ..rl.rollouts import Sampler, SamplingSettings
 from .plots import accuracy_bars
 from .task_eval import format_table, score
 
 SAMPLED_REPLY_TOKENS = 48  # the sampled replies' budget when the greedy one follows the answers
+SAMPLE_BATCH = 64  # prompts decoded together
+UNFINISHED = -1.0  # the reward model's figure for a reply that never ends its turn (as PPO's)
 
 
 def sampled(policy, reference, reward_model, tok, items, rt, reply_tokens: int, seed: int) -> dict:
     """Mean reward-model score, gold and KL to the reference of one sampled reply per item."""
-    settings = RolloutSettings(reply_tokens=reply_tokens, seed=seed,
-                               reward="model" if reward_model is not None else "tasks")  # fmt: skip
-    models = {"policy": policy, "reference": reference, "value": None, "reward": reward_model}
-    probe = Rollouts(models, tok, items, settings, rt.device, autocast=rt.autocast)
-    return probe.measure(items)
+    reward = "model" if reward_model is not None else "tasks"
+    settings = SamplingSettings(
+        reply_tokens=reply_tokens,
+        sample_batch=SAMPLE_BATCH,
+        reward=reward,
+        unfinished_penalty=UNFINISHED,
+        seed=seed,
+    )
+    models = {"policy": policy, "reference": reference, "reward": reward_model}
+    return Sampler(models, tok, settings, rt.device, rt.autocast).measure(items)
 
 
 def compare(checkpoints: dict, sft: str, reward: str | None, items, rt, max_new_tokens=48, seed=0):

@@ -22,8 +22,10 @@ def reward_vs_kl(records: list[dict], path: str | Path, title: str = "") -> Path
     window = max(1, len(rows) // 15)  # one rollout's figures are noisy: running means
     kl = _running_mean([r["rollout_kl"] for r in rows], window)
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for key, style, label in (("rollout_score", "o-", "reward model (proxy)"),
-                              ("rollout_gold", "s-", "judge (gold)")):  # fmt: skip
+    for key, style, label in (
+        ("rollout_score", "o-", "reward model (proxy)"),
+        ("rollout_gold", "s-", "judge (gold)"),
+    ):
         values = [r[key] if r.get(key) is not None else float("nan") for r in rows]
         left.plot(kl, _running_mean(values, window), style, ms=3, label=label)
         right.plot(range(1, len(values) + 1), values, style, ms=2, lw=0.8, label=label)
@@ -57,8 +59,9 @@ def accuracy_bars(results: dict[str, dict], path: str | Path) -> Path:
         r = results[name]
         values = [r["tasks"].get(t, {}).get("accuracy", 0.0) for t in tasks[:-1]]
         values.append(r["overall"]["accuracy"])
-        ax.bar([x + i * width for x in range(len(tasks))], [100 * v for v in values], width,
-               label=name)  # fmt: skip
+        ax.bar(
+            [x + i * width for x in range(len(tasks))], [100 * v for v in values], width, label=name
+        )
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(tasks))])
     ax.set_xticklabels(tasks, rotation=30, ha="right")
     ax.set_ylabel("held-out accuracy, %")

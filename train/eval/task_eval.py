@@ -34,29 +34,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from data.instruct import load_instruction_data
+from data.instruct import load_instruction_data, prompt_messages
 from data.judge import MATCH_RULES, is_correct, match_rule
 from data.records import file_entry
-from data.sources import load_documents
-from data.tasks import TaskSet, build_tasks, task_sizes
 from errors import UserError
 from model.generate import complete
 from tokenizer.chat import render_prompt
 
-from ..core.files import atomic_write_text
 from ..core.runtime import precision_name
 
 FORM_AVERAGE_TASKS = ("repeat", "first_word", "last_word")
-EVAL_FILE = "eval.json"
-
-
-def prompt_messages(item: dict) -> list[dict]:
-    """The conversation up to the reply the model must write (the final assistant answer
-    is left out when the item carries it)."""
-    messages = list(item["messages"])
-    if messages and messages[-1].get("role") == "assistant":
-        messages = messages[:-1]
-    return messages
 
 
 def reference_tokens(tok, item: dict) -> int:
@@ -211,21 +198,6 @@ def turn_figures(records: Sequence[dict]) -> dict:
     return figures
 
 
-def load_eval(run_dir: str | Path, name: str = EVAL_FILE) -> dict:
-    """The results in run_dir/eval.json; {} when there is none or it cannot be read."""
-    try:
-        results = json.loads((Path(run_dir) / name).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return results if isinstance(results, dict) else {}
-
-
-def save_eval(results: dict, run_dir: str | Path, name: str = EVAL_FILE) -> Path:
-    """Write results as JSON to run_dir/eval.json, atomically (train/core/files.py)."""
-    text = json.dumps(results, indent=2, ensure_ascii=False) + "\n"
-    return atomic_write_text(Path(run_dir) / name, text)
-
-
 TURN_ROWS = {
     "1": "answer 1 (alone)",
     "2": "answer 2",
@@ -254,40 +226,37 @@ def format_table(results: dict[str, dict]) -> str:
 
     for t in tasks:
         match = next((r["tasks"][t]["match"] for r in results.values() if t in r["tasks"]), "")
-        lines.append(row(t, match, [cell(r["tasks"].get(t, {}).get("accuracy"))
-                                    for r in results.values()]))  # fmt: skip
+        lines.append(
+            row(t, match, [cell(r["tasks"].get(t, {}).get("accuracy")) for r in results.values()])
+        )
     lines.append(row("form average", "", [cell(r["form_average"]) for r in results.values()]))
     lines.append(row("overall", "", [cell(r["overall"]["accuracy"]) for r in results.values()]))
     for key, label in TURN_ROWS.items():
         figures = [r.get("turns", {}).get(key) for r in results.values()]
         if any(f and key != "1" for f in figures):
-            lines.append(row(label, "", [
-                cell(f["accuracy"], f.get("single_turn")) if f else cell(None) for f in figures
-            ]))  # fmt: skip
+            lines.append(
+                row(
+                    label,
+                    "",
+                    [
+                        cell(f["accuracy"], f.get("single_turn")) if f else cell(None)
+                        for f in figures
+                    ],
+                )
+            )
         elif key == "1" and any(len(r.get("turns", {})) > 1 for r in results.values()):
-            lines.append(row(label, "", [cell(f["accuracy"]) if f else cell(None)
-                                         for f in figures]))  # fmt: skip
+            lines.append(
+                row(label, "", [cell(f["accuracy"]) if f else cell(None) for f in figures])
+            )
     if len(lines) > len(tasks) + 4:
-        lines.append("(answer k: held-out items asked k-th in a conversation; in parentheses, "
-                     "the same items asked alone)")  # fmt: skip
+        lines.append(
+            "(answer k: held-out items asked k-th in a conversation; in parentheses, "
+            "the same items asked alone)"
+        )
     return "\n".join(lines)
 
 
 # ------------------------------------------------------------- shared by SFT and evaluate
-
-
-def builtin_tasks(cfg) -> TaskSet:
-    """The built-in tasks from the `data` corpus, as conf/tasks/builtin.yaml sets them."""
-    t = cfg.tasks
-    try:
-        sizes = task_sizes(t.n_train)
-    except ValueError as e:
-        raise UserError(f"tasks.n_train: {e}") from None
-    return build_tasks(
-        load_documents(cfg.data), t.seed, sizes, t.n_test,
-        multi_turn=t.get("multi_turn", 0.0), system_share=t.get("system_share", 0.0),
-        n_test_turns=t.get("n_test_turns", 0),
-    )  # fmt: skip
 
 
 def eval_file_items(

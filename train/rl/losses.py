@@ -1,6 +1,6 @@
-"""The step functions of the training stages: one batch in, StepResult(loss, tokens, metrics) out.
-
-Each is what train/core/trainer.py calls on every micro-batch (see its docstring for the contract).
+"""The losses of the reward model, PPO and DPO, and their step functions: one batch in,
+StepResult(loss, tokens, metrics) out (the contract of train/core/trainer.py; pretraining
+and SFT's next-token step is there too).
 """
 
 import torch
@@ -8,24 +8,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.trainer import StepResult
-
-
-def next_token_step(
-    model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], pad_id: int | None = None
-) -> StepResult:
-    """Next-token cross-entropy (pretraining and SFT).
-
-    batch = (x, y), both (B, T); y[b, t] is the token after x[b, :t+1], or -100 where the
-    position is not trained on (SFT: everything but the assistant's replies; padding).
-
-        loss = mean over (b, t) with y[b, t] != -100 of  -log p(y[b, t] | x[b, :t+1])
-
-    tokens: the positions the model ran on, padding (x == pad_id) excluded.
-    """
-    x, y = batch
-    _, loss = model(x, y)
-    tokens = x.numel() if pad_id is None else (x != pad_id).sum()
-    return StepResult(loss, tokens)
 
 
 def pairwise_loss(
@@ -63,9 +45,12 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def clipped_policy_loss(
-    logprobs: torch.Tensor, old: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+    logprobs: torch.Tensor,
+    old: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
     clip: float = 0.2,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PPO's clipped surrogate over reply tokens (all (B, T) tensors):
 
         rho_t  = exp(log pi_theta(a_t | s_t) - log pi_old(a_t | s_t))
@@ -82,9 +67,12 @@ def clipped_policy_loss(
 
 
 def clipped_value_loss(
-    values: torch.Tensor, old: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+    values: torch.Tensor,
+    old: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
     clip: float = 0.2,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """The value function's loss, with the update of V clipped around the rollout's values:
 
     V_clip = V_old + clip(V - V_old, -eps_v, eps_v)
@@ -141,7 +129,6 @@ def ppo_step(
         p = F.softmax(logits[:B, : batch["ids"].size(1) - 1].float(), dim=-1)
         entropy = -(p * p.clamp(min=1e-12).log()).sum(-1)  # (B, T-1)
         metrics["entropy"] = masked_mean(entropy, mask)
-    metrics.update({k: v for k, v in batch.items() if k.startswith("rollout_")})
     return StepResult(loss, batch["lengths"].sum(), metrics)
 
 
@@ -202,11 +189,16 @@ def dpo_step(
     logits, _ = model(batch["ids"])
     mask = batch["mask"].float()
     logps = sequence_logprobs(logits, batch["ids"], mask)  # (R,)
-    loss, chosen, rejected = dpo_loss(logps, batch["ref_logps"], batch["better"], batch["worse"],
-                                      beta, label_smoothing)  # fmt: skip
+    loss, chosen, rejected = dpo_loss(
+        logps, batch["ref_logps"], batch["better"], batch["worse"], beta, label_smoothing
+    )
     margin = chosen - rejected
-    metrics = {"chosen_reward": chosen.mean(), "rejected_reward": rejected.mean(),
-               "margin": margin.mean(), "accuracy": (margin > 0).float().mean()}  # fmt: skip
+    metrics = {
+        "chosen_reward": chosen.mean(),
+        "rejected_reward": rejected.mean(),
+        "margin": margin.mean(),
+        "accuracy": (margin > 0).float().mean(),
+    }
     if nll_coef > 0:
         per_token = -logps / mask[:, 1:].sum(-1).clamp(min=1)  # (R,)
         nll = per_token[batch["better"]].mean()

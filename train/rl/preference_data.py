@@ -32,29 +32,73 @@ file, and users can read exactly what they learn from.
 import hashlib
 import json
 import time
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
+import checks
+from checks import TRAINING_FILES, Settings, file_list, flag, integer, number, setting
 from data import judge
+from data.instruct import prompt_messages
 from data.judge import grade
-from data.preferences import PreferenceGroup, pair_records, read_preference_file
-from data.sources import sha256_file
-from data.tasks import TaskSet
+from data.preferences import (
+    PreferenceGroup,
+    load_preference_data,
+    pair_records,
+    read_preference_file,
+    render_group,
+)
+from data.sources import DataConfig, sha256_file
+from data.tasks import TasksConfig, TaskSet, builtin_tasks
+from errors import UserError
 from model.generate import complete
 from tokenizer.chat import render_prompt
 
 from ..core.files import atomic_write_text
-from ..eval.task_eval import prompt_messages
 
 FORMAT = 2  # 2: names held out from every task, conversations of several questions
 SPLITS = ("train", "test")
 
 
-def preference_key(cfg, sft_path: str) -> str:
+@dataclass
+class PreferencesConfig(Settings):
+    """The built-in preference set's settings; conf/preferences/builtin.yaml gives and
+    explains each value."""
+
+    builtin: bool = setting(flag())
+    dir: str = setting(checks.text())
+    samples: int = setting(integer(2))
+    prompts: int = setting(integer(1))
+    temperature: float = setting(number(above=0))
+    borrowed: int = setting(integer(0))
+    max_new_tokens: int = setting(integer(1))
+    batch_size: int = setting(integer(1))
+    seed: int = setting(integer())
+
+    def prefix(self) -> str:
+        return "preferences."
+
+
+@dataclass
+class PreferenceSources(Settings):
+    """Where a preference stage's comparisons come from: the built-in set (made from the
+    tasks of the `data` corpus) and the user's files. The reward model and DPO share it."""
+
+    files: list[Any] = setting(TRAINING_FILES)
+    eval_files: list[Any] = setting(file_list())
+    max_bad_fraction: float = setting(number(0, 1))
+    data: DataConfig
+    tasks: TasksConfig
+    preferences: PreferencesConfig
+
+
+def preference_key(sources: PreferenceSources, sft_path: str) -> str:
     """What the set depends on, hashed."""
-    p, t = cfg.preferences, cfg.tasks
+    p, t = sources.preferences, sources.tasks
     settings = {
         "format": FORMAT,
         "judge": judge.VERSION,
@@ -63,16 +107,16 @@ def preference_key(cfg, sft_path: str) -> str:
             "seed": t.seed,
             "n_train": str(t.n_train),
             "n_test": t.n_test,
-            "multi_turn": t.get("multi_turn", 0.0),
-            "system_share": t.get("system_share", 0.0),
+            "multi_turn": t.multi_turn,
+            "system_share": t.system_share,
         },
-        "data": cfg.data.name,
+        "data": sources.data.name,
         "samples": p.samples,
         "prompts": p.prompts,
         "temperature": p.temperature,
         "max_new_tokens": p.max_new_tokens,
         "seed": p.seed,
-        "borrowed": p.get("borrowed", 0),
+        "borrowed": p.borrowed,
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
@@ -86,11 +130,10 @@ def training_prompts(tasks: TaskSet, n: int) -> list[dict]:
 
 
 def sample_groups(
-    model, tok, items: list[dict], cfg, device, borrowed: int = 0, log=print
+    model, tok, items: list[dict], p: PreferencesConfig, device, borrowed: int = 0, log=print
 ) -> list[PreferenceGroup]:
     """K sampled replies per item (and `borrowed` replies of other tasks' items), judged,
     as groups of ranked pairs."""
-    p = cfg.preferences
     prompts = [render_prompt(tok, prompt_messages(item)) for item in items]
     budgets = [min(p.max_new_tokens, 2 * len(tok.encode(i["answer"])) + 8) for i in items]
     generator = torch.Generator(device=device).manual_seed(p.seed)
@@ -101,8 +144,14 @@ def sample_groups(
     done = []
     for first in tqdm(range(0, len(repeated), p.batch_size), desc="sampling", leave=False):
         chunk = slice(first, first + p.batch_size)
-        done += complete(model, repeated[chunk], budgets[chunk], temperature=p.temperature,
-                         stop_ids=(tok.end_id, tok.eos_id), generator=generator)  # fmt: skip
+        done += complete(
+            model,
+            repeated[chunk],
+            budgets[chunk],
+            temperature=p.temperature,
+            stop_ids=(tok.end_id, tok.eos_id),
+            generator=generator,
+        )
     log(f"sampled {len(done)} replies in {time.perf_counter() - start:.0f}s")
     finished = [
         tok.decode(c.text_tokens) if c.stopped and c.tokens[-1] == tok.end_id else None
@@ -138,12 +187,13 @@ def off_task_replies(items: list[dict], finished: list, n: int, k: int, count: i
 
 
 def builtin_preferences(
-    cfg, model, tok, tasks: TaskSet, sft_path: str, device, log=print
+    sources: PreferenceSources, model, tok, tasks: TaskSet, sft_path: str, device, log=print
 ) -> dict[str, list[PreferenceGroup]]:
     """{"train": groups, "test": groups}: read from preferences.dir when up to date, else
     sampled, judged and written there."""
-    out = Path(cfg.preferences.dir)
-    key = preference_key(cfg, sft_path)
+    p = sources.preferences
+    out = Path(p.dir)
+    key = preference_key(sources, sft_path)
     try:
         meta = json.loads((out / "meta.json").read_text())
     except (OSError, ValueError):
@@ -151,18 +201,56 @@ def builtin_preferences(
     if meta.get("key") == key and all((out / f"{s}.jsonl").is_file() for s in SPLITS):
         log(f"preference data up to date in {out}")
         return {s: read_preference_file(out / f"{s}.jsonl", log=log) for s in SPLITS}
-    items = {"train": training_prompts(tasks, cfg.preferences.prompts), "test": tasks.test}
+    items = {"train": training_prompts(tasks, p.prompts), "test": tasks.test}
     was_training = model.training
     model.eval()
-    borrowed = {"train": cfg.preferences.get("borrowed", 0), "test": 0}  # held out: own samples
-    groups = {s: sample_groups(model, tok, items[s], cfg, device, borrowed[s], log) for s in SPLITS}
+    borrowed = {"train": p.borrowed, "test": 0}  # held out: the model's own samples only
+    groups = {s: sample_groups(model, tok, items[s], p, device, borrowed[s], log) for s in SPLITS}
     model.train(was_training)
     for split in SPLITS:
         records = [r for g in groups[split] for r in pair_records(g)]
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         atomic_write_text(out / f"{split}.jsonl", text)
-    summary = {s: {"prompts": len(items[s]), "groups": len(groups[s]),
-                   "pairs": sum(len(g.pairs) for g in groups[s])} for s in SPLITS}  # fmt: skip
+    summary = {
+        s: {
+            "prompts": len(items[s]),
+            "groups": len(groups[s]),
+            "pairs": sum(len(g.pairs) for g in groups[s]),
+        }
+        for s in SPLITS
+    }
     atomic_write_text(out / "meta.json", json.dumps({"key": key, **summary}, indent=1) + "\n")
     log(f"preference data written to {out}: {summary}")
     return groups
+
+
+def preference_groups(sources: PreferenceSources, stage, sft, tok, sft_path: str) -> dict:
+    """{"train": groups, "test": groups}: the built-in set (made on rank 0 first) and the
+    user's files (training files, and held-out ones as eval_files)."""
+    sets = {"train": [], "test": []}
+    if sources.preferences.builtin:
+        tasks = builtin_tasks(sources.tasks, sources.data)
+        device = stage.runtime.device
+        build = partial(
+            builtin_preferences, sources, sft.to(device), tok, tasks, sft_path, device, stage.log
+        )
+        sets = stage.main_first(build)
+    if sources.files:
+        sets["train"] += load_preference_data(
+            sources.files, sources.max_bad_fraction, stage.settings.seed, stage.log
+        )
+    for path in sources.eval_files:
+        sets["test"] += load_preference_data(
+            [path], sources.max_bad_fraction, stage.settings.seed, stage.log, setting="eval_files"
+        )
+    if not sets["train"]:
+        raise UserError("no preference data: set preferences.builtin=true or give files=[...]")
+    return sets
+
+
+def rendered(tok, groups, block_size: int, what: str, log) -> list:
+    """The groups rendered with the chat format (those that fit the context), counted."""
+    out = [r for r in (render_group(tok, g, block_size) for g in groups) if r is not None]
+    pairs = sum(len(r.pairs) for r in out)
+    log(f"{what}: {len(out)} prompts, {sum(len(r.rows) for r in out)} replies, {pairs} pairs")
+    return out

@@ -1,9 +1,8 @@
-"""PPO's batch source: sample replies with the policy, score them, and serve minibatches.
+"""PPO's data: replies sampled with the current policy, scored, turned into advantages.
 
-The training loop (train/core/trainer.py) draws one minibatch per optimizer step. This source
-keeps a queue of them; when it runs out, it collects a new rollout with the current policy:
+One rollout (`Rollouts.collect`), as train/ppo.py's loop calls it before its updates:
 
-    prompts   rollout_prompts prompts (x samples each for advantage=group), drawn anew for
+    prompts   rollout_prompts prompts (x group_size each for advantage=group), drawn anew for
               every rollout and every rank from (seed, rollout number, rank)
     replies   sampled with the KV-cache sampler at temperature 1 (model/generate.py), with
               their log-probabilities pi_old(a_t | s_t); a reply that does not end its turn
@@ -14,15 +13,14 @@ keeps a queue of them; when it runs out, it collects a new rollout with the curr
     rewards   per token: -beta (log pi_old - log pi_ref), plus the score at the last token
     advantages GAE from the value function, or group-relative (train/rl/advantages.py)
 
-and queues ppo_epochs passes over the rollout, each in a new random order, cut into
-minibatches of minibatch_size replies. Every minibatch carries the rollout's figures
-(rollout_score, rollout_gold, rollout_kl ...) for the loop to log. After each rollout the
-KL coefficient adapts when kl_target is set (Ziegler et al. 2019):
+The rollout's minibatches (`Rollout.minibatches`) are ppo_epochs passes over it, each in a
+new random order, cut into minibatch_size replies. After each rollout the KL coefficient
+adapts when kl_target is set (Ziegler et al. 2019):
 
     beta <- beta * (1 + clip((KL - KL_target) / KL_target, -0.2, 0.2) * n / horizon)
 
 with KL the mean per-reply sum of log pi_old - log pi_ref and n the replies of the rollout.
-Under DDP every rank collects its own rollouts; gradients are averaged by the loop.
+Under DDP every rank collects its own rollouts; gradients are averaged by the Trainer.
 """
 
 import contextlib
@@ -33,99 +31,89 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from checks import Settings, choice, integer, number, setting
 from data.batching import pad_rows
+from data.instruct import prompt_messages
 from data.judge import grade
 from model.generate import Completion, complete
 from tokenizer.chat import render_prompt
 
-from ..eval.task_eval import prompt_messages
 from .advantages import gae, group_advantages, kl_rewards, whiten
 from .losses import reply_logprobs
 
+FIGURES = ("score", "gold", "kl", "length", "beta", "unfinished")  # of every rollout
+
 
 @dataclass
-class RolloutSettings:
-    """conf/ppo.yaml's rollout and reward settings."""
+class SamplingSettings(Settings):
+    """How replies are sampled and scored (values and meaning in conf/ppo.yaml)."""
 
-    rollout_prompts: int = 64  # prompts per rollout (per rank)
-    group_size: int = 1  # replies per prompt: K for advantage=group
-    reply_tokens: int = 48  # the reply budget
-    ppo_epochs: int = 2
-    minibatch_size: int = 32  # replies per minibatch
-    beta: float = 0.02  # KL coefficient (the start value when adaptive)
-    kl_target: float | None = None  # adaptive beta when set
-    kl_horizon: int = 10000
-    unfinished_penalty: float = -1.0
-    advantage: str = "gae"  # gae | group
-    gamma: float = 1.0
-    lam: float = 0.95
-    reward: str = "model"  # model: the reward model | tasks: the judge
-    seed: int = 0
-    sample_batch: int = 64  # prompts decoded together
+    reply_tokens: int = setting(integer(1))
+    sample_batch: int = setting(integer(1))
+    reward: str = setting(choice("model", "tasks"))
+    unfinished_penalty: float = setting(number())
+    seed: int = setting(integer())
 
 
-class Rollouts:
-    """A Batches source (train/core/trainer.py) that collects rollouts as it needs them."""
+@dataclass
+class RolloutSettings(SamplingSettings):
+    """How rollouts are collected and turned into advantages (conf/ppo.yaml)."""
+
+    rollout_prompts: int = setting(integer(1))
+    group_size: int = setting(integer(1))
+    ppo_epochs: int = setting(integer(1))
+    minibatch_size: int = setting(integer(1))
+    beta: float = setting(number(0))
+    kl_target: float | None = setting(number(above=0), null=True)
+    kl_horizon: int = setting(integer(1))
+    advantage: str = setting(choice("gae", "group"))
+    gamma: float = setting(number(0, 1))
+    lam: float = setting(number(0, 1))
+
+
+@dataclass
+class Rollout:
+    """One rollout: its tensors (ids (B, T); per reply token, (B, T-1): mask, old_logprobs,
+    advantages, and with a value function returns and old_values) and its figures."""
+
+    batch: dict
+    figures: dict[str, float]
+    order: np.random.Generator  # the minibatches' shuffles
+
+    def minibatches(self, epochs: int, size: int) -> list[dict]:
+        """`epochs` passes over the replies, each in a new random order, in minibatches."""
+        B, out = self.batch["ids"].size(0), []
+        for _ in range(epochs):
+            order = self.order.permutation(B)
+            for first in range(0, B, size):
+                rows = torch.as_tensor(order[first : first + size])
+                out.append(_trim({k: v[rows] for k, v in self.batch.items()}))
+        return out
+
+
+def _trim(mb: dict) -> dict:
+    """Cut the columns after the longest row of the minibatch (padding only)."""
+    T = int(mb["lengths"].max())
+    return {k: (v[:, : T if k == "ids" else T - 1] if v.dim() == 2 else v) for k, v in mb.items()}
+
+
+class Sampler:
+    """Samples replies with a policy and scores them: with the reward model (or the judge),
+    the judge's grade beside it (the gold), and the KL to the reference."""
 
     def __init__(
         self,
         models: dict,
         tok,
-        items: list[dict],
-        settings: RolloutSettings,
+        settings: SamplingSettings,
         device,
-        rank: int = 0,
-        ptx=None,
         autocast=contextlib.nullcontext,
     ) -> None:
-        """models: "policy" (the GPT being trained), "reference" (frozen SFT), "value"
-        (ScalarModel or None), "reward" (ScalarModel or None for reward=tasks).
-        items: the prompts, built-in task items or the user's {"messages": [...]}.
-        ptx: an optional batch source of pretraining windows (PPO-ptx)."""
-        self.models, self.tok, self.items, self.s = models, tok, items, settings
-        self.device, self.rank, self.ptx, self.autocast = device, rank, ptx, autocast
-        self.iteration = 0  # rollouts collected so far
-        self.beta = settings.beta
-        self.queue: list[dict] = []
-        self.last: dict = {}  # the last rollout's figures
-        self.seconds = {"generation": 0.0, "scoring": 0.0}  # where collecting's time went
-
-    # -- the Batches protocol -------------------------------------------------------
-    def next_batch(self) -> dict:
-        if not self.queue:
-            self.queue = self.collect()
-        batch = self.queue.pop(0)
-        if self.ptx is not None:
-            batch = {**batch, "ptx": self.ptx.next_batch()[0]}  # (B, T) pretraining windows
-        return batch
-
-    def state_dict(self) -> dict:
-        return {"iteration": self.iteration, "beta": self.beta}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.iteration, self.beta, self.queue = int(state["iteration"]), float(state["beta"]), []
-
-    # -- collecting -----------------------------------------------------------------
-    def draw_items(self) -> list[dict]:
-        rng = np.random.default_rng([self.s.seed, self.iteration, self.rank])
-        picks = rng.choice(len(self.items), self.s.rollout_prompts, replace=False)
-        return [self.items[i] for i in picks for _ in range(self.s.group_size)]
-
-    @torch.no_grad()
-    def collect(self) -> list[dict]:
-        """One rollout, as ppo_epochs x (replies / minibatch_size) minibatches."""
-        items = self.draw_items()
-        start = time.perf_counter()
-        with self.autocast():
-            replies = self.sample(items)
-            sampled = time.perf_counter()
-            batch, ref, scores = self.score(items, replies)  # reference and reward model
-            batch.update(self.advantages(batch, ref, scores))  # and the value function
-        self.seconds["generation"] += sampled - start
-        self.seconds["scoring"] += time.perf_counter() - sampled
-        self.adapt_beta(batch["rollout_kl"].item(), len(items))
-        self.iteration += 1
-        return self.minibatches(batch)
+        """models: "policy" (the GPT sampled from), "reference" (frozen SFT), "reward"
+        (ScalarModel, or None for reward=tasks), and for Rollouts "value" (or None)."""
+        self.models, self.tok, self.s = models, tok, settings
+        self.device, self.autocast = device, autocast
+        self.iteration = 0  # seeds the sampling: rollouts collected so far
 
     @torch.no_grad()
     def measure(self, items: list[dict]) -> dict:
@@ -136,9 +124,9 @@ class Rollouts:
         for first in tqdm(range(0, len(items), size), desc="sampled replies", leave=False):
             chunk = items[first : first + size]
             with self.autocast():
-                self.score(chunk, self.sample(chunk))
+                figures = self.score(chunk, self.sample(chunk))[3]
             for k in keys:
-                sums[k] += self.last[k] * len(chunk)
+                sums[k] += figures[k] * len(chunk)
         return {k: v / len(items) for k, v in sums.items()}
 
     def sample(self, items: list[dict]) -> list[tuple[list[int], Completion]]:
@@ -152,15 +140,21 @@ class Rollouts:
         size, done = self.s.sample_batch, []
         chunks = range(0, len(prompts), size)
         for first in tqdm(chunks, desc="sampling", leave=False, disable=len(chunks) < 4):
-            done += complete(policy, prompts[first : first + size], budgets[first : first + size],
-                             temperature=1.0, logprobs=True, generator=g,
-                             stop_ids=(self.tok.end_id, self.tok.eos_id))  # fmt: skip
+            done += complete(
+                policy,
+                prompts[first : first + size],
+                budgets[first : first + size],
+                temperature=1.0,
+                logprobs=True,
+                generator=g,
+                stop_ids=(self.tok.end_id, self.tok.eos_id),
+            )
         policy.train(was_training)
         return list(zip(prompts, done, strict=True))
 
-    def score(self, items, replies) -> tuple[dict, torch.Tensor, torch.Tensor]:
-        """The rollout as tensors (ids (B, T); per reply token (B, T-1) its mask and old
-        log-probs; its figures), the reference's log-probs (B, T-1) and the scores (B,)."""
+    def score(self, items, replies) -> tuple[dict, torch.Tensor, torch.Tensor, dict]:
+        """The replies as tensors (ids (B, T); per reply token (B, T-1) its mask and old
+        log-probs), the reference's log-probs (B, T-1), the scores (B,) and the figures."""
         ids, lengths = pad_rows([p + c.tokens for p, c in replies], self.tok.pad_id)  # (B, T)
         mask = torch.zeros(ids.size(0), ids.size(1) - 1)  # (B, T-1): 1 on reply tokens
         old = torch.zeros_like(mask)
@@ -177,11 +171,14 @@ class Rollouts:
         scores = self.reward(ids_d, lengths, gold, finished)
         batch = {"ids": ids, "lengths": lengths, "mask": mask, "old_logprobs": old}
         kl = ((old - ref) * mask).sum(1)  # (B,) per reply
-        stats = {"score": scores.mean(), "gold": gold.nanmean(), "kl": kl.mean(),
-                 "length": mask.sum(1).mean(), "beta": torch.tensor(self.beta),
-                 "unfinished": 1 - torch.tensor(finished, dtype=torch.float).mean()}  # fmt: skip
-        self.last = {k: float(v) for k, v in stats.items()}
-        return {**batch, **{f"rollout_{k}": v for k, v in stats.items()}}, ref, scores
+        figures = {
+            "score": scores.mean(),
+            "gold": gold.nanmean(),
+            "kl": kl.mean(),
+            "length": mask.sum(1).mean(),
+            "unfinished": 1 - torch.tensor(finished, dtype=torch.float).mean(),
+        }
+        return batch, ref, scores, {k: float(v) for k, v in figures.items()}
 
     @staticmethod
     def gold(item: dict, text: str, finished: bool) -> float:
@@ -200,6 +197,56 @@ class Rollouts:
             scores = self.models["reward"](ids, lengths.to(ids.device)).float().cpu()
         done = torch.tensor(finished)
         return torch.where(done, scores, torch.full_like(scores, self.s.unfinished_penalty))
+
+
+class Rollouts(Sampler):
+    """Collects PPO's rollouts with the current policy; its position (rollouts collected,
+    beta) goes into checkpoints."""
+
+    def __init__(
+        self,
+        models: dict,
+        tok,
+        items: list[dict],
+        settings: RolloutSettings,
+        device,
+        rank: int = 0,
+        autocast=contextlib.nullcontext,
+    ) -> None:
+        """items: the prompts, built-in task items or the user's {"messages": [...]}."""
+        super().__init__(models, tok, settings, device, autocast)
+        self.items, self.rank = items, rank
+        self.beta = settings.beta
+        self.seconds = {"generation": 0.0, "scoring": 0.0}  # where collecting's time went
+
+    def state_dict(self) -> dict:
+        return {"iteration": self.iteration, "beta": self.beta}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.iteration, self.beta = int(state["iteration"]), float(state["beta"])
+
+    def draw_items(self) -> list[dict]:
+        rng = np.random.default_rng([self.s.seed, self.iteration, self.rank])
+        picks = rng.choice(len(self.items), self.s.rollout_prompts, replace=False)
+        return [self.items[i] for i in picks for _ in range(self.s.group_size)]
+
+    @torch.no_grad()
+    def collect(self) -> Rollout:
+        """One rollout with the current policy: sample, score, advantages (module doc)."""
+        items = self.draw_items()
+        start = time.perf_counter()
+        with self.autocast():
+            replies = self.sample(items)
+            sampled = time.perf_counter()
+            batch, ref, scores, figures = self.score(items, replies)
+            batch.update(self.advantages(batch, ref, scores))  # and the value function
+        self.seconds["generation"] += sampled - start
+        self.seconds["scoring"] += time.perf_counter() - sampled
+        figures["beta"] = float(torch.tensor(self.beta))
+        self.adapt_beta(figures["kl"], len(items))
+        self.iteration += 1
+        order = np.random.default_rng([self.s.seed, self.iteration, self.rank, 1])
+        return Rollout(batch, figures, order)
 
     def advantages(self, batch: dict, ref: torch.Tensor, scores: torch.Tensor) -> dict:
         """Per-token rewards, then advantages (and the value targets) for every reply."""
@@ -230,21 +277,3 @@ class Rollouts:
         if target:
             error = float(np.clip((kl - target) / target, -0.2, 0.2))
             self.beta *= 1 + error * n / self.s.kl_horizon
-
-    def minibatches(self, batch: dict) -> list[dict]:
-        B = batch["ids"].size(0)
-        rng = np.random.default_rng([self.s.seed, self.iteration, self.rank, 1])
-        out = []
-        for _ in range(self.s.ppo_epochs):
-            order = rng.permutation(B)
-            for first in range(0, B, self.s.minibatch_size):
-                rows = torch.as_tensor(order[first : first + self.s.minibatch_size])
-                mb = {k: (v[rows] if v.dim() > 0 else v) for k, v in batch.items()}
-                out.append(_trim(mb))
-        return out
-
-
-def _trim(mb: dict) -> dict:
-    """Cut the columns after the longest row of the minibatch (padding only)."""
-    T = int(mb["lengths"].max())
-    return {k: (v[:, : T if k == "ids" else T - 1] if v.dim() == 2 else v) for k, v in mb.items()}

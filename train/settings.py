@@ -1,0 +1,246 @@
+"""Every command's settings, typed: one dataclass per entry point, built from the pieces the
+stages share.
+
+The values, and what each one means, are in conf/ (conf/<command>.yaml and the files it
+lists in its defaults: base.yaml for every command, training.yaml for the training
+stages...): each written once. Here is each setting's type and rule (checks.py), also
+written once: Hydra checks the types as it reads the files and the command line, and
+building the object checks the rules, so a wrong value stops a command before any work.
+
+    PretrainSettings = CommandSettings + LoopSettings + OptimizerSettings + its own
+                       (device...)       (train/core/trainer.py) (train/core/optim.py)
+
+`load(command, overrides)` gives the settings `python -m train.<command> <overrides>` would
+run with (train.align checks every stage this way before running any; the tests use it).
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+from checks import (
+    EVAL_FILES,
+    TEMPERATURE,
+    TRAINING_FILES,
+    CommandSettings,
+    Rule,
+    Settings,
+    anything,
+    choice,
+    file_list,
+    flag,
+    integer,
+    list_of,
+    mapping_of,
+    number,
+    setting,
+    text,
+)
+from command import load_settings
+from data.sources import DataConfig
+from data.tasks import TasksConfig
+from errors import UserError
+
+from .core.optim import OptimizerSettings
+from .core.trainer import LoopSettings
+from .rl.preference_data import PreferenceSources
+from .rl.rollouts import RolloutSettings
+
+MODEL = Rule("a mapping of the model's settings (conf/model/)", lambda v: isinstance(v, dict))
+
+
+@dataclass
+class TrainingSettings(CommandSettings, LoopSettings, OptimizerSettings):
+    """What every training stage has (conf/training.yaml)."""
+
+    resume: bool = setting(flag())
+    overwrite: bool = setting(flag())
+    batch_size: int = setting(integer(1))
+
+
+@dataclass
+class HeldOut(Settings):
+    """The held-out instruction items: the built-in tasks' (made from the `data` corpus) and
+    the user's eval files (conf/heldout.yaml)."""
+
+    eval_files: list[Any] = setting(EVAL_FILES)
+    max_bad_fraction: float = setting(number(0, 1))
+    data: DataConfig
+    tasks: TasksConfig
+
+
+@dataclass
+class PretrainSettings(TrainingSettings):
+    """python -m train.pretrain (conf/pretrain.yaml)."""
+
+    model: dict[str, Any] = setting(MODEL)
+    data: DataConfig
+    eval_tokens: int | None = setting(integer(1), null=True)
+    sample_tokens: int = setting(integer(1))
+
+
+@dataclass
+class SFTSettings(TrainingSettings, HeldOut):
+    """python -m train.sft (conf/sft.yaml)."""
+
+    init_from: str = setting(text())
+    files: list[Any] = setting(TRAINING_FILES)
+    eval_max_new_tokens: int | None = setting(integer(1), null=True)
+
+
+@dataclass
+class RewardSettings(TrainingSettings, PreferenceSources):
+    """python -m train.reward (conf/reward.yaml)."""
+
+    init_from: str = setting(text())
+    epochs: float = setting(number(above=0))
+
+
+@dataclass
+class DPOSettings(RewardSettings):
+    """python -m train.dpo (conf/dpo.yaml): the reward model's data, DPO's loss."""
+
+    beta: float = setting(number(above=0))
+    label_smoothing: float = setting(number(0, below=0.5))
+    nll_coef: float = setting(number(0))
+    min_chosen_score: float | None = setting(number(0, 1), null=True)
+    eval_tasks: bool = setting(flag())
+    eval_max_new_tokens: int = setting(integer(1))  # also the sampled replies' budget
+
+
+@dataclass
+class PPOSettings(TrainingSettings, HeldOut, RolloutSettings):
+    """python -m train.ppo (conf/ppo.yaml)."""
+
+    init_from: str = setting(text())
+    reward_model: str = setting(text())
+    prompt_files: list[Any] = setting(file_list())
+    iterations: int = setting(integer(1))
+    clip: float = setting(number(above=0, below=1))
+    value_clip: float = setting(number(above=0))
+    vf_coef: float = setting(number(0))
+    ptx_coef: float = setting(number(0))
+    ptx_batch_size: int = setting(integer(1))
+    ptx_seq_len: int = setting(integer(1))
+    ptx_eval_tokens: int = setting(integer(1))
+    report_bpb: bool = setting(flag())
+    eval_max_new_tokens: int = setting(integer(1))
+
+    def check_relations(self) -> None:
+        super().check_relations()
+        if self.advantage == "group" and self.group_size < 2:
+            raise UserError(
+                f"advantage=group compares replies to the same prompt, so it needs "
+                f"group_size >= 2 (got {self.group_size}); set group_size=8, say"
+            )
+        if self.advantage == "gae" and self.reward != "model":
+            raise UserError(
+                "advantage=gae starts its value function from the reward model: use "
+                "reward=model, or advantage=group with reward=tasks"
+            )
+
+
+@dataclass
+class SampleSettings(CommandSettings):
+    """python -m train.sample (conf/sample.yaml)."""
+
+    checkpoint: str | None = setting(text(), null=True)
+    mode: str = setting(choice("generate", "chat"))
+    prompt: str | None = setting(anything(), null=True)
+    prompt_file: str | None = setting(text(), null=True)
+    num_samples: int = setting(integer(1))
+    system: str | None = setting(text(), null=True)
+    max_new_tokens: int = setting(integer(1))
+    temperature: float = setting(TEMPERATURE)
+    top_k: int | None = setting(integer(0), null=True)
+    top_p: float | None = setting(number(above=0, high=1), null=True)
+    use_cache: bool = setting(flag())
+
+
+@dataclass
+class EvaluateSettings(CommandSettings, HeldOut):
+    """python -m train.evaluate (conf/evaluate.yaml)."""
+
+    checkpoint: str = setting(text())
+    text_file: str | None = setting(text(), null=True)
+    task_eval: bool | None = setting(flag(), null=True)
+    eval_max_new_tokens: int | None = setting(integer(1), null=True)
+    checkpoints: list[str] = setting(list_of(text()))
+    reference: str = setting(text())
+    reward_model: str | None = setting(text(), null=True)
+    report_dir: str | None = setting(text(), null=True)
+
+
+@dataclass
+class BenchSettings(CommandSettings):
+    """python -m train.bench (conf/bench.yaml)."""
+
+    model: dict[str, Any] = setting(MODEL)
+    repeats: int = setting(integer(1))
+    train: bool = setting(flag())
+    optimizer: str = setting(choice("adamw", "muon"))
+    train_batch_size: int = setting(integer(1))
+    train_seq_len: int | None = setting(integer(1), null=True)
+    train_steps: int = setting(integer(1))
+    peak_tflops: float | None = setting(number(above=0), null=True)
+    sample: bool = setting(flag())
+    prompt_tokens: int = setting(integer(1))
+    new_tokens: int = setting(integer(1))
+    top_k: int | None = setting(integer(1), null=True)
+    temperature: float = setting(number(above=0))  # the benchmark samples
+    uncached_new_tokens: int | None = setting(integer(1), null=True)
+    hf: Any = setting(Rule("auto, true or false", lambda v: v in ("auto", True, False)))
+    batch_sizes: list[int] = setting(list_of(integer(1)))
+    batch_new_tokens: int = setting(integer(1))
+
+    def check_relations(self) -> None:
+        """The prompts and the batched runs stay within the model's context."""
+        block = self.model.get("block_size")
+        if isinstance(block, int) and self.prompt_tokens > block:
+            raise UserError(f"prompt_tokens={self.prompt_tokens} exceeds block_size={block}")
+        if isinstance(block, int) and self.batch_new_tokens >= block:
+            raise UserError(
+                f"batch_new_tokens={self.batch_new_tokens} must be below block_size="
+                f"{block}: the batched runs stay within the context"
+            )
+
+
+@dataclass
+class ExportSettings(CommandSettings):
+    """python -m train.export (conf/export.yaml)."""
+
+    checkpoint: str = setting(text())
+    out: str | None = setting(text(), null=True)
+    dtype: str = setting(choice("float32", "bfloat16", "float16"))
+    overwrite: bool = setting(flag())
+
+
+STAGES = ("pretrain", "sft", "rm", "ppo", "dpo")  # train.align's names for the stages
+
+
+@dataclass
+class AlignSettings(CommandSettings):
+    """python -m train.align (conf/align.yaml)."""
+
+    stages: list[str] = setting(list_of(choice(*STAGES)))
+    overrides: dict[str, list[str]] = setting(mapping_of(list_of(text()), ("all", *STAGES)))
+    eval_max_new_tokens: int = setting(integer(1))
+
+
+COMMANDS = {
+    "pretrain": PretrainSettings,
+    "sft": SFTSettings,
+    "reward": RewardSettings,
+    "ppo": PPOSettings,
+    "dpo": DPOSettings,
+    "sample": SampleSettings,
+    "evaluate": EvaluateSettings,
+    "bench": BenchSettings,
+    "export": ExportSettings,
+    "align": AlignSettings,
+}
+
+
+def load(command: str, overrides: list[str] = ()):
+    """The typed settings of `python -m train.<command> <overrides>`; one-line UserError for
+    any value Hydra or the rules refuse."""
+    return load_settings(command, COMMANDS[command], list(overrides))
