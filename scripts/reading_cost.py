@@ -9,9 +9,10 @@
   files they are in; module-level statements (imports, definitions) are not counted; model/
   and tokenizer/ are counted apart (read once, as "the model");
 - functions taking a whole config: a parameter named `cfg` or typed DictConfig, outside tests;
-- keys with a default in more than one place: a setting given the same value in several
-  top-level config files (a copy that one shared file could hold), or a default written both
-  in a Python dataclass and in a YAML file;
+- keys with a default in more than one place: a setting a command's config file gives the
+  very value a shared file it includes (base, training, heldout) already gives, or a default
+  written both in a Python dataclass and in a YAML file;
+- values written in several top-level config files (same key, same value);
 - entry point -> entry point imports (train/<command>.py importing another command);
 - `# fmt: skip` markers, outside tests and in all;
 - the longest function outside tests.
@@ -170,16 +171,37 @@ def lines_followed() -> dict:
 # ---------------------------------------------------------------- static measures
 
 
+def settings_classes() -> set[str]:
+    """The names of every command's settings class (train/settings.py and data/prepare.py)
+    and of the shared wholes they are built from."""
+    names = {"TrainingSettings", "CommandSettings"}
+    for path in (ROOT / "train" / "settings.py", ROOT / "data" / "prepare.py"):
+        if path.exists():
+            tree = ast.parse(path.read_text())
+            names |= {
+                n.name
+                for n in tree.body
+                if isinstance(n, ast.ClassDef)
+                and n.name.endswith("Settings")
+                and n.name != "HeldOut"
+            }
+    return names
+
+
 def whole_config_functions() -> list[str]:
-    found = []
+    """Functions (outside tests) with a parameter named cfg, or typed DictConfig or as a
+    whole command's settings; each marked (entry) when it is in an entry point's module."""
+    wholes, commands, found = settings_classes(), entry_points(), []
     for path in python_files():
+        entry = path.parent.name in ("train", "data") and path.stem in commands | {"prepare"}
         for node in ast.walk(ast.parse(path.read_text())):
             if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue
             for arg in node.args.args + node.args.kwonlyargs:
                 hint = ast.unparse(arg.annotation) if arg.annotation else ""
-                if arg.arg == "cfg" or "DictConfig" in hint:
-                    found.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
+                if arg.arg == "cfg" or "DictConfig" in hint or hint in wholes:
+                    where = " (entry)" if entry else ""
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}{where}")
                     break
     return found
 
@@ -196,33 +218,63 @@ def leaves(tree, prefix: str = "") -> dict[str, object]:
 
 
 def repeated_defaults() -> list[str]:
-    """Settings written with the same value in several top-level config files, and YAML
-    settings that a Python dataclass also gives a default."""
+    """Settings whose value a command's config writes twice: a top-level file (or its
+    group's file) giving a key the very value a shared file it includes already gives (a
+    repeat that says nothing), and YAML settings that a Python dataclass also gives a
+    default (two places to keep in step)."""
+    found, yaml_keys = [], set()
+    for path in sorted((ROOT / "conf").glob("*.yaml")):
+        tree = yaml.safe_load(path.read_text()) or {}
+        own = leaves(tree)
+        yaml_keys |= {key.split(".")[-1] for key in own}
+        shared: dict = {}
+        for entry in tree.get("defaults", []):
+            if isinstance(entry, str) and (ROOT / "conf" / f"{entry}.yaml").is_file():
+                shared.update(leaves(yaml.safe_load((ROOT / "conf" / f"{entry}.yaml").read_text())))
+        found += [
+            f"{k}={own[k]!r} in {path.name} repeats {k} of a file it includes"
+            for k in own.keys() & shared.keys()
+            if own[k] == shared[k]
+        ]
+    for path in python_files():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.ClassDef)
+                and node.name.endswith(("Settings", "Config"))
+                and any("dataclass" in ast.unparse(d) for d in node.decorator_list)
+            ):
+                where = f"{path.relative_to(ROOT)} ({node.name})"
+                twice = [n for n in defaulted_fields(node) if n in yaml_keys]
+                found += [f"{name}: a default in {where} and in conf/" for name in twice]
+    return found
+
+
+def copied_values() -> list[str]:
+    """Settings written with the same value in several top-level config files: copies one
+    shared file could hold (or two commands' own choices that happen to agree)."""
     seen: dict[tuple[str, str], list[str]] = {}
-    yaml_keys = set()
     for path in sorted((ROOT / "conf").glob("*.yaml")):
         for key, value in leaves(yaml.safe_load(path.read_text())).items():
             seen.setdefault((key, json.dumps(value)), []).append(path.name)
-            yaml_keys.add(key.split(".")[-1])
-    found = [f"{k}={v} in {', '.join(files)}" for (k, v), files in seen.items() if len(files) > 1]
-    for path in python_files():
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ClassDef) and any(
-                "dataclass" in ast.unparse(d) for d in node.decorator_list
-            ):
-                for item in node.body:
-                    if (
-                        isinstance(item, ast.AnnAssign)
-                        and item.value is not None
-                        and isinstance(item.target, ast.Name)
-                        and item.target.id in yaml_keys
-                        and "MISSING" not in ast.unparse(item.value)
-                    ):
-                        found.append(
-                            f"{item.target.id}: a default in {path.relative_to(ROOT)} "
-                            f"({node.name}) and in conf/"
-                        )
-    return found
+    return [f"{k}={v} in {', '.join(files)}" for (k, v), files in seen.items() if len(files) > 1]
+
+
+def defaulted_fields(cls: ast.ClassDef) -> list[str]:
+    """The fields of a dataclass that are given a default value in Python."""
+    names = []
+    for item in cls.body:
+        if not (isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)):
+            continue
+        value = item.value
+        if value is None or "MISSING" in ast.unparse(value):
+            continue
+        is_field = isinstance(value, ast.Call) and ast.unparse(value.func).endswith(
+            ("setting", "field")
+        )
+        if is_field and not any(k.arg in ("default", "default_factory") for k in value.keywords):
+            continue  # a field with a rule or metadata, and no default
+        names.append(item.target.id)
+    return names
 
 
 def entry_point_imports() -> list[str]:
@@ -261,6 +313,7 @@ def main() -> None:
     result = {
         "functions taking a whole config": whole_config_functions(),
         "keys with a default in more than one place": repeated_defaults(),
+        "values written in several top-level config files": copied_values(),
         "entry point -> entry point imports": entry_point_imports(),
         "fmt: skip markers": fmt_skips(),
         "longest function": longest_function(),

@@ -336,7 +336,7 @@ def test_schedule_settings_are_checked():
     ):
         loop_settings(schedule="linear")
     with pytest.raises(
-        UserError, match="cooldown=0.0 is not valid: it must be a number > 0 and <= 1"
+        UserError, match="cooldown=0 is not valid: it must be a number > 0 and <= 1"
     ):
         loop_settings(schedule="wsd", cooldown=0.0)
     with pytest.raises(UserError, match="min_lr=0.1 is above lr=0.01"):
