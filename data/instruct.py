@@ -210,9 +210,7 @@ def with_system(record: dict, messages: list[dict]) -> list[dict]:
     if not isinstance(system, str):
         raise ValueError(f"'system' must be a string, got {type(system).__name__}")
     if messages and messages[0]["role"] == "system":
-        raise ValueError(
-            "has a system prompt both in 'system' and as the first message; keep one"
-        )
+        raise ValueError("has a system prompt both in 'system' and as the first message; keep one")
     return [{"role": "system", "content": system}, *messages]
 
 
