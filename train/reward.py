@@ -62,8 +62,12 @@ def reward_model_from(sft) -> ScalarModel:
     return model
 
 
-def preference_groups(cfg: DictConfig, stage: Stage, sft, tok, sft_path: str) -> dict:
-    """{"train": groups, "test": groups}: the built-in set and the user's files."""
+def preference_groups(
+    cfg: DictConfig, stage: Stage, sft, tok, sft_path: str, keep_builtin=None
+) -> dict:
+    """{"train": groups, "test": groups}: the built-in set and the user's files;
+    keep_builtin(groups), when given, selects among the built-in training groups (DPO's
+    min_chosen_score: the judge's scores, which users' files do not share)."""
     sets = {"train": [], "test": []}
     if cfg.preferences.builtin:
         tasks = builtin_tasks(cfg)
@@ -72,6 +76,8 @@ def preference_groups(cfg: DictConfig, stage: Stage, sft, tok, sft_path: str) ->
             builtin_preferences, cfg, sft.to(device), tok, tasks, sft_path, device, stage.log
         )
         sets = stage.main_first(build)
+        if keep_builtin is not None:
+            sets["train"] = keep_builtin(sets["train"])
     if cfg.files:
         sources = OmegaConf.to_container(cfg.files, resolve=True)
         sets["train"] += load_preference_data(sources, cfg.max_bad_fraction, cfg.seed, stage.log)
