@@ -58,11 +58,12 @@ class ModelKind:
     describe: str  # for messages: "a language model"
     build: Callable[[GPTConfig], nn.Module]
     language_model: Callable[[nn.Module], GPT]
+    writes: bool = True  # its language model was trained to write text (load_policy)
 
 
 MODEL_KINDS: dict[str, ModelKind] = {
     "gpt": ModelKind("a language model", GPT, lambda m: m),
-    "reward": ModelKind("a reward model", ScalarModel, lambda m: m.gpt),
+    "reward": ModelKind("a reward model", ScalarModel, lambda m: m.gpt, writes=False),
     "policy_value": ModelKind(
         "a policy with a value function", PolicyWithValue, lambda m: m.policy
     ),
@@ -208,6 +209,27 @@ def load_model(path: str | Path, **overrides) -> tuple[GPT, "tokenizers.Tokenize
     """The language model of a checkpoint of any kind, its tokenizer and the raw checkpoint
     dict (see language_model)."""
     ckpt = load_checkpoint(path)
+    return (*language_model(ckpt, **overrides), ckpt)
+
+
+def require_policy(ckpt: dict) -> None:
+    """UserError unless the checkpoint's language model was trained to write text: a
+    reward model's trunk was trained to score replies, and sampled it writes nonsense."""
+    kind = ckpt["model_kind"]
+    if not MODEL_KINDS[kind].writes:
+        raise UserError(
+            f"checkpoint {ckpt['path']} holds {MODEL_KINDS[kind].describe} ({kind}): its trunk "
+            "was trained to score replies, not to write them; point to a language model (an "
+            "SFT, PPO or DPO run, or a pretrained one)"
+        )
+
+
+def load_policy(path: str | Path, **overrides) -> tuple[GPT, "tokenizers.Tokenizer", dict]:
+    """load_model for whatever writes text with the model or trains it further (the
+    fine-tuning stages, sampling and chat, side-by-side comparisons): a checkpoint whose
+    language model does not write (a reward model) is refused (require_policy)."""
+    ckpt = load_checkpoint(path)
+    require_policy(ckpt)
     return (*language_model(ckpt, **overrides), ckpt)
 
 

@@ -33,7 +33,7 @@ from data.batching import LengthGroupedLoader
 from data.preferences import collate_groups
 from errors import UserError, entry_point
 
-from .checkpoint import CHECKPOINT_NAME, load_model
+from .checkpoint import CHECKPOINT_NAME, load_model, load_policy
 from .compare import sampled
 from .losses import dpo_step, sequence_logprobs
 from .reward import RULES as REWARD_RULES
@@ -121,7 +121,7 @@ def preference_accuracy(model, groups, pad_id: int, device, beta: float) -> dict
 def run(cfg: DictConfig) -> dict:
     with Stage("dpo", cfg, RULES) as stage:
         rt = stage.runtime
-        policy, tok, init = load_model(cfg.init_from)
+        policy, tok, init = load_policy(cfg.init_from)
         keep = partial(keep_pairs, min_chosen_score=cfg.min_chosen_score, log=stage.log)
         groups = preference_groups(cfg, stage, policy, tok, init["path"], keep_builtin=keep)
         reference = copy.deepcopy(policy).requires_grad_(False).to(rt.device).eval()

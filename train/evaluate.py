@@ -40,7 +40,14 @@ from data.preferences import read_preference_file, render_group
 from data.records import file_entry
 from errors import UserError, entry_point
 
-from .checkpoint import BEST_NAME, CHECKPOINT_NAME, language_model, load_checkpoint, load_kind
+from .checkpoint import (
+    BEST_NAME,
+    CHECKPOINT_NAME,
+    language_model,
+    load_checkpoint,
+    load_kind,
+    require_policy,
+)
 from .compare import compare, format_comparison, write_report
 from .lm_eval import file_bits_per_byte
 from .reward_eval import format_reward_table, reward_metrics
@@ -97,16 +104,29 @@ def precision_for(cfg: DictConfig, checkpoints: list[dict]) -> str:
     return precision
 
 
+def nothing_to_score(what: str) -> UserError:
+    return UserError(
+        f"nothing to score: tasks.weight=0 and no eval_files; give eval_files=[...] (held-out "
+        f"questions){what}, or tasks.weight > 0 (the built-in tasks' held-out items)"
+    )
+
+
 def run(cfg: DictConfig) -> dict:
     check(cfg, {**RUNTIME, **RULES})
-    if cfg.get("checkpoints"):
-        recorded = [load_checkpoint(p) for p in cfg.checkpoints]
-        with runtime_session(cfg.device, precision_for(cfg, recorded), cfg.seed) as rt:
+    if cfg.get("checkpoints"):  # every checkpoint checked before any model is scored
+        recorded = [load_checkpoint(p) for p in [*cfg.checkpoints, cfg.reference]]
+        for ckpt in recorded:
+            require_policy(ckpt)
+        with runtime_session(cfg.device, precision_for(cfg, recorded[:-1]), cfg.seed) as rt:
             return side_by_side(cfg, rt)
     ckpt = load_checkpoint(cfg.checkpoint)
     with runtime_session(cfg.device, precision_for(cfg, [ckpt]), cfg.seed) as rt:
         if ckpt["model_kind"] == "reward":
             return score_reward_model(cfg, rt, ckpt["path"])
+        task_eval = cfg.task_eval if cfg.task_eval is not None else not cfg.text_file
+        items = held_out_items(cfg) if task_eval else []
+        if task_eval and not items:
+            raise nothing_to_score(", text_file=... (bits per byte)")
         model, tok = language_model(ckpt)
         model.to(rt.device)
         results: dict = {"checkpoint": ckpt["path"]}
@@ -115,9 +135,7 @@ def run(cfg: DictConfig) -> dict:
                 "file": str(cfg.text_file),
                 **file_bits_per_byte(model, tok, rt, cfg.text_file),
             }
-        task_eval = cfg.task_eval if cfg.task_eval is not None else not cfg.text_file
         if task_eval:
-            items = held_out_items(cfg)
             warning = check_budget(tok, items, cfg.eval_max_new_tokens)
             if warning:
                 print(f"warning: {warning}", file=sys.stderr)
@@ -171,6 +189,8 @@ def side_by_side(cfg: DictConfig, rt) -> dict:
         names = paths  # two runs of one name: tell them apart by their paths
     items = builtin_tasks(cfg).test if cfg.tasks.weight > 0 else []
     items += eval_file_items(cfg.eval_files)
+    if not items:
+        raise nothing_to_score("")
     reward = cfg.reward_model if cfg.reward_model and Path(cfg.reward_model).exists() else None
     results = compare(dict(zip(names, paths, strict=True)), cfg.reference, reward, items, rt,
                       cfg.eval_max_new_tokens, cfg.seed)  # fmt: skip

@@ -40,7 +40,7 @@ from data.records import file_entry, read_data_file
 from errors import UserError, entry_point
 from model.heads import PolicyWithValue
 
-from .checkpoint import CHECKPOINT_NAME, load_kind, load_model
+from .checkpoint import CHECKPOINT_NAME, load_kind, load_policy
 from .lm_eval import language_model_metrics
 from .losses import ppo_step
 from .metrics import read_metrics
@@ -119,7 +119,7 @@ def prompt_items(cfg: DictConfig, log) -> tuple[list[dict], list[dict]]:
 
 def build_models(cfg: DictConfig, stage: Stage):
     """(the model to train, the frozen models, the tokenizer, the SFT checkpoint's path)."""
-    sft, tok, init = load_model(cfg.init_from)
+    sft, tok, init = load_policy(cfg.init_from)
     frozen = {"reference": copy.deepcopy(sft).requires_grad_(False)}
     if cfg.reward == "model":
         frozen["reward"] = load_kind(cfg.reward_model, "reward")[0].requires_grad_(False)

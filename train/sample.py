@@ -40,7 +40,7 @@ from model import GPT
 from model.generate import completions, prepare_for_decoding
 from tokenizer.chat import ChatFormatError, render_prompt
 
-from .checkpoint import CHECKPOINT_NAME, load_model
+from .checkpoint import CHECKPOINT_NAME, load_policy
 from .runtime import setup_runtime
 from .settings import RUNTIME, TEMPERATURE, check, choice, flag, integer, number, optional, text
 
@@ -333,7 +333,7 @@ def run(cfg: DictConfig) -> None:
     settings = check_settings(cfg)
     text = read_prompt(cfg) if cfg.mode == "generate" else None  # bad input fails before loading
     rt = setup_runtime(cfg.device, cfg.precision, cfg.seed)
-    model, tok, ckpt = load_model(find_checkpoint(cfg.get("checkpoint")))
+    model, tok, ckpt = load_policy(find_checkpoint(cfg.get("checkpoint")))
     # Inference only: the weights themselves go to the compute dtype (no autocast), so
     # bf16/fp16 halve the bytes read per token; decoding is bound by reading the weights.
     model = prepare_for_decoding(model.to(device=rt.device, dtype=rt.dtype))

@@ -22,7 +22,7 @@ from errors import UserError, entry_point
 from model import GPT
 from tokenizer.chat import render_prompt
 
-from .checkpoint import CHECKPOINT_NAME, load_model
+from .checkpoint import CHECKPOINT_NAME, load_model, load_policy
 from .lm_eval import language_model_metrics, sample_text
 from .losses import next_token_step
 from .settings import EVAL_FILES, MAX_BAD_FRACTION, TASKS, TRAINING_FILES, integer, optional, text
@@ -96,7 +96,7 @@ def _key(messages: list[dict]) -> str:
 def run(cfg: DictConfig) -> dict:
     with Stage("sft", cfg, RULES) as stage:
         rt = stage.runtime
-        model, tok, init = load_model(cfg.init_from)
+        model, tok, init = load_policy(cfg.init_from)
         if stage.resumed is not None:  # the run's own model and tokenizer, not init_from's
             model, tok, _ = load_model(stage.resumed["path"])
         block_size = model.config.block_size
