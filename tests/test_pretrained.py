@@ -267,6 +267,28 @@ def test_another_architecture_is_one_line(tmp_path):
         load_model(str(tmp_path))
 
 
+def test_pickled_weights_that_would_run_code_are_one_line(gpt2_dir, tmp_path):
+    """A Hugging Face folder whose weights are a pickled pytorch_model.bin naming code:
+    transformers loads it with weights_only (nothing runs) and fails deep inside; the
+    project's own line instead, as for a checkpoint of ours."""
+    import shutil
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    folder = shutil.copytree(gpt2_dir, tmp_path / "evil")
+    (folder / "model.safetensors").unlink()
+    weights = folder / "pytorch_model.bin"
+    torch.save({"transformer.wte.weight": torch.zeros(2), "x": Evil()}, weights)
+    with pytest.raises(UserError) as e:
+        load_model(str(folder))
+    assert str(e.value) == (
+        f"{weights} is not a safe checkpoint (loading it would run code); it will not be loaded"
+    )
+    assert not (tmp_path / "pwned").exists()
+
+
 def test_a_directory_without_a_tokenizer_is_one_line(tmp_path):
     random_gpt2(vocab_size=300).save_pretrained(tmp_path)
     with pytest.raises(UserError, match=f"{tmp_path} has no tokenizer"):

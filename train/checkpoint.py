@@ -42,7 +42,7 @@ from model import GPT, GPTConfig
 from model.heads import PolicyWithValue, ScalarModel
 
 from .files import atomic_write
-from .pretrained import checkpoint_from_hf
+from .pretrained import WEIGHTS_ONLY_FAILED, checkpoint_from_hf, not_safe
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_NAME = "ckpt.pt"
@@ -124,11 +124,8 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # garbage bytes fail anywhere in the unpickler: IndexError, KeyError..
-        if "Weights only load failed" in str(e):  # it names code to run: never load it
-            raise UserError(
-                f"{path} is not a safe checkpoint (loading it would run code); it will not "
-                "be loaded"
-            ) from None
+        if WEIGHTS_ONLY_FAILED in str(e):  # it names code to run: never load it
+            raise not_safe(path) from None
         raise UserError(
             f"checkpoint {path} is corrupt or not a checkpoint of this project "
             f"({type(e).__name__}); use another checkpoint or retrain"
