@@ -16,6 +16,7 @@ sft` never carries on after an interrupted stage.
 
 import functools
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -111,6 +112,9 @@ def entry_point(config_name: str):
     return decorate
 
 
+AMBIGUOUS = re.compile(r"Ambiguous value for argument '([^=]+)=(.*)'$")  # Hydra's words
+
+
 def _lines(e: BaseException | None) -> list[str]:
     return [line.strip() for line in str(e or "").splitlines() if line.strip()]
 
@@ -125,6 +129,13 @@ def hydra_error(e: Exception, config_name: str) -> str:
         return (
             f"unknown setting '{key}': {where} has no such key; check its spelling "
             "(--cfg job lists the settings)"
+        )
+    ambiguous = AMBIGUOUS.match(lines[0]) if lines else None
+    if ambiguous:  # prompt=Hello, world: an unquoted comma
+        key, value = ambiguous.groups()
+        return (
+            f"{key}={value}: Hydra reads the comma as a list of values; quote the value: "
+            f"'{key}=\"{value}\"' (single quotes for the shell, double quotes for Hydra)"
         )
     options = getattr(e, "options", None)
     if options:  # an unknown preset: model=huge

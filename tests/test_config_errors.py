@@ -106,6 +106,26 @@ CASES = [
     ("prepare", ["data.val_fraction=5"], r"data.val_fraction must be between 0 and 1"),
     ("prepare", ["data.nosuch=1"], r"unknown setting 'data.nosuch': conf/prepare.yaml"),
     ("prepare", ["data.source=ftp"], r"unknown data.source 'ftp'"),
+    # a directory where a file is expected says so (issue 26)
+    ("sft", ["init_from={ckpt}", "tasks.weight=0", "files=[{tmp}]"],
+     r"data file .*tiny\d* is a directory, not a file; give the path of a file in it"),
+    ("sft", ["init_from={ckpt}", "tasks.weight=0", "files=[{tmp}/train.jsonl]",
+             "eval_files=[{tmp}]"], r"data file .*tiny\d* is a directory, not a file"),
+    ("ppo", ["init_from={ckpt}", "reward=tasks", "advantage=group", "tasks.weight=0",
+             "prompt_files=[{tmp}]"], r"data file .*tiny\d* is a directory, not a file"),
+    ("sample", ["checkpoint={ckpt}", "prompt_file={tmp}"],
+     r"prompt_file .*tiny\d* is a directory, not a file"),
+    ("evaluate", ["checkpoint={ckpt}", "text_file={tmp}"],
+     r"text_file .*tiny\d* is a directory, not a file"),
+    # a name that is no checkpoint here and no GPT-2 the project knows: no network tried
+    ("sample", ["checkpoint=gpt3", "prompt=hi"],
+     r"checkpoint gpt3 does not exist, and gpt3 is not one of the GPT-2 names known here "
+     r"\(gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2\); .*hf:owner/name"),
+    ("sft", ["init_from=gpt3"], r"checkpoint gpt3 does not exist, and gpt3 is not one"),
+    # an unquoted comma: Hydra reads several values
+    ("sample", ["prompt=Hello, world"],
+     r"prompt=Hello, world: Hydra reads the comma as a list of values; quote the value: "
+     r"'prompt=\"Hello, world\"'"),
     # a reward model is no language model to fine-tune or sample from (issue 26)
     ("sft", ["init_from={rm}", "tasks.weight=0", "files=[{tmp}/train.jsonl]"], REWARD_AS_LM),
     ("dpo", ["init_from={rm}"], REWARD_AS_LM),

@@ -140,6 +140,7 @@ def test_weights_compute_what_transformers_computes(gpt2_dir, tok):
 def test_hf_sources_are_told_from_our_checkpoints(gpt2_dir, tmp_path):
     assert hf_source(gpt2_dir) == str(gpt2_dir)
     assert hf_source("gpt2") == "gpt2" and hf_source("distilgpt2") == "distilgpt2"
+    assert hf_source("gpt3") is None  # not a GPT-2 name: no download is tried (hf:gpt3 would)
     assert hf_source("hf:openai-community/gpt2") == "openai-community/gpt2"
     for ours in ("out/pretrain", "ckpt.pt", tmp_path, tmp_path / "missing.pt"):
         assert hf_source(ours) is None, ours

@@ -48,7 +48,10 @@ CHECKPOINT_FORMAT = 1
 CHECKPOINT_NAME = "ckpt.pt"
 BEST_NAME = "best.pt"
 HUB_PREFIX = "hf:"  # hf:openai-community/gpt2: a hub name with an owner
-HUB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # gpt2, gpt2-medium, distilgpt2
+HUB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a bare name: no path in it
+# The GPT-2 models a bare name may give (the README's list); any other hub model is named
+# with HUB_PREFIX, so that a mistyped path or name fails at once, not after network retries.
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
 
 
 @dataclass(frozen=True)
@@ -80,8 +83,8 @@ def hf_source(path: str | Path) -> str | None:
 
     - "hf:owner/name" (or "hf:name"): a model on the Hugging Face hub;
     - a directory with config.json and no ckpt.pt or best.pt: a Hugging Face model directory;
-    - a bare name that is no file or directory here ("gpt2", "distilgpt2"): a hub model.
-    Anything else (a file, a run directory, a missing path like out/pretrain) is ours.
+    - one of GPT2_NAMES that is no file or directory here ("gpt2", "distilgpt2"): a hub model.
+    Anything else (a file, a run directory, a missing path like out/pretrain or gpt3) is ours.
     """
     text = str(path)
     if text.startswith(HUB_PREFIX):
@@ -90,7 +93,7 @@ def hf_source(path: str | Path) -> str | None:
     if p.is_dir():
         ours = any((p / name).is_file() for name in (CHECKPOINT_NAME, BEST_NAME))
         return str(p) if not ours and (p / "config.json").is_file() else None
-    if p.exists() or text.endswith(".pt") or not HUB_NAME.fullmatch(text):
+    if p.exists() or text not in GPT2_NAMES:
         return None
     return text
 
@@ -105,6 +108,12 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
         raise UserError(
             f"no checkpoint in {path} (looked for {CHECKPOINT_NAME} and {BEST_NAME}); "
             "train one first or point to a checkpoint file"
+        )
+    if not path.is_file() and HUB_NAME.fullmatch(str(path)) and path.suffix != ".pt":
+        raise UserError(
+            f"checkpoint {path} does not exist, and {path} is not one of the GPT-2 names known "
+            f"here ({', '.join(GPT2_NAMES)}); fix the path, or name another Hugging Face "
+            f"model as {HUB_PREFIX}owner/name"
         )
     if not path.is_file():
         raise UserError(
