@@ -117,6 +117,9 @@ CASES = [
      r"prompt_file .*tiny\d* is a directory, not a file"),
     ("evaluate", ["checkpoint={ckpt}", "text_file={tmp}"],
      r"text_file .*tiny\d* is a directory, not a file"),
+    ("sft", ["init_from={ckpt}", "tasks.weight=0", "files=[{tmp}/bot.jsonl]"],
+     r"bot.jsonl:line 1: conversations\[0\] is from 'bot'; use one of system, human, user, "
+     r"gpt, assistant, chatgpt"),
     # a name that is no checkpoint here and no GPT-2 the project knows: no network tried
     ("sample", ["checkpoint=gpt3", "prompt=hi"],
      r"checkpoint gpt3 does not exist, and gpt3 is not one of the GPT-2 names known here "
@@ -158,6 +161,7 @@ def tiny(tmp_path_factory) -> dict:
     rm = ScalarModel(config).state_dict()
     save_checkpoint(d / "rm.pt", {**state, "stage": "reward", "model_kind": "reward", "model": rm})
     (d / "train.jsonl").write_text('{"instruction": "Who is there?", "output": "Nay."}\n')
+    (d / "bot.jsonl").write_text('{"conversations": [{"from": "bot", "value": "Nay."}]}\n')
     return {"ckpt": str(d / "ckpt.pt"), "rm": str(d / "rm.pt"), "tmp": str(d)}
 
 
