@@ -123,7 +123,8 @@ def run(cfg: DictConfig) -> dict:
     with runtime_session(cfg.device, precision_for(cfg, [ckpt]), cfg.seed) as rt:
         if ckpt["model_kind"] == "reward":
             return score_reward_model(cfg, rt, ckpt["path"])
-        task_eval = cfg.task_eval if cfg.task_eval is not None else not cfg.text_file
+        task_eval = cfg.get("task_eval")
+        task_eval = task_eval if task_eval is not None else not cfg.text_file
         items = held_out_items(cfg) if task_eval else []
         if task_eval and not items:
             raise nothing_to_score(", text_file=... (bits per byte)")
