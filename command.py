@@ -21,6 +21,7 @@ are unchanged. `load_settings` does steps 1 and 2 for a program (train.align, th
 import dataclasses
 import functools
 import os
+import re
 import sys
 import types
 import typing
@@ -31,6 +32,7 @@ from errors import UserError, report_user_errors
 
 CONF = Path(__file__).resolve().parent / "conf"
 GRAMMAR = "https://hydra.cc/docs/advanced/override_grammar/basic"
+AMBIGUOUS = re.compile(r"Ambiguous value for argument '([^=]+)=(.*)'$")  # Hydra's words
 
 
 def register(config_name: str, schema: type) -> None:
@@ -153,6 +155,13 @@ def hydra_error(e: Exception, config_name: str, schema: type) -> str:
         return f"{key}={shown(cause.value)} is not valid: it must be {must}; {hint}"
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and key:
         return _unknown(key, config_name)
+    ambiguous = AMBIGUOUS.match(_first_line(e))
+    if ambiguous:  # prompt=Hello, world: an unquoted comma (Hydra says it in words only)
+        key, value = ambiguous.groups()
+        return (
+            f"{key}={value}: Hydra reads the comma as a list of values; quote the value: "
+            f"'{key}=\"{value}\"' (single quotes for the shell, double quotes for Hydra)"
+        )
     options = getattr(e, "options", None)
     if options:  # an unknown preset: model=huge
         return f"{_first_line(e).rstrip('.')}; available: {', '.join(options)}"

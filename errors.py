@@ -12,10 +12,22 @@ sft` never carries on after an interrupted stage.
 
 import functools
 import sys
+from pathlib import Path
 
 
 class UserError(Exception):
     """Bad input from the user, reported as a single line without a traceback."""
+
+
+def require_file(path: str | Path, what: str, fix: str) -> Path:
+    """`path` as a Path when it is a file; else a UserError that says whether it is a
+    directory (a folder given where a file is expected) or missing, then `fix`."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a directory, not a file; give the path of a file in it")
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist; {fix}")
+    return path
 
 
 def report_user_errors(fn):

@@ -11,13 +11,16 @@ record is recognised by its keys, record by record, so one file may mix layouts:
                is their texts joined (as chat templates join them); an assistant message
                with "weight": 0 is context, not trained (tokenizer/chat.py)
     ShareGPT   {"conversations": [{"from": "system"|"human"|"gpt", "value": "..."}, ...]}
-               (also "user"/"assistant"; turns written with role/content read as chat)
+               (also "user"/"assistant"/"chatgpt"; turns written with role/content read
+               as chat)
     TRL        {"prompt": ..., "completion": ...}: strings (a user turn and the assistant's
                reply), or message lists (conversational); only the completion is trained,
                as TRL does, so assistant messages in the prompt get weight 0
     Alpaca     {"instruction": "...", "input": "..." (optional), "output": "..."}
     Dolly      {"instruction": "...", "context": "..." (optional), "response": "..."}
 
+A top-level "system" string (LLaMA-Factory's layouts; any of the above) is the system
+prompt, put first; a record that also starts with a system message is refused.
 A system message may only come first; the last message must be the assistant's (the reply
 to learn), and at least one assistant message must be trained. Alpaca and Dolly become
 [user: instruction + "\\n\\n" + input/context, assistant: output/response]; input and context
@@ -127,7 +130,8 @@ def sharegpt_messages(turns) -> list[dict]:
         if source in SHAREGPT_TOOLS:
             raise ValueError(f"conversations[{i}] is a {source} turn: {NO_TOOLS}")
         if source not in SHAREGPT_ROLES:
-            raise ValueError(f"conversations[{i}] is from {source!r}; use human, gpt or system")
+            roles = ", ".join(SHAREGPT_ROLES)
+            raise ValueError(f"conversations[{i}] is from {source!r}; use one of {roles}")
         if not isinstance(t.get("value"), str):
             raise ValueError(f"conversations[{i}] must have a string 'value'")
         out.append({"role": SHAREGPT_ROLES[source], "content": t["value"]})
@@ -197,12 +201,25 @@ def _messages_of(record: dict) -> list[dict]:
     )
 
 
+def with_system(record: dict, messages: list[dict]) -> list[dict]:
+    """The messages after the record's top-level "system" prompt, when it has one (as
+    LLaMA-Factory's ShareGPT and Alpaca layouts carry it); "" or null: none."""
+    system = record.get("system")
+    if system is None or system == "":
+        return messages
+    if not isinstance(system, str):
+        raise ValueError(f"'system' must be a string, got {type(system).__name__}")
+    if messages and messages[0]["role"] == "system":
+        raise ValueError("has a system prompt both in 'system' and as the first message; keep one")
+    return [{"role": "system", "content": system}, *messages]
+
+
 def to_conversation(record) -> Conversation:
     """One record (any layout of the module docstring) as a conversation; ValueError says
     why not."""
     if not isinstance(record, dict):
         raise ValueError(f"a record must be a JSON object, got {type(record).__name__}")
-    messages = _messages_of(record)
+    messages = with_system(record, _messages_of(record))
     if not messages or messages[-1]["role"] != "assistant":
         raise ValueError("the last message must be the assistant's (the reply to learn)")
     if not messages[-1]["content"].strip():
@@ -223,6 +240,7 @@ def to_prompt_item(record) -> dict:
     value = record.get("prompt", record.get("messages"))
     messages = [{"role": "user", "content": value}] if isinstance(value, str) else value
     messages = [{"role": m["role"], "content": m["content"]} for m in standard_messages(messages)]
+    messages = with_system(record, messages)
     if messages and messages[-1]["role"] == "assistant":
         messages = messages[:-1]
     if not messages or messages[-1]["role"] == "system":

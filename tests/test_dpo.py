@@ -197,3 +197,40 @@ def test_min_chosen_score_keeps_right_over_wrong_and_unscored_pairs():
     kept = keep_pairs([scored, unscored], 1.0)
     assert kept[0].pairs == [(0, 1), (0, 2)] and kept[1].pairs == [(0, 1)]
     assert keep_pairs([scored], None)[0].pairs == scored.pairs
+
+
+def test_min_chosen_score_names_itself_when_it_drops_pairs_and_when_it_drops_all():
+    from data.preferences import PreferenceGroup
+    from errors import UserError
+    from train.dpo import keep_pairs
+
+    group = PreferenceGroup([{"role": "user", "content": "q"}], task="t")
+    for text, score in ((" near", 0.5), (" far", 0.0)):
+        group.add([{"role": "assistant", "content": text}], score)
+    group.pairs = [(0, 1)]  # two mistakes
+    logged = []
+    assert keep_pairs([group], 0.5, log=logged.append)[0].pairs == [(0, 1)] and logged == []
+    with pytest.raises(UserError, match=r"min_chosen_score=1 leaves none of the built-in "
+                       r"set's 1 pairs.*min_chosen_score=null"):  # fmt: skip
+        keep_pairs([group], 1.0, log=logged.append)
+    twice = [group, PreferenceGroup(group.prompt, group.responses, [(0, 1)], "t", [1.0, 0.0])]
+    assert len(keep_pairs(twice, 1.0, log=logged.append)) == 1
+    assert logged == ["min_chosen_score=1: kept 1 of the built-in set's 2 pairs (those whose "
+                      "chosen reply the judge scored at least 1)"]  # fmt: skip
+
+
+def test_users_scores_on_their_own_scale_are_not_filtered(dpo_setup, tmp_path, capsys):
+    """min_chosen_score is the built-in judge's scale (0..1): a user's file keeps every
+    pair, whatever its scores (here 0.5 over 0.1, and UltraFeedback's 1-10)."""
+    from train import dpo
+
+    rows = [{**r, "chosen_score": 0.5, "rejected_score": 0.1} for r in make_pairs(range(6), 1)]
+    rows += [{**r, "score_chosen": 8, "score_rejected": 3} for r in make_pairs(range(6, 9), 2)]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load("dpo", [
+        f"init_from={dpo_setup / 'sft.pt'}", f"out_dir={tmp_path / 'dpo'}", "tasks.weight=0",
+        "preferences.builtin=false", f"files=[{tmp_path / 'p.jsonl'}]", "device=cpu",
+        "precision=float32", "max_iters=1", "max_minutes=null", "batch_size=4"])  # fmt: skip
+    assert cfg.min_chosen_score == 1.0  # the default
+    dpo.run(cfg)
+    assert "training comparisons: 9 prompts, 18 replies, 9 pairs" in capsys.readouterr().out

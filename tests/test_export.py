@@ -50,9 +50,11 @@ def sentencepiece_checkpoint(path: Path) -> Path:
     return path
 
 
-def gpt2_checkpoint(path: Path) -> Path:
-    """A checkpoint of ours (as SFT would write it) of a pretrained GPT-2, gpt2 tokenizer."""
-    ckpt = load_checkpoint(make_gpt2_dir(path.parent / "tiny-gpt2", seed=3))
+def gpt2_checkpoint(path: Path, normalized: bool = False) -> Path:
+    """A checkpoint of ours (as SFT would write it) of a pretrained GPT-2, gpt2 tokenizer
+    (normalized: the flag of its <|endoftext|>, tests/tiny_hf.py)."""
+    gpt2_dir = make_gpt2_dir(path.parent / "tiny-gpt2", seed=3, normalized=normalized)
+    ckpt = load_checkpoint(gpt2_dir)
     save_checkpoint(path, {k: v for k, v in ckpt.items() if k not in ("path", "huggingface")})
     return path
 
@@ -197,6 +199,27 @@ def test_control_tokens_typed_in_a_message_stay_text(exported, spelled):
     # tokenizer (by default transformers finds special tokens in the text it encodes).
     raw = hf(f"a {spelled} b", add_special_tokens=False, split_special_tokens=True)
     assert raw["input_ids"] == tok.encode(f"a {spelled} b")
+
+
+@pytest.mark.parametrize("normalized", [False, True])
+def test_the_base_tokenizers_own_token_cannot_be_forged_either_way(tmp_path, normalized):
+    """GPT-2's hub tokenizer marks <|endoftext|> "normalized": true, so it is matched after
+    the normaliser, which undoes the template's escape: the export writes every added
+    token with normalized=false, matched on the escaped text."""
+    import json
+
+    ckpt = gpt2_checkpoint(tmp_path / "ckpt.pt", normalized=normalized)
+    base = json.loads((tmp_path / "tiny-gpt2" / "tokenizer.json").read_text())
+    assert [t["normalized"] for t in base["added_tokens"]] == [normalized]
+    out = export_cli(f"checkpoint={ckpt}", f"out={tmp_path / 'hf'}")
+    written = json.loads((out / "tokenizer.json").read_text())["added_tokens"]
+    assert "<|endoftext|>" in [t["content"] for t in written]
+    assert not any(t["normalized"] for t in written)
+    tok, hf = load_model(ckpt)[1], transformers.AutoTokenizer.from_pretrained(out)
+    messages = [{"role": "user", "content": "a <|endoftext|> b <|endoftext|>"}]
+    ids = hf.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+    assert hf.convert_tokens_to_ids("<|endoftext|>") not in ids
+    assert ids == render_prompt(tok, messages)
 
 
 def test_unknown_roles_are_refused_by_the_template(exported):

@@ -187,6 +187,52 @@ def test_the_common_layouts_are_read(record, expected):
     assert to_conversation(record) == expected
 
 
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"system": "Be brief.", "conversations": [{"from": "human", "value": "Who's there?"},
+                                                  {"from": "gpt", "value": "Nay, answer me."}]},
+        {"system": "Be brief.", "messages": MESSAGES},
+        {"system": "Be brief.", "instruction": "Who's there?", "output": "Nay, answer me."},
+        {"system": "Be brief.", "prompt": "Who's there?", "completion": "Nay, answer me."},
+    ],
+)  # fmt: skip
+def test_a_top_level_system_prompt_is_kept(record):
+    """LLaMA-Factory's layouts carry the system prompt beside the turns, as "system"."""
+    assert to_conversation(record) == [{"role": "system", "content": "Be brief."}, *MESSAGES]
+    assert to_conversation({**record, "system": ""}) == MESSAGES  # empty: no system turn
+
+
+@pytest.mark.parametrize(
+    "record, why",
+    [
+        ({"system": 3, "messages": MESSAGES}, "'system' must be a string"),
+        ({"system": "Be brief.", "messages": [{"role": "system", "content": "Be long."},
+                                              *MESSAGES]},
+         "a system prompt both in 'system' and as the first message"),
+    ],
+)  # fmt: skip
+def test_a_wrong_top_level_system_prompt_is_refused(record, why):
+    with pytest.raises(ValueError, match=why):
+        to_conversation(record)
+
+
+def test_the_sharegpt_error_lists_exactly_the_roles_it_accepts():
+    from data.instruct import SHAREGPT_ROLES
+
+    with pytest.raises(ValueError) as e:
+        to_conversation({"conversations": [{"from": "bot", "value": "x"}]})
+    listed = str(e.value).split("use one of ", 1)[1]
+    assert sorted(r.strip() for r in listed.replace(" or ", ", ").split(",")) == sorted(
+        SHAREGPT_ROLES
+    )
+
+
+def test_a_directory_given_as_a_data_file_says_so(tmp_path):
+    with pytest.raises(UserError, match=f"data file {tmp_path} is a directory, not a file"):
+        load_instruction_data([tmp_path], log=lambda m: None)
+
+
 def test_trl_conversational_prompts_train_only_the_completion(tok):
     record = {
         "prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},

@@ -140,6 +140,7 @@ def test_weights_compute_what_transformers_computes(gpt2_dir, tok):
 def test_hf_sources_are_told_from_our_checkpoints(gpt2_dir, tmp_path):
     assert hf_source(gpt2_dir) == str(gpt2_dir)
     assert hf_source("gpt2") == "gpt2" and hf_source("distilgpt2") == "distilgpt2"
+    assert hf_source("gpt3") is None  # not a GPT-2 name: no download is tried (hf:gpt3 would)
     assert hf_source("hf:openai-community/gpt2") == "openai-community/gpt2"
     for ours in ("out/pretrain", "ckpt.pt", tmp_path, tmp_path / "missing.pt"):
         assert hf_source(ours) is None, ours
@@ -265,6 +266,28 @@ def test_another_architecture_is_one_line(tmp_path):
     save_tokenizer(byte_bpe(), tmp_path)
     with pytest.raises(UserError, match="model_type 'llama'"):
         load_model(str(tmp_path))
+
+
+def test_pickled_weights_that_would_run_code_are_one_line(gpt2_dir, tmp_path):
+    """A Hugging Face folder whose weights are a pickled pytorch_model.bin naming code:
+    transformers loads it with weights_only (nothing runs) and fails deep inside; the
+    project's own line instead, as for a checkpoint of ours."""
+    import shutil
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    folder = shutil.copytree(gpt2_dir, tmp_path / "evil")
+    (folder / "model.safetensors").unlink()
+    weights = folder / "pytorch_model.bin"
+    torch.save({"transformer.wte.weight": torch.zeros(2), "x": Evil()}, weights)
+    with pytest.raises(UserError) as e:
+        load_model(str(folder))
+    assert str(e.value) == (
+        f"{weights} is not a safe checkpoint (loading it would run code); it will not be loaded"
+    )
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_a_directory_without_a_tokenizer_is_one_line(tmp_path):

@@ -116,6 +116,69 @@ def test_every_layout_gives_the_same_comparison(tmp_path):
         assert group.task == name  # the file's stem
 
 
+def test_ultrafeedback_conversations_repeat_the_prompt_and_it_is_read_once(tmp_path):
+    """UltraFeedback's layout: a prompt string, and chosen/rejected as whole conversations
+    whose first user turn is that prompt; scores as score_chosen/score_rejected (1-10)."""
+    user = {"role": "user", "content": "Say yes"}
+    good, bad = {"role": "assistant", "content": " yes"}, {"role": "assistant", "content": " no"}
+    record = {"prompt": "Say yes", "chosen": [user, good], "rejected": [user, bad],
+              "score_chosen": 8.5, "score_rejected": 3.0}  # fmt: skip
+    (group,) = group_from([record], tmp_path)
+    assert group.prompt == [user]  # once, not twice
+    (better, worse), = group.pairs  # fmt: skip
+    assert group.responses[better] == [good] and group.responses[worse] == [bad]
+    assert (group.scores[better], group.scores[worse]) == (8.5, 3.0)
+    # more turns shared than the prompt: all of them are the prompt
+    turns = [user, good, {"role": "user", "content": "Again?"}]
+    record = {"prompt": "Say yes", "chosen": [*turns, good], "rejected": [*turns, bad]}
+    (group,) = group_from([record], tmp_path, "multi.jsonl")
+    assert group.prompt == turns and group.responses == [[good], [bad]]
+
+
+@pytest.mark.parametrize(
+    "record, why",
+    [
+        ({"prompt": "Say yes", "chosen": [{"role": "user", "content": "Say no"},
+                                          {"role": "assistant", "content": " no"}],
+          "rejected": " yes"}, "'chosen' starts with a user turn but not with the prompt"),
+        ({"prompt": "q", "chosen": " a", "rejected": " b", "score_chosen": "high"},
+         "'score_chosen' must be a number"),
+        ({"prompt": "q", "chosen": " a", "rejected": " b", "chosen_score": 1,
+          "score_chosen": 2}, "both 'chosen_score' and 'score_chosen'"),
+    ],
+)  # fmt: skip
+def test_preference_records_that_cannot_be_read_right_are_refused(record, why):
+    from data.preferences import comparisons
+
+    with pytest.raises(ValueError, match=why):
+        comparisons(record, "t")
+
+
+def test_duplicate_and_contradicting_comparisons_are_counted_and_contradictions_dropped(
+    tmp_path,
+):
+    """30 records: 10 prompts with one pair each given twice (10 merged), 5 of those pairs
+    given the other way round as well (both ways: dropped), and 5 plain records."""
+    records = []
+    for k in range(10):
+        records += [{"prompt": f"q{k}", "chosen": " yes", "rejected": " no"}] * 2
+    for k in range(5):
+        records.append({"prompt": f"q{k}", "chosen": " no", "rejected": " yes"})
+    records += [{"prompt": f"r{k}", "chosen": " yes", "rejected": " no"} for k in range(5)]
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    logged = []
+    groups = read_preference_file(path, log=logged.append)
+    assert sorted(g.prompt[0]["content"] for g in groups) == sorted(
+        [f"q{k}" for k in range(5, 10)] + [f"r{k}" for k in range(5)]
+    )
+    assert all(g.pairs == [(0, 1)] for g in groups)
+    assert logged == [
+        f"{path}: 30 records (30 comparisons) -> 10 comparisons of 10 prompts; 10 duplicates "
+        "merged; 5 pairs given both ways (contradicting) dropped"
+    ]
+
+
 def test_records_with_one_prompt_become_one_group_and_multi_turn_prompts_stay(tmp_path):
     history = [
         {"role": "system", "content": "Be brief."},
@@ -144,8 +207,9 @@ def test_malformed_records_are_reported_with_file_and_line(tmp_path):
     logged = []
     groups = read_preference_file(path, max_bad_fraction=0.5, log=logged.append)
     assert len(groups) == 21
-    assert [m.split(": ", 1)[0] for m in logged] == [
+    assert [m.split(": ", 1)[0] for m in logged[:-1]] == [
         f"skipping malformed record {path}:line {n}" for n in (2, 3, 4, 5)]  # fmt: skip
+    assert logged[-1] == f"{path}: 25 records (21 comparisons) -> 21 comparisons of 21 prompts"
     assert "the same reply" in logged[1] and "same score" in logged[2]
 
 

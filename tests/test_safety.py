@@ -147,6 +147,106 @@ def test_a_full_disk_during_a_save_is_one_line_and_leaves_no_temporary(tmp_path,
     assert not path.with_name("ckpt.pt.tmp").exists()  # the space is given back
 
 
+class FillsUp(io.RawIOBase):
+    """A file on a disk with `room` bytes left: the write that passes it fails (ENOSPC)."""
+
+    def __init__(self, f, room: int):
+        self.f, self.room = f, room
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.f.write(data)
+
+
+def test_torchs_own_error_for_a_full_disk_is_one_line(tmp_path, monkeypatch):
+    """torch.save does not pass the disk's OSError on: its zip writer raises RuntimeError
+    ("[enforce fail at inline_container.cc:...] unexpected pos ...") with the OSError as
+    its context. The real torch.save, onto a file that fills after 4 KiB."""
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, {"model_config": {}, "model": {}, "tokenizer": {}, "step": 1})
+    before = path.read_bytes()
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f: real_save(obj, FillsUp(f, 4096)))
+    with pytest.raises(RuntimeError, match="unexpected pos") as raised:
+        torch.save({"w": torch.zeros(10_000)}, io.BytesIO())  # what torch itself raises
+    assert isinstance(raised.value.__context__, OSError)
+    with pytest.raises(
+        UserError,
+        match=r"could not write .*ckpt.pt \(No space left on device\); free some disk space",
+    ):
+        save_checkpoint(path, {"model": {"w": torch.zeros(10_000)}, "step": 2})
+    assert path.read_bytes() == before
+    assert not path.with_name("ckpt.pt.tmp").exists()
+
+
+def test_a_bug_inside_a_save_keeps_its_traceback(tmp_path, monkeypatch):
+    def broken(obj, f):
+        raise RuntimeError("a bug, not the disk")
+
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(RuntimeError, match="a bug, not the disk"):
+        save_checkpoint(tmp_path / "ckpt.pt", {"step": 1})
+    assert not (tmp_path / "ckpt.pt.tmp").exists()
+
+
+def export_onto(monkeypatch, out: Path, error: Exception) -> None:
+    """train.export into `out` (which holds an earlier export), the model's weights failing
+    with `error` half-way through their file."""
+    from omegaconf import OmegaConf
+
+    import tokenizer
+    import train.export as export
+    from model import GPT, GPTConfig
+
+    tok = tokenizer.train_tokenizer(["To be, or not to be. " * 50], vocab_size=280)
+    config = GPTConfig(n_layer=1, n_head=1, n_embd=16, block_size=32, vocab_size=tok.vocab_size)
+    state = {"stage": "sft", "model_config": config.to_dict(), "tokenizer": tok.state()}
+    save_checkpoint(out.parent / "ckpt.pt", {**state, "model": GPT(config).state_dict()})
+
+    def weights_fail(model, out_dir, **ids):
+        Path(out_dir).mkdir(parents=True)
+        (Path(out_dir) / "model.safetensors").write_bytes(b"half")
+        raise error
+
+    monkeypatch.setattr(export, "export_pretrained", weights_fail)
+    cfg = OmegaConf.create({"checkpoint": str(out.parent / "ckpt.pt"), "out": str(out),
+                            "dtype": "float32", "overwrite": True})  # fmt: skip
+    export.run(cfg)
+
+
+def test_an_export_onto_a_full_disk_is_one_line_and_keeps_the_earlier_export(tmp_path, monkeypatch):
+    """safetensors raises its own SafetensorError, the errno inside its text."""
+    safetensors = pytest.importorskip("safetensors")
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"the earlier export")
+    full = safetensors.SafetensorError(
+        'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No '
+        'space left on device" })'
+    )
+    with pytest.raises(
+        UserError, match=r"could not write .*hf \(No space left on device\); free some disk space"
+    ):
+        export_onto(monkeypatch, out, full)
+    assert (out / "model.safetensors").read_bytes() == b"the earlier export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "hf"]  # no staging left
+
+
+def test_an_export_to_a_read_only_folder_says_it_is_not_writable(tmp_path, monkeypatch):
+    out = tmp_path / "hf"
+    denied = PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(out))
+    with pytest.raises(
+        UserError, match=r"could not write .*hf \(Permission denied\); make the folder writable "
+        r"or choose another out\b"
+    ):  # fmt: skip
+        export_onto(monkeypatch, out, denied)
+
+
 def test_a_read_only_folder_is_one_line(tmp_path, monkeypatch):
     real_open = open
 

@@ -9,6 +9,7 @@ which keeps the suite fast.
 
 import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -361,3 +362,37 @@ def test_context_shows_what_the_conversation_uses(ckpt, tok, capsys, monkeypatch
     assert (f"the conversation (1 question(s)) uses {used} of {BLOCK_SIZE} tokens; up to "
             f"{budget} are kept for it") in err  # fmt: skip
     assert f"so {budget - used} are left; a reply may be 20 tokens" in err
+
+
+def test_help_and_unknown_commands_list_the_commands_and_reach_no_model(
+    ckpt, tok, capsys, monkeypatch
+):
+    replies = [tok.encode(" Nay")]
+    prompts: list = []
+    monkeypatch.setattr(sample_cli, "completions", fake_completions(replies, {}, prompts))
+    code, out, err = in_process(capsys, monkeypatch, f"checkpoint={ckpt}", "mode=chat",
+                                *FLOAT32, stdin="/help\n/contxt\nWho's there?\n")  # fmt: skip
+    assert code == 0, err
+    assert out == "you> Who's there?\nassistant> Nay\n"  # the one message sent
+    assert prompts == [render_prompt(tok, [{"role": "user", "content": "Who's there?"}])]
+    assert "unknown command /contxt" in err
+    for command in ("/help", "/reset", "/context", "/exit"):
+        assert err.count(command) >= 2, command  # listed for /help and for /contxt
+
+
+def test_context_never_says_a_negative_number_is_left(ckpt, tok, capsys, monkeypatch):
+    """A question longer than the room kept for the conversation: nothing is left, and
+    the oldest turns (or the question's start) go at the next reply."""
+    replies = [tok.encode(" Nay")]
+    monkeypatch.setattr(sample_cli, "completions", fake_completions(replies, {}, []))
+    question = "To be, or not to be, that is the question " * 4
+    code, _, err = in_process(capsys, monkeypatch, f"checkpoint={ckpt}", "mode=chat",
+                              "max_new_tokens=20", *FLOAT32,
+                              stdin=f"{question}\n/context\n")  # fmt: skip
+    assert code == 0, err
+    history = [{"role": "user", "content": question.strip()},
+               {"role": "assistant", "content": tok.decode(replies[0])}]  # fmt: skip
+    used, budget = len(render_prompt(tok, history)), BLOCK_SIZE - 20
+    assert used > budget  # the case this test is about
+    assert f"uses {used} of {BLOCK_SIZE} tokens" in err and "so 0 are left" in err
+    assert not re.search(r"so -\d+ are left", err)

@@ -19,8 +19,12 @@ TEXT = [
 N_POSITIONS = 64
 
 
-def byte_bpe(texts=TEXT, vocab_size: int = 400):
-    """A GPT-2-style byte-level BPE tokenizer (`tokenizers.Tokenizer`) trained on `texts`."""
+def byte_bpe(texts=TEXT, vocab_size: int = 400, normalized: bool = False):
+    """A GPT-2-style byte-level BPE tokenizer (`tokenizers.Tokenizer`) trained on `texts`.
+    normalized: the "normalized" flag of its <|endoftext|> (GPT-2's hub tokenizer has
+    true: the token is matched in the normalised text)."""
+    import json
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     t = Tokenizer(models.BPE())
@@ -34,7 +38,10 @@ def byte_bpe(texts=TEXT, vocab_size: int = 400):
         show_progress=False,
     )
     t.train_from_iterator(list(texts) * 20, trainer)
-    return t
+    state = json.loads(t.to_str())
+    for token in state["added_tokens"]:
+        token["normalized"] = normalized
+    return Tokenizer.from_str(json.dumps(state))
 
 
 def save_tokenizer(t, directory: Path) -> None:
@@ -69,9 +76,12 @@ def random_gpt2(vocab_size: int, seed: int = 0, n_embd: int = 32):
     return model.eval()
 
 
-def make_gpt2_dir(directory: Path, seed: int = 0, vocab_size: int = 400) -> Path:
-    """A Hugging Face GPT-2 directory: random weights and a trained byte-level BPE."""
-    t = byte_bpe(vocab_size=vocab_size)
+def make_gpt2_dir(
+    directory: Path, seed: int = 0, vocab_size: int = 400, normalized: bool = False
+) -> Path:
+    """A Hugging Face GPT-2 directory: random weights and a trained byte-level BPE
+    (normalized: see byte_bpe)."""
+    t = byte_bpe(vocab_size=vocab_size, normalized=normalized)
     random_gpt2(t.get_vocab_size(), seed).save_pretrained(directory)
     save_tokenizer(t, directory)
     return directory

@@ -23,7 +23,9 @@ message, and the tokenizer undoes the escape after it has found the special toke
     tokenizer (normalizer):   text.replace("<" + E + "|", "<|").replace(E+E, E)
 
 An escaped message contains no "<|", so no special token is found in it, and the
-normaliser gives back the message exactly, which then encodes as ordinary text. E is
+normaliser gives back the message exactly, which then encodes as ordinary text. This holds
+for tokens matched before normalisation only, so every added token is written with
+"normalized": false, the base tokenizer's own too (GPT-2's <|endoftext|> is marked true). E is
 U+FDD0, a Unicode noncharacter (reserved for programs' internal use, never text). The
 price: text encoded directly has "<" E "|" read as "<|" and E E as E; text without U+FDD0
 encodes exactly as ours does. Raw text that must not yield control tokens is encoded with
@@ -104,7 +106,17 @@ def hf_backend(tok: Tokenizer) -> Any:
         single=f"{EOS} $A", pair=f"{EOS} $A {EOS} $B", special_tokens=[(EOS, tok.eos_id)]
     )
     t.post_processor = p.Sequence([t.post_processor, eos_first]) if t.post_processor else eos_first
-    return t
+    return matched_before_normalising(t)
+
+
+def matched_before_normalising(t: Any) -> Any:
+    """`t` with every added token marked normalized=false: found in the text as written,
+    before the normaliser undoes the template's escape. One marked true (GPT-2's hub
+    tokenizer marks its <|endoftext|> so) would be found after it, in the message's text."""
+    state = json.loads(t.to_str())
+    for token in state["added_tokens"]:
+        token["normalized"] = False
+    return _tokenizers().Tokenizer.from_str(json.dumps(state))
 
 
 def _from_gpt2(tok) -> Any:

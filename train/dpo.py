@@ -4,8 +4,9 @@ The preference objective without a reward model and without sampling:
 
     policy, and a frozen reference: both the SFT weights at the start
     data: the reward model's preference set (built in: the SFT model's samples ranked by
-          the tasks' judge, train/rl/preference_data.py; generated here when missing) and/or
-          the user's preference files, in the layouts the reward model reads
+          the tasks' judge, train/rl/preference_data.py; generated here when missing; only
+          its right-over-wrong pairs by default, min_chosen_score) and/or the user's
+          preference files, in the layouts the reward model reads, every pair of them
     log pi_ref(y | x) of every response computed once, before training, and reused
     train with the shared loop on (train/rl/losses.py: dpo_loss)
 
@@ -30,8 +31,9 @@ from command import entry_point
 from data.batching import LengthGroupedLoader
 from data.preferences import collate_groups
 from data.tasks import builtin_tasks
+from errors import UserError
 
-from .core.checkpoint import CHECKPOINT_NAME, load_model
+from .core.checkpoint import CHECKPOINT_NAME, load_model, load_policy
 from .core.stage import Stage
 from .core.trainer import epochs_to_updates
 from .eval.compare import sampled
@@ -41,10 +43,13 @@ from .rl.preference_data import preference_groups, rendered
 from .settings import DPOSettings
 
 
-def keep_pairs(groups, min_chosen_score: float | None) -> list:
-    """The groups with only the pairs whose chosen reply scored at least min_chosen_score
-    (1.0: only right-over-wrong pairs, no preference between two mistakes); None: all.
-    Pairs without scores (most users' files) are kept."""
+def keep_pairs(groups, min_chosen_score: float | None, log=print) -> list:
+    """The built-in set's groups with only the pairs whose chosen reply the judge scored at
+    least min_chosen_score (1.0: only right-over-wrong pairs, no preference between two
+    mistakes); None: all. The judge's scores are 0..1 (data/judge.py), so the setting
+    applies to the built-in set only: users' files score on their own scales, and their
+    pairs are all kept. Pairs without scores are kept. Says what it dropped; UserError,
+    naming the setting, when it drops every pair."""
     if min_chosen_score is None:
         return groups
     out = []
@@ -54,6 +59,18 @@ def keep_pairs(groups, min_chosen_score: float | None) -> list:
         ]
         if pairs:
             out.append(dataclasses.replace(g, pairs=pairs))
+    before, after = (sum(len(g.pairs) for g in gs) for gs in (groups, out))
+    setting = f"min_chosen_score={min_chosen_score:g}"
+    if before and not after:
+        raise UserError(
+            f"{setting} leaves none of the built-in set's {before} pairs (the judge scores "
+            "replies 0..1); lower it, or keep every pair with min_chosen_score=null"
+        )
+    if after < before:
+        log(
+            f"{setting}: kept {after} of the built-in set's {before} pairs (those whose chosen "
+            f"reply the judge scored at least {min_chosen_score:g})"
+        )
     return out
 
 
@@ -94,13 +111,13 @@ def run(settings: DPOSettings) -> dict:
     s = settings
     with Stage("dpo", s) as stage:
         rt = stage.runtime
-        policy, tok, init = load_model(s.init_from)
-        groups = preference_groups(s, stage, policy, tok, init["path"])
+        policy, tok, init = load_policy(s.init_from)
+        keep = partial(keep_pairs, min_chosen_score=s.min_chosen_score, log=stage.log)
+        groups = preference_groups(s, stage, policy, tok, init["path"], keep_builtin=keep)
         reference = copy.deepcopy(policy).requires_grad_(False).to(rt.device).eval()
         if stage.resumed is not None:
             policy, tok, _ = load_model(stage.resumed["path"])
         T = policy.config.block_size
-        groups["train"] = keep_pairs(groups["train"], s.min_chosen_score)
         train = rendered(tok, groups["train"], T, "training comparisons", stage.log)
         test = rendered(tok, groups["test"], T, "held-out comparisons", stage.log)
         for part in (train, test):

@@ -41,7 +41,14 @@ from data.records import file_entry
 from data.tasks import builtin_tasks
 from errors import UserError
 
-from .core.checkpoint import BEST_NAME, CHECKPOINT_NAME, language_model, load_checkpoint, load_kind
+from .core.checkpoint import (
+    BEST_NAME,
+    CHECKPOINT_NAME,
+    language_model,
+    load_checkpoint,
+    load_kind,
+    require_policy,
+)
 from .core.files import load_eval, save_eval
 from .core.runtime import replay_precision, resolve_device, runtime_session
 from .eval.compare import compare, format_comparison, write_report
@@ -70,17 +77,29 @@ def precision_for(requested: str, device: str, checkpoints: list[dict]) -> str:
     return precision
 
 
+def nothing_to_score(what: str) -> UserError:
+    return UserError(
+        f"nothing to score: tasks.weight=0 and no eval_files; give eval_files=[...] (held-out "
+        f"questions){what}, or tasks.weight > 0 (the built-in tasks' held-out items)"
+    )
+
+
 def run(s: EvaluateSettings) -> dict:
-    if s.checkpoints:
-        recorded = [load_checkpoint(p) for p in s.checkpoints]
-        with runtime_session(
-            s.device, precision_for(s.precision, s.device, recorded), s.seed
-        ) as rt:
+    if s.checkpoints:  # every checkpoint checked before any model is scored
+        recorded = [load_checkpoint(p) for p in [*s.checkpoints, s.reference]]
+        for ckpt in recorded:
+            require_policy(ckpt)
+        precision = precision_for(s.precision, s.device, recorded[:-1])
+        with runtime_session(s.device, precision, s.seed) as rt:
             return side_by_side(s, rt)
     ckpt = load_checkpoint(s.checkpoint)
     with runtime_session(s.device, precision_for(s.precision, s.device, [ckpt]), s.seed) as rt:
         if ckpt["model_kind"] == "reward":
             return score_reward_model(s, rt, ckpt["path"])
+        task_eval = s.task_eval if s.task_eval is not None else not s.text_file
+        items = held_out_items(s) if task_eval else []
+        if task_eval and not items:
+            raise nothing_to_score(", text_file=... (bits per byte)")
         model, tok = language_model(ckpt)
         model.to(rt.device)
         results: dict = {"checkpoint": ckpt["path"]}
@@ -89,9 +108,7 @@ def run(s: EvaluateSettings) -> dict:
                 "file": str(s.text_file),
                 **file_bits_per_byte(model, tok, rt, s.text_file),
             }
-        task_eval = s.task_eval if s.task_eval is not None else not s.text_file
         if task_eval:
-            items = held_out_items(s)
             warning = check_budget(tok, items, s.eval_max_new_tokens)
             if warning:
                 print(f"warning: {warning}", file=sys.stderr)
@@ -145,6 +162,8 @@ def side_by_side(s: EvaluateSettings, rt) -> dict:
         names = paths  # two runs of one name: tell them apart by their paths
     items = builtin_tasks(s.tasks, s.data).test if s.tasks.weight > 0 else []
     items += eval_file_items(s.eval_files)
+    if not items:
+        raise nothing_to_score("")
     reward = s.reward_model if s.reward_model and Path(s.reward_model).exists() else None
     results = compare(
         dict(zip(names, paths, strict=True)),

@@ -38,6 +38,7 @@ from tokenizer.base import Tokenizer
 from tokenizer.hf import save_hf_tokenizer
 
 from .core.checkpoint import load_model
+from .core.files import disk_error, write_error
 from .core.pretrained import EXPORT_FORMAT, EXPORT_META, EXPORT_TOKENIZER
 from .settings import ExportSettings
 
@@ -63,8 +64,11 @@ def run(cfg: ExportSettings) -> Path:
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
-    except OSError as e:
-        raise UserError(f"could not write {out} ({e.strerror or e}); check the disk") from None
+    except Exception as e:
+        cause = disk_error(e)
+        if cause is None:
+            raise
+        raise write_error(out, cause, setting="out") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(

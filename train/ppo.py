@@ -46,7 +46,7 @@ from data.tasks import builtin_tasks
 from errors import UserError
 from model.heads import PolicyWithValue
 
-from .core.checkpoint import CHECKPOINT_NAME, load_kind, load_model
+from .core.checkpoint import CHECKPOINT_NAME, load_kind, load_policy
 from .core.metrics import read_metrics
 from .core.stage import Stage
 from .core.trainer import Trainer
@@ -82,7 +82,7 @@ def prompt_items(s: PPOSettings, log) -> tuple[list[dict], list[dict]]:
 
 def build_models(s: PPOSettings, stage: Stage):
     """(the model to train, the frozen models, the tokenizer, the SFT checkpoint's path)."""
-    sft, tok, init = load_model(s.init_from)
+    sft, tok, init = load_policy(s.init_from)
     frozen = {"reference": copy.deepcopy(sft).requires_grad_(False)}
     if s.reward == "model":
         frozen["reward"] = load_kind(s.reward_model, "reward")[0].requires_grad_(False)

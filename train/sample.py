@@ -14,10 +14,12 @@ prompt it starts a fresh document. It stops at <|eos|> (end of document) or <|en
 (end of a turn). Chat mode renders the history with tokenizer/chat.py, exactly as SFT
 trained on it, and asks for the next assistant turn.
 
-Chat keys: /reset starts over (the system message stays), /context says how much of the
-model's context the conversation uses and how long a reply may be, /exit (or Ctrl-D)
-quits. Ctrl-C during a reply stops that reply (what was printed stays in the history)
-and returns to the prompt; Ctrl-C at the prompt, or a second one, quits (exit 130).
+Chat keys: /help lists the commands, /reset starts over (the system message stays),
+/context says how much of the model's context the conversation uses and how long a reply
+may be, /exit (or Ctrl-D) quits. A line starting with "/" and a name is a command, never
+sent to the model; an unknown one lists the commands. Ctrl-C during a reply stops that
+reply (what was printed stays in the history) and returns to the prompt; Ctrl-C at the
+prompt, or a second one, quits (exit 130).
 Replies are shown without the space they start with (SFT's replies begin with one: see
 data/tasks.py, "Copying"); the history keeps them as the model wrote them. When the
 conversation outgrows the context, the oldest turns are dropped, with a note.
@@ -27,6 +29,7 @@ only the text. The decoding itself lives in model/generate.py.
 """
 
 import os
+import re
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -40,7 +43,7 @@ from model import GPT
 from model.generate import completions, prepare_for_decoding
 from tokenizer.chat import ChatFormatError, render_prompt
 
-from .core.checkpoint import CHECKPOINT_NAME, load_model
+from .core.checkpoint import CHECKPOINT_NAME, load_policy
 from .core.runtime import precision_name, setup_runtime
 from .settings import SampleSettings
 
@@ -236,11 +239,24 @@ def context_note(tok, history: list[dict], budget: int, block_size: int, reply: 
     """What /context says: the context the conversation uses, the room left, the reply's."""
     used = len(render_prompt(tok, history))
     turns = sum(m["role"] == "user" for m in history)
+    over = (
+        ", and the next reply drops the oldest turns (or cuts a long question's start) to fit"
+        if used > budget
+        else ""
+    )
     return (
         f"(context: the conversation ({turns} question(s)) uses {used} of {block_size} tokens; "
-        f"up to {budget} are kept for it, the oldest turns dropped beyond, so {budget - used} "
-        f"are left; a reply may be {reply} tokens (max_new_tokens))"
+        f"up to {budget} are kept for it, the oldest turns dropped beyond, so "
+        f"{max(0, budget - used)} are left{over}; a reply may be {reply} tokens (max_new_tokens))"
     )
+
+
+# A line whose first word is "/" and a name is a command, never a message to the model.
+COMMAND = re.compile(r"/[A-Za-z]\w*")
+COMMAND_LIST = (
+    "commands: /help lists them; /reset starts over (the system message stays); /context "
+    "shows how much of the context the conversation uses; /exit (or Ctrl-D) quits"
+)
 
 
 def chat(
@@ -251,7 +267,7 @@ def chat(
     generator: torch.Generator,
     messages: Iterable[str] | None = None,
 ) -> None:
-    """Chat mode: a conversation loop with /reset, /context, /exit and Ctrl-C."""
+    """Chat mode: a conversation loop with /help, /reset, /context, /exit and Ctrl-C."""
     block_size = model.config.block_size
     # Leave room for a reply: at most half the context, so that some history survives.
     budget = block_size - min(settings["max_new_tokens"], block_size // 2)
@@ -260,8 +276,9 @@ def chat(
     interactive = sys.stdin.isatty()
     if interactive:
         print(
-            "chat: type a message; /reset starts over, /context shows the context used, "
-            f"/exit (or Ctrl-D) quits; Ctrl-C stops a reply (up to {settings['max_new_tokens']} "
+            "chat: type a message; /help lists the commands, /reset starts over, /context "
+            "shows the context used, /exit (or Ctrl-D) quits; Ctrl-C stops a reply (up to "
+            f"{settings['max_new_tokens']} "
             f"tokens; context {block_size} tokens, the oldest turns dropped when it is full)",
             file=sys.stderr,
         )
@@ -269,15 +286,20 @@ def chat(
         message = line.strip()
         if not message:
             continue
-        if message == "/exit":
+        command = message.split()[0] if COMMAND.fullmatch(message.split()[0]) else None
+        if command == "/exit":
             break
-        if message == "/reset":
+        if command == "/reset":
             history = list(opening)
             print("(conversation reset)", file=sys.stderr, flush=True)
             continue
-        if message == "/context":
+        if command == "/context":
             note = context_note(tok, history, budget, block_size, settings["max_new_tokens"])
             print(note, file=sys.stderr, flush=True)
+            continue
+        if command is not None:  # /help, or one that does not exist: never sent to the model
+            unknown = "" if command == "/help" else f"unknown command {command}; "
+            print(f"({unknown}{COMMAND_LIST})", file=sys.stderr, flush=True)
             continue
         if not interactive:
             print(f"you> {message}")
@@ -317,7 +339,7 @@ def run(s: SampleSettings) -> None:
     settings = decoding(s)
     text = read_prompt(s.prompt, s.prompt_file) if s.mode == "generate" else None  # fail early
     rt = setup_runtime(s.device, s.precision, s.seed)
-    model, tok, ckpt = load_model(find_checkpoint(s.checkpoint))
+    model, tok, ckpt = load_policy(find_checkpoint(s.checkpoint))
     # Inference only: the weights themselves go to the compute dtype (no autocast), so
     # bf16/fp16 halve the bytes read per token; decoding is bound by reading the weights.
     model = prepare_for_decoding(model.to(device=rt.device, dtype=rt.dtype))

@@ -23,7 +23,7 @@ from errors import UserError
 from model import GPT
 from tokenizer.chat import render_prompt
 
-from .core.checkpoint import CHECKPOINT_NAME, load_model
+from .core.checkpoint import CHECKPOINT_NAME, load_model, load_policy
 from .core.stage import Stage
 from .core.trainer import next_token_step
 from .eval.lm_eval import language_model_metrics, sample_text
@@ -86,7 +86,7 @@ def run(settings: SFTSettings) -> dict:
     s = settings
     with Stage("sft", s) as stage:
         rt = stage.runtime
-        model, tok, init = load_model(s.init_from)
+        model, tok, init = load_policy(s.init_from)
         if stage.resumed is not None:  # the run's own model and tokenizer, not init_from's
             model, tok, _ = load_model(stage.resumed["path"])
         block_size = model.config.block_size

@@ -42,13 +42,16 @@ from model import GPT, GPTConfig
 from model.heads import PolicyWithValue, ScalarModel
 
 from .files import atomic_write
-from .pretrained import checkpoint_from_hf
+from .pretrained import WEIGHTS_ONLY_FAILED, checkpoint_from_hf, not_safe
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_NAME = "ckpt.pt"
 BEST_NAME = "best.pt"
 HUB_PREFIX = "hf:"  # hf:openai-community/gpt2: a hub name with an owner
-HUB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # gpt2, gpt2-medium, distilgpt2
+HUB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a bare name: no path in it
+# The GPT-2 models a bare name may give (the README's list); any other hub model is named
+# with HUB_PREFIX, so that a mistyped path or name fails at once, not after network retries.
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
 
 
 @dataclass(frozen=True)
@@ -58,11 +61,12 @@ class ModelKind:
     describe: str  # for messages: "a language model"
     build: Callable[[GPTConfig], nn.Module]
     language_model: Callable[[nn.Module], GPT]
+    writes: bool = True  # its language model was trained to write text (load_policy)
 
 
 MODEL_KINDS: dict[str, ModelKind] = {
     "gpt": ModelKind("a language model", GPT, lambda m: m),
-    "reward": ModelKind("a reward model", ScalarModel, lambda m: m.gpt),
+    "reward": ModelKind("a reward model", ScalarModel, lambda m: m.gpt, writes=False),
     "policy_value": ModelKind(
         "a policy with a value function", PolicyWithValue, lambda m: m.policy
     ),
@@ -79,8 +83,8 @@ def hf_source(path: str | Path) -> str | None:
 
     - "hf:owner/name" (or "hf:name"): a model on the Hugging Face hub;
     - a directory with config.json and no ckpt.pt or best.pt: a Hugging Face model directory;
-    - a bare name that is no file or directory here ("gpt2", "distilgpt2"): a hub model.
-    Anything else (a file, a run directory, a missing path like out/pretrain) is ours.
+    - one of GPT2_NAMES that is no file or directory here ("gpt2", "distilgpt2"): a hub model.
+    Anything else (a file, a run directory, a missing path like out/pretrain or gpt3) is ours.
     """
     text = str(path)
     if text.startswith(HUB_PREFIX):
@@ -89,7 +93,7 @@ def hf_source(path: str | Path) -> str | None:
     if p.is_dir():
         ours = any((p / name).is_file() for name in (CHECKPOINT_NAME, BEST_NAME))
         return str(p) if not ours and (p / "config.json").is_file() else None
-    if p.exists() or text.endswith(".pt") or not HUB_NAME.fullmatch(text):
+    if p.exists() or text not in GPT2_NAMES:
         return None
     return text
 
@@ -104,6 +108,12 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
         raise UserError(
             f"no checkpoint in {path} (looked for {CHECKPOINT_NAME} and {BEST_NAME}); "
             "train one first or point to a checkpoint file"
+        )
+    if not path.is_file() and HUB_NAME.fullmatch(str(path)) and path.suffix != ".pt":
+        raise UserError(
+            f"checkpoint {path} does not exist, and {path} is not one of the GPT-2 names known "
+            f"here ({', '.join(GPT2_NAMES)}); fix the path, or name another Hugging Face "
+            f"model as {HUB_PREFIX}owner/name"
         )
     if not path.is_file():
         raise UserError(
@@ -123,11 +133,8 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # garbage bytes fail anywhere in the unpickler: IndexError, KeyError..
-        if "Weights only load failed" in str(e):  # it names code to run: never load it
-            raise UserError(
-                f"{path} is not a safe checkpoint (loading it would run code); it will not "
-                "be loaded"
-            ) from None
+        if WEIGHTS_ONLY_FAILED in str(e):  # it names code to run: never load it
+            raise not_safe(path) from None
         raise UserError(
             f"checkpoint {path} is corrupt or not a checkpoint of this project "
             f"({type(e).__name__}); use another checkpoint or retrain"
@@ -208,6 +215,27 @@ def load_model(path: str | Path, **overrides) -> tuple[GPT, "tokenizers.Tokenize
     """The language model of a checkpoint of any kind, its tokenizer and the raw checkpoint
     dict (see language_model)."""
     ckpt = load_checkpoint(path)
+    return (*language_model(ckpt, **overrides), ckpt)
+
+
+def require_policy(ckpt: dict) -> None:
+    """UserError unless the checkpoint's language model was trained to write text: a
+    reward model's trunk was trained to score replies, and sampled it writes nonsense."""
+    kind = ckpt["model_kind"]
+    if not MODEL_KINDS[kind].writes:
+        raise UserError(
+            f"checkpoint {ckpt['path']} holds {MODEL_KINDS[kind].describe} ({kind}): its trunk "
+            "was trained to score replies, not to write them; point to a language model (an "
+            "SFT, PPO or DPO run, or a pretrained one)"
+        )
+
+
+def load_policy(path: str | Path, **overrides) -> tuple[GPT, "tokenizers.Tokenizer", dict]:
+    """load_model for whatever writes text with the model or trains it further (the
+    fine-tuning stages, sampling and chat, side-by-side comparisons): a checkpoint whose
+    language model does not write (a reward model) is refused (require_policy)."""
+    ckpt = load_checkpoint(path)
+    require_policy(ckpt)
     return (*language_model(ckpt, **overrides), ckpt)
 
 

@@ -8,7 +8,9 @@ sees either the old file or the new one, never part of one. Checkpoints, eval.js
 every other result of a run are written this way.
 
 A write that fails (a full disk, a read-only folder) removes its temporary file, so the
-space is given back, and becomes one UserError naming the file and the reason. A writer
+space is given back, and becomes one UserError naming the file and the reason, whichever
+writer met the error: Python's OSError, or torch's and safetensors' own exceptions that
+carry it (disk_error). A writer
 killed outright cannot clean up: `remove_stale_temporaries` deletes what such a run left,
 at the start of the next one.
 """
@@ -16,6 +18,7 @@ at the start of the next one.
 import errno
 import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
@@ -36,23 +39,48 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:  # the disk, a bug inside write(), or Ctrl-C: no partial file
         tmp.unlink(missing_ok=True)
-        raise UserError(f"could not write {path} ({e.strerror or e}); {_advice(e)}") from None
-    except BaseException:  # an error inside write(), or Ctrl-C: leave no partial file
-        tmp.unlink(missing_ok=True)
-        raise
+        cause = disk_error(e)
+        if cause is None:
+            raise
+        raise write_error(path, cause) from None
     return path
 
 
-def _advice(e: OSError) -> str:
+# A Rust writer's I/O error in its text (safetensors): IoError(Os { code: 28, kind: ... })
+RUST_IO_ERROR = re.compile(r"Os \{ code: (\d+),")
+
+
+def disk_error(e: BaseException) -> OSError | None:
+    """The OSError behind a failed write, or None when `e` is not one (a bug keeps its
+    traceback). Writers other than Python's wrap it: torch's zip writer raises
+    RuntimeError ("[enforce fail at inline_container.cc] unexpected pos ...") with the
+    OSError as its context; safetensors' SafetensorError has the errno in its text."""
+    if isinstance(e, OSError):
+        return e
+    found = RUST_IO_ERROR.search(str(e))
+    if found:
+        code = int(found.group(1))
+        return OSError(code, os.strerror(code))
+    if isinstance(e, RuntimeError) and e.__context__ is not None:
+        return disk_error(e.__context__)
+    return None
+
+
+def write_error(path: str | Path, e: OSError, setting: str = "out_dir") -> UserError:
+    """One line for a write that failed: which file, why, and what to do (`setting`: the
+    setting that chose the folder)."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        what = "free some disk space or choose another out_dir"
+        what = f"free some disk space or choose another {setting}"
     elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        what = "make the folder writable or choose another out_dir"
+        what = f"make the folder writable or choose another {setting}"
     else:
-        what = "check the disk or choose another out_dir"
-    return what + " (the file's previous version, if any, is unchanged)"
+        what = f"check the disk or choose another {setting}"
+    return UserError(
+        f"could not write {path} ({e.strerror or e}); {what} (what was there before, if "
+        "anything, is unchanged)"
+    )
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

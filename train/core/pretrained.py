@@ -21,6 +21,7 @@ store it), so that export and import give back the checkpoint's model and ids ex
 
 import dataclasses
 import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -34,6 +35,8 @@ from tokenizer.gpt2 import GPT2BPETokenizer
 EXPORT_META = "handgpt.json"
 EXPORT_TOKENIZER = "handgpt_tokenizer.bin"
 EXPORT_FORMAT = 1
+PICKLED_WEIGHTS = "pytorch_model.bin"  # weights as a pickle, as older transformers saved them
+WEIGHTS_ONLY_FAILED = "Weights only load failed"  # torch.load(weights_only=True) refused it
 
 
 def checkpoint_from_hf(source: str) -> dict:
@@ -41,12 +44,19 @@ def checkpoint_from_hf(source: str) -> dict:
 
     Checked in the order that fails cheapest: the architecture (config.json), the
     tokenizer, then the weights are read. Raises UserError, one line, for another
-    architecture, a missing tokenizer, no network for a hub name, no `hf` extra.
+    architecture, a missing tokenizer, no network for a hub name, no `hf` extra, pickled
+    weights that name code to run (read with weights_only, so none runs).
     """
     meta = read_export_meta(source)
     hf.pretrained_config(source)  # another architecture: refused before anything else
     tok = _tokenizer(source, meta)
-    model = hf.load_pretrained(source)
+    try:
+        model = hf.load_pretrained(source)
+    except pickle.UnpicklingError as e:  # transformers reads .bin weights with weights_only
+        if WEIGHTS_ONLY_FAILED not in str(e):
+            raise
+        pickled = Path(source) / PICKLED_WEIGHTS
+        raise not_safe(pickled if pickled.is_file() else source) from None
     if meta is not None:
         model = restore_config(model, GPTConfig(**meta["model_config"]), source)
     # A GPT-2's table has a row per id of its tokenizer (tok.base) and may have a few more.
@@ -66,6 +76,14 @@ def checkpoint_from_hf(source: str) -> dict:
         "path": str(source),
         "huggingface": True,  # not a checkpoint file: nothing is written beside it
     }
+
+
+def not_safe(path) -> UserError:
+    """The line for a pickle that names code to run (torch.load(weights_only=True) refused
+    it, so nothing ran): never loaded, whoever reads it, our checkpoints or HF weights."""
+    return UserError(
+        f"{path} is not a safe checkpoint (loading it would run code); it will not be loaded"
+    )
 
 
 def read_export_meta(source: str) -> dict | None:

@@ -1,6 +1,6 @@
 """Several models side by side on the same held-out items: the table `make align` ends with.
 
-For each checkpoint (any kind: its language model is scored):
+For each checkpoint (any kind but a reward model: its language model is scored):
     accuracy       greedy replies to the held-out task items, per task and overall,
                    each task judged by its match rule (data/judge.py)
                    (train/eval/task_eval.py), the same items for every model
@@ -13,7 +13,7 @@ For each checkpoint (any kind: its language model is scored):
 
 from pathlib import Path
 
-from ..core.checkpoint import load_kind, load_model
+from ..core.checkpoint import load_kind, load_policy
 from ..rl.rollouts import Sampler, SamplingSettings
 from .plots import accuracy_bars
 from .task_eval import format_table, score
@@ -39,12 +39,12 @@ def sampled(policy, reference, reward_model, tok, items, rt, reply_tokens: int, 
 
 def compare(checkpoints: dict, sft: str, reward: str | None, items, rt, max_new_tokens=48, seed=0):
     """{name: held-out accuracy results with a "sampled" entry} for each named checkpoint."""
-    reference, tok, _ = load_model(sft)
+    reference, tok, _ = load_policy(sft)
     reference.to(rt.device)
     rm = load_kind(reward, "reward")[0].to(rt.device) if reward else None
     results = {}
     for name, path in checkpoints.items():
-        model, _, _ = load_model(path)
+        model, _, _ = load_policy(path)
         model.to(rt.device)
         results[name] = score(model, tok, items, rt, max_new_tokens)
         reply_tokens = max_new_tokens or SAMPLED_REPLY_TOKENS

@@ -224,9 +224,13 @@ def builtin_preferences(
     return groups
 
 
-def preference_groups(sources: PreferenceSources, stage, sft, tok, sft_path: str) -> dict:
+def preference_groups(
+    sources: PreferenceSources, stage, sft, tok, sft_path: str, keep_builtin=None
+) -> dict:
     """{"train": groups, "test": groups}: the built-in set (made on rank 0 first) and the
-    user's files (training files, and held-out ones as eval_files)."""
+    user's files (training files, and held-out ones as eval_files); keep_builtin(groups),
+    when given, selects among the built-in training groups (DPO's min_chosen_score: the
+    judge's scores, which users' files do not share)."""
     sets = {"train": [], "test": []}
     if sources.preferences.builtin:
         tasks = builtin_tasks(sources.tasks, sources.data)
@@ -235,6 +239,8 @@ def preference_groups(sources: PreferenceSources, stage, sft, tok, sft_path: str
             builtin_preferences, sources, sft.to(device), tok, tasks, sft_path, device, stage.log
         )
         sets = stage.main_first(build)
+        if keep_builtin is not None:
+            sets["train"] = keep_builtin(sets["train"])
     if sources.files:
         sets["train"] += load_preference_data(
             sources.files, sources.max_bad_fraction, stage.settings.seed, stage.log
