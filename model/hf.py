@@ -44,9 +44,9 @@ import torch
 
 from errors import UserError
 
-from .block import LAYER_NORM_EPS
 from .config import GPTConfig
 from .gpt import GPT
+from .norm import LAYER_NORM_EPS
 
 if TYPE_CHECKING:  # for type hints only; the real import happens in _transformers()
     from transformers import GPT2LMHeadModel
