@@ -51,6 +51,7 @@ from omegaconf import DictConfig, OmegaConf
 from errors import UserError, entry_point
 from model import GPT, GPTConfig
 from model.generate import complete, generate, prepare_for_decoding
+from model.hf_llama import hf_family
 
 from .loop import LoopConfig, Trainer
 from .losses import next_token_step
@@ -149,6 +150,15 @@ def bench_training(model: GPT, cfg: DictConfig, rt: Runtime, peak: Peak) -> dict
 # --------------------------------------------------------------------------- sampling
 
 
+def has_hf_class(config: GPTConfig) -> bool:
+    """Whether a transformers class computes this config (model/hf_llama.py: hf_family)."""
+    try:
+        hf_family(config)
+    except UserError:
+        return False
+    return True
+
+
 def hf_available(setting) -> bool:
     """Whether to run the transformers comparison (hf: auto | true | false)."""
     if str(setting).lower() in ("false", "0", "no"):
@@ -195,6 +205,8 @@ def bench_sampling(model: GPT, cfg: DictConfig, rt: Runtime) -> dict:
     if hf_available(cfg.hf):
         if P + N > model.config.block_size:
             note("transformers: prompt + new tokens exceed the context; no comparison")
+        elif not has_hf_class(model.config):
+            note("transformers: no class computes this mix of GPT-2 and Llama parts; no comparison")
         else:
             theirs, result["transformers_version"] = transformers_runner(model, idx, cfg, rt)
             theirs(8)  # warm-up
@@ -282,13 +294,15 @@ def bench_batched(model: GPT, cfg: DictConfig, rt: Runtime, peak: Peak) -> dict:
 def transformers_runner(
     model: GPT, idx: torch.Tensor, cfg: DictConfig, rt: Runtime
 ) -> tuple[Callable[[int], None], str]:
-    """GPT2LMHeadModel.generate on the same weights, dtype and sampling settings."""
+    """transformers' generate (GPT2LMHeadModel, LlamaForCausalLM or Qwen3ForCausalLM) on the
+    same weights, dtype and sampling settings."""
     import transformers
 
-    from model.hf import to_hf_model
+    from model import hf, hf_llama
 
     transformers.logging.set_verbosity_error()
-    hf_model = to_hf_model(model).to(rt.device)
+    convert = hf if hf_llama.hf_family(model.config) == "gpt2" else hf_llama
+    hf_model = convert.to_hf_model(model).to(rt.device)
     mask = torch.ones_like(idx)
 
     def theirs(n: int) -> None:
@@ -306,7 +320,8 @@ def transformers_runner(
         )
         assert out.shape[1] == idx.size(1) + n  # the same amount of work as ours
 
-    note(f"transformers {transformers.__version__}: GPT2LMHeadModel.generate, same settings")
+    name = type(hf_model).__name__
+    note(f"transformers {transformers.__version__}: {name}.generate, same settings")
     return theirs, transformers.__version__
 
 
