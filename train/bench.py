@@ -235,9 +235,12 @@ def bench_sampling(model: GPT, cfg: DictConfig, rt: Runtime) -> dict:
 
 def bandwidth_limit(model: GPT, rt: Runtime) -> dict:
     """The batch-1 decoding limit: a token reads every weight once (the position table
-    but one row), so tokens/s <= read bytes/s / bytes of weights."""
+    but one row; an untied token table too), so tokens/s <= read bytes/s / bytes of weights."""
     w = model.embed.wte.weight
-    weight_bytes = model.num_params(include_position_embedding=False) * w.element_size()
+    n = model.num_params(include_position_embedding=False)
+    if not model.config.tie_embeddings:  # the LM head is read whole, the token table one row
+        n -= w.numel()
+    weight_bytes = n * w.element_size()
     bandwidth = read_bandwidth(rt.device)
     return {
         "read_bytes_per_sec": bandwidth,
