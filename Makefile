@@ -9,7 +9,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 TORCH_VERSION := 2.13.0
 ARGS ?=
 
-.PHONY: install install-dev pretrain sft rm ppo dpo align sample bench export gpu-check gpu-deps test lint format clean
+.PHONY: install install-dev pretrain sft rm ppo dpo align ablate sample bench export gpu-check gpu-deps test lint format clean
 
 # torch first, chosen by machine: with an NVIDIA GPU, PyPI's default (CUDA) build; without
 # one, the CPU build (a local wheel when the machine has one, else PyTorch's CPU index),
@@ -60,6 +60,10 @@ dpo: $(VENV)/.runtime
 
 align: $(VENV)/.runtime
 	$(PY) -m train.align $(ARGS)
+
+# each change since GPT-2 added in turn, several seeds each: hours of CPU (docs/model.md, section 13)
+ablate: $(VENV)/.runtime
+	$(PY) -m train.ablate $(ARGS)
 
 sample: $(VENV)/.runtime
 	$(PY) -m train.sample checkpoint=out/pretrain $(ARGS)

@@ -20,6 +20,16 @@ Two implementations of the middle step, chosen by GPTConfig.attention:
   "manual": the formula above written out, the readable reference;
   "sdpa":   torch.nn.functional.scaled_dot_product_attention, which computes the same
             with a fused kernel (flash attention on GPUs). tests/ proves they agree.
+
+Since GPT-2 (options of the same module, all off for GPT-2; docs/model.md):
+  grouped-query attention (n_kv_head < n_head): fewer key/value heads than query heads;
+      query head h reads key/value head h // (n_head / n_kv_head). c_attn then makes
+      C query features and n_kv_head * d key and value features each (C -> C + 2 n_kv d),
+      and the KV cache holds n_kv_head heads: n_head / n_kv_head times less to store and read.
+  QK-norm (qk_norm): Q_h <- RMSNorm(Q_h), K_h <- RMSNorm(K_h) over each head's d features,
+      one weight of width d for all heads, before the rotary embedding (Qwen3's order).
+  rotary embeddings (`rope` given): Q_h and K_h turned by their positions
+      (model/rotary.py) before the scores, and before the keys enter the cache.
 """
 
 import math
@@ -30,6 +40,8 @@ from torch import nn
 
 from .config import GPTConfig
 from .kv_cache import KVCache
+from .norm import RMSNorm
+from .rotary import apply_rotary
 
 
 def causal_mask(t_q: int, t_k: int, device: torch.device) -> torch.Tensor:
@@ -61,34 +73,54 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int = 0) -> None:
         super().__init__()
         self.n_head = config.n_head
+        self.n_kv_head = config.kv_heads  # n_head unless grouped-query attention
         self.head_dim = config.head_dim
         self.layer = layer  # which slot of a KVCache is ours
         self.attention = config.attention
         self.dropout = config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # X -> Q,K,V
+        kv_width = self.n_kv_head * self.head_dim
+        self.qkv_widths = (config.n_embd, kv_width, kv_width)  # c_attn's rows: Q, K, V
+        self.c_attn = nn.Linear(config.n_embd, sum(self.qkv_widths), bias=config.bias)  # X -> Q,K,V
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)  # W_o
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
+        if config.qk_norm:  # one gain of width d, shared by the heads
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
 
     def forward(
-        self, x: torch.Tensor, cache: KVCache | None = None, mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        mask: torch.Tensor | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """x: (B, T, C) -> (B, T, C). With a cache, x holds only the new positions.
 
         mask: None for the plain causal mask, or (B, 1, T, T_k) bool, True where a query
         may attend (padded_causal_mask, for left-padded rows).
+        rope: None (GPT-2: positions are in x already), or the rotary tables cos, sin of the
+        T new positions, (B|1, 1, T, D) each (model/rotary.py: rotary_tables).
         """
         B, T, C = x.shape
-        H, D = self.n_head, self.head_dim
+        H, H_kv, D = self.n_head, self.n_kv_head, self.head_dim
 
         # One matmul for all three projections, then split and give each head its slice.
-        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
-        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        v = v.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        q, k, v = self.c_attn(x).split(self.qkv_widths, dim=2)  # (B, T, C), 2 x (B, T, H_kv D)
+        q = q.view(B, T, H, D)
+        k = k.view(B, T, H_kv, D)
+        if self.q_norm is not None:  # QK-norm: each head's query and key to unit RMS, x gain
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.transpose(1, 2)  # (B, H, T, D)
+        k = k.transpose(1, 2)  # (B, H_kv, T, D)
+        v = v.view(B, T, H_kv, D).transpose(1, 2)  # (B, H_kv, T, D)
+        if rope is not None:  # turn queries and keys by their positions
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
 
         if cache is not None:  # prepend the keys and values of earlier positions
-            k, v = cache.append(self.layer, k, v)  # (B, H, T_k, D), T_k = cache.pos + T
+            k, v = cache.append(self.layer, k, v)  # (B, H_kv, T_k, D), T_k = cache.pos + T
 
         if self.attention == "manual":
             y = self._manual(q, k, v, mask)
@@ -101,7 +133,11 @@ class CausalSelfAttention(nn.Module):
     def _manual(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
     ) -> torch.Tensor:
-        """The formula, step by step. q: (B, H, T_q, D); k, v: (B, H, T_k, D)."""
+        """The formula, step by step. q: (B, H, T_q, D); k, v: (B, H_kv, T_k, D)."""
+        if self.n_kv_head != self.n_head:  # query head h reads key/value head h // group
+            group = self.n_head // self.n_kv_head
+            k = k.repeat_interleave(group, dim=1)  # (B, H, T_k, D)
+            v = v.repeat_interleave(group, dim=1)  # (B, H, T_k, D)
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, T_q, T_k)
         if mask is None:
             mask = causal_mask(q.size(2), k.size(2), q.device)  # (T_q, T_k)
@@ -113,14 +149,17 @@ class CausalSelfAttention(nn.Module):
     def _sdpa(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
     ) -> torch.Tensor:
-        """The same through torch's fused kernel."""
+        """The same through torch's fused kernel (which maps query heads to key/value
+        heads itself: enable_gqa)."""
         t_q, t_k = q.size(2), k.size(2)
-        dropout_p = self.dropout if self.training else 0.0
+        options = {"dropout_p": self.dropout if self.training else 0.0}
+        if self.n_kv_head != self.n_head:
+            options["enable_gqa"] = True
         if mask is not None:  # left-padded rows: the mask says everything
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **options)
         if t_q == t_k:  # a whole sequence: the standard causal mask
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, **options)
         if t_q == 1:  # one new token after a cache: it may see every key
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+            return F.scaled_dot_product_attention(q, k, v, **options)
         mask = causal_mask(t_q, t_k, q.device)  # several new tokens after a cache
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **options)

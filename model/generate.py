@@ -308,7 +308,10 @@ def generate(
     if max_new_tokens < 1:
         return
     window = Window(idx, start, model.config.block_size)
-    cache = model.new_cache(idx.size(0), start=window.start) if use_cache else None
+    # the window never holds more than block_size slots, nor more than the prompt and the
+    # new tokens: a cache of that size (Llama-family models come with long contexts)
+    slots = min(model.config.block_size, window.n + max_new_tokens)
+    cache = model.new_cache(idx.size(0), slots, window.start) if use_cache else None
     logits = _last_logits(model, window.tokens(), cache, window.start if cache is None else None)
     for step in range(max_new_tokens):
         tokens = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)

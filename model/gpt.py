@@ -14,6 +14,13 @@ the one training uses, is unchanged.
 Initialisation follows GPT-2: every weight ~ N(0, 0.02), biases 0, LayerNorm gain 1,
 and the projections that write into the residual stream (attn.c_proj, mlp.c_proj)
 ~ N(0, 0.02 / sqrt(2 n_layer)), so the stream's variance does not grow with depth.
+
+The Llama family is the same model with other parts (GPTConfig; docs/model.md, "Since
+GPT-2"): no W_pe but rotary embeddings, whose tables hidden() computes once per forward
+from the same positions and hands to every block; RMSNorm for LN; SwiGLU; fewer key/value
+heads; and, with tie_embeddings=false, an LM head of its own:
+
+    logits = LN_f(h_L) W_head^T                            W_head: V x C, not W_te
 """
 
 import math
@@ -23,10 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import padded_causal_mask
-from .block import LAYER_NORM_EPS, Block
+from .block import Block
 from .config import GPTConfig
-from .embedding import Embeddings
+from .embedding import Embeddings, positions
 from .kv_cache import KVCache
+from .norm import make_norm
+from .rotary import rotary_tables
 
 IGNORE_INDEX = -100  # targets with this id do not count towards the loss
 
@@ -35,11 +44,15 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed = Embeddings(config.vocab_size, config.block_size, config.n_embd, config.dropout)
+        learned = config.position == "learned"
+        self.embed = Embeddings(
+            config.vocab_size, config.block_size, config.n_embd, config.dropout, learned
+        )
         self.h = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, eps=LAYER_NORM_EPS, bias=config.bias)
+        self.ln_f = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.embed.wte.weight  # weight tying: one matrix, two uses
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.wte.weight  # weight tying: one matrix, two uses
         self.apply(self._init_weights)
         residual_std = 0.02 / math.sqrt(2 * config.n_layer)
         for block in self.h:
@@ -75,8 +88,12 @@ class GPT(nn.Module):
         if start is not None:  # left padding: causal, and no padding keys
             mask = padded_causal_mask(start, idx.size(1), offset + idx.size(1))  # (B,1,T,T_k)
         x = self.embed(idx, offset, start)  # (B, T, C)
+        rope = None
+        if self.config.position == "rope":  # cos, sin: (B|1, 1, T, D), for every block
+            pos = positions(offset, idx.size(1), start, idx.device)  # (T,) or (B, T)
+            rope = rotary_tables(pos, self.config.head_dim, self.config.rope_theta)
         for block in self.h:
-            x = block(x, cache, mask)  # (B, T, C)
+            x = block(x, cache, mask, rope)  # (B, T, C)
         if cache is not None:
             cache.advance(idx.size(1))
         return self.ln_f(x)  # (B, T, C)
@@ -115,12 +132,12 @@ class GPT(nn.Module):
         c = self.config
         w = self.embed.wte.weight
         n = max_len or c.block_size
-        return KVCache(c.n_layer, batch_size, c.n_head, c.head_dim, n, w.device, w.dtype, start)
+        return KVCache(c.n_layer, batch_size, c.kv_heads, c.head_dim, n, w.device, w.dtype, start)
 
     def num_params(self, include_position_embedding: bool = True) -> int:
         """Number of distinct parameters (the tied LM head counts once)."""
         n = sum(p.numel() for p in self.parameters())
-        if not include_position_embedding:
+        if not include_position_embedding and self.embed.wpe is not None:
             n -= self.embed.wpe.weight.numel()
         return n
 
@@ -130,8 +147,11 @@ class GPT(nn.Module):
         Each parameter in a matmul costs 2 FLOPs forward and 4 backward: 6 N, with N the
         parameters excluding position embeddings (a lookup, not a matmul). Attention adds
         Q K^T and A V: 2 * 2 * T * C per layer forward, times 3 for backward: 12 L T C.
+        An untied token table is a lookup too: only the LM head's own matrix counts then.
         """
         c = self.config
         T = seq_len or c.block_size
         n = self.num_params(include_position_embedding=False)
+        if not c.tie_embeddings:
+            n -= self.embed.wte.weight.numel()
         return 6 * n + 12 * c.n_layer * T * c.n_embd

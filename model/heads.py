@@ -36,13 +36,17 @@ class ScalarModel(nn.Module):
     """A GPT trunk with a scalar head: a reward model, or a value function.
 
     `gpt` keeps its LM head (tied to the token table, so it costs nothing), which lets the
-    trunk be loaded, sampled from and exported like any language model.
+    trunk be loaded, sampled from and exported like any language model. An untied LM head
+    (tie_embeddings=false) is frozen: the scalar never reads it, and a trained parameter
+    that gets no gradient is an error under DistributedDataParallel.
     """
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.gpt = GPT(config)
         self.head = ScalarHead(config.n_embd)
+        if not config.tie_embeddings:
+            self.gpt.lm_head.requires_grad_(False)
 
     @property
     def config(self) -> GPTConfig:

@@ -44,9 +44,9 @@ import torch
 
 from errors import UserError
 
-from .block import LAYER_NORM_EPS
 from .config import GPTConfig
 from .gpt import GPT
+from .norm import LAYER_NORM_EPS
 
 if TYPE_CHECKING:  # for type hints only; the real import happens in _transformers()
     from transformers import GPT2LMHeadModel
@@ -245,6 +245,12 @@ def to_hf_model(
     """
     transformers = _transformers()
     c = model.config
+    from .hf_llama import hf_family  # here: model/hf_llama.py imports this module
+
+    if hf_family(c) != "gpt2":  # a Llama-family model: GPT2LMHeadModel cannot compute it
+        raise UserError(
+            f"this is a {hf_family(c)} model, not a GPT-2: export it with model/hf_llama.py"
+        )
     eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
     hf_config = transformers.GPT2Config(
         vocab_size=c.vocab_size,

@@ -7,7 +7,9 @@ to the stored ones: one position's work per token.
 
 Layout: one preallocated tensor for keys and one for values,
     k, v: (n_layer, B, n_head, max_len, head_dim)
-and `pos`, the number of slots filled so far (the same for every layer and row).
+and `pos`, the number of slots filled so far (the same for every layer and row). n_head is
+the number of key/value heads: with grouped-query attention (GPTConfig.n_kv_head) fewer
+than the query heads, and the cache is that much smaller.
 
 Prompts of different lengths share a cache by left padding: row b's real tokens start at
 slot start[b] (`start`, a (B,) tensor, or None when no row is padded). Its slots before

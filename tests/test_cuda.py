@@ -131,3 +131,43 @@ def test_nccl_ddp_with_one_process_equals_the_plain_loop(tmp_path):
         dist.destroy_process_group()
     plain = losses(Runtime(gpu(), torch.float32), optimizer="adamw", tmp=tmp_path)
     assert ddp == pytest.approx(plain, abs=1e-4)
+
+
+# The Llama family: rotary embeddings, RMSNorm, SwiGLU, 4 query heads on 2 key/value heads
+# (SDPA's enable_gqa), QK-norm, an untied head.
+LLAMA = dict(
+    SMALL,
+    position="rope",
+    norm="rmsnorm",
+    mlp="swiglu",
+    bias=False,
+    n_kv_head=2,
+    qk_norm=True,
+    tie_embeddings=False,
+)
+
+
+def test_llama_family_sdpa_kernels_equal_the_manual_attention_in_bf16():
+    torch.manual_seed(0)
+    manual = GPT(GPTConfig(**LLAMA, attention="manual")).to(gpu(), torch.bfloat16)
+    fused = GPT(GPTConfig(**LLAMA, attention="sdpa")).to(gpu(), torch.bfloat16)
+    fused.load_state_dict(manual.state_dict())
+    x, y = batch()
+    logits, loss = fused(x, y)
+    loss.backward()
+    ref_logits, ref_loss = manual(x, y)
+    assert (logits.float() - ref_logits.float()).abs().max() < 0.1
+    assert abs(loss.item() - ref_loss.item()) < 0.02
+    assert all(p.grad is not None for p in fused.parameters())
+
+
+def test_llama_family_learns_in_bf16_as_in_float32_and_decodes_on_the_gpu():
+    model = GPT(GPTConfig(**LLAMA))
+    mixed = losses(Runtime(gpu(), torch.bfloat16), model=copy.deepcopy(model))
+    full = losses(Runtime(gpu(), torch.float32), model=copy.deepcopy(model))
+    assert mixed[-1] < mixed[0] - 0.5 and abs(mixed[-1] - full[-1]) < 0.1 * full[0]
+    model = model.to(gpu()).eval()
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
+    together = complete(model, prompts, 80, temperature=0.0)  # past the 64-token context
+    alone = complete(model, prompts[:1], 80, temperature=0.0)[0]
+    assert together[0].tokens[:50] == alone.tokens[:50]  # the window slides at 58 new tokens

@@ -36,7 +36,8 @@ def read_metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_processes_equal_one_with_gradient_accumulation(tmp_path):
+@pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
+def test_two_processes_equal_one_with_gradient_accumulation(tmp_path, preset):
     rng = random.Random(5)
     lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 10))) for _ in range(900)]
     (tmp_path / "corpus.txt").write_text("\n".join(lines) + "\n")
@@ -45,6 +46,7 @@ def test_two_processes_equal_one_with_gradient_accumulation(tmp_path):
         "data.paths": f"['{tmp_path / 'corpus.txt'}']",
         "data.root": f"'{tmp_path / 'data'}'",
         "data.vocab_size": 300,
+        "model": preset,
         "model.n_layer": 2,
         "model.n_head": 2,
         "model.n_embd": 32,

@@ -243,3 +243,69 @@ def test_newton_schulz_runs_in_bf16_only_where_it_is_native(monkeypatch, native)
     assert out.dtype == torch.float32
     s = torch.linalg.svdvals(out)
     assert s.min() > 0.5 and s.max() < 1.3  # singular values pushed near 1 either way
+
+
+def test_unequal_row_blocks_are_orthogonalised_one_by_one():
+    """Grouped-query attention's c_attn: 16 query rows, then 4 key and 4 value rows. parts
+    given as row counts == three weights stepped on their own (each at its own shape's
+    scale: the 4 x 16 blocks are wide, the 16 x 16 one square)."""
+    torch.manual_seed(6)
+    sizes = (16, 4, 4)
+    w0 = torch.randn(sum(sizes), 16)
+    stacked = w0.clone().requires_grad_()
+    pieces = [p.clone().requires_grad_() for p in w0.split(sizes)]
+    opt_stacked = Muon([{"params": [stacked], "use_muon": True, "parts": sizes}], lr=0.02)
+    opt_pieces = Muon([{"params": pieces, "use_muon": True}], lr=0.02)
+    for _ in range(3):
+        g = torch.randn(sum(sizes), 16)
+        stacked.grad = g.clone()
+        for p, gp in zip(pieces, g.split(sizes), strict=True):
+            p.grad = gp.clone()
+        opt_stacked.step()
+        opt_pieces.step()
+    assert torch.allclose(stacked, torch.cat(pieces), atol=1e-6)
+    assert opt_stacked.newton_schulz_flops() == opt_pieces.newton_schulz_flops()
+    with pytest.raises(ValueError, match=r"blocks of \(16, 4, 4\) rows"):
+        Muon(
+            [
+                {
+                    "params": [torch.zeros(20, 16, requires_grad=True)],
+                    "use_muon": True,
+                    "parts": sizes,
+                }
+            ],
+            lr=0.02,
+        )
+
+
+def test_build_optimizer_splits_grouped_query_attention_at_its_widths():
+    config = GPTConfig(
+        **{
+            **TINY,
+            "n_head": 4,
+            "n_kv_head": 1,
+            "bias": False,
+            "position": "rope",
+            "norm": "rmsnorm",
+            "mlp": "swiglu",
+            "qk_norm": True,
+            "tie_embeddings": False,
+        }
+    )
+    model = GPT(config)
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.1, kind="muon", muon_lr=0.02)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = {names[id(p)]: g for g in opt.param_groups for p in g["params"]}
+    assert groups["h.0.attn.c_attn.weight"]["parts"] == (32, 8, 8)  # C, then 1 head of 8 twice
+    assert (
+        groups["h.1.mlp.c_gate.weight"]["use_muon"]
+        and groups["h.1.mlp.c_gate.weight"]["parts"] == 1
+    )
+    assert not groups["lm_head.weight"]["use_muon"] and groups["lm_head.weight"]["weight_decay"]
+    assert not groups["h.0.attn.q_norm.weight"]["use_muon"]
+    assert groups["h.0.attn.q_norm.weight"]["weight_decay"] == 0.0
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    before = model.h[0].attn.c_attn.weight.detach().clone()
+    opt.step()
+    assert not torch.equal(before, model.h[0].attn.c_attn.weight)

@@ -260,11 +260,12 @@ def test_dpo_runs_unchanged_on_the_fine_tuned_model(sft_run):
 
 
 def test_another_architecture_is_one_line(tmp_path):
-    transformers.LlamaConfig(
+    """GPT-2, Llama and Qwen3 are read (tests/test_llama_hf.py for the latter); not GPT-NeoX."""
+    transformers.GPTNeoXConfig(
         hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
     ).save_pretrained(tmp_path)
     save_tokenizer(byte_bpe(), tmp_path)
-    with pytest.raises(UserError, match="model_type 'llama'"):
+    with pytest.raises(UserError, match="expected a GPT-2, Llama or Qwen3 model .* 'gpt_neox'"):
         load_model(str(tmp_path))
 
 

@@ -197,8 +197,6 @@ def test_a_bug_inside_a_save_keeps_its_traceback(tmp_path, monkeypatch):
 def export_onto(monkeypatch, out: Path, error: Exception) -> None:
     """train.export into `out` (which holds an earlier export), the model's weights failing
     with `error` half-way through their file."""
-    from omegaconf import OmegaConf
-
     import tokenizer
     import train.export as export
     from model import GPT, GPTConfig
@@ -213,9 +211,8 @@ def export_onto(monkeypatch, out: Path, error: Exception) -> None:
         (Path(out_dir) / "model.safetensors").write_bytes(b"half")
         raise error
 
-    monkeypatch.setattr(export, "export_pretrained", weights_fail)
-    cfg = OmegaConf.create({"checkpoint": str(out.parent / "ckpt.pt"), "out": str(out),
-                            "dtype": "float32", "overwrite": True})  # fmt: skip
+    monkeypatch.setattr(export.hf, "export_pretrained", weights_fail)
+    cfg = load("export", [f"checkpoint={out.parent / 'ckpt.pt'}", f"out={out}", "overwrite=true"])
     export.run(cfg)
 
 

@@ -17,26 +17,22 @@ changing a setting is asking for that. Each stage runs as its own command,
     make align ARGS="overrides.all=['device=cuda'] overrides.ppo=['beta=0.01']"   (quoted: Hydra)
 """
 
-import dataclasses
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-import yaml
 
 from command import entry_point
 from data.tasks import builtin_tasks
 from errors import UserError
 
 from .core.files import save_eval
-from .core.guards import DONE_FILE
 from .core.runtime import runtime_session
+from .core.stage import finished_with
 from .eval.compare import compare, format_comparison, write_report
 from .settings import STAGES, AlignSettings, load
 
 COMMANDS = {"pretrain": "pretrain", "sft": "sft", "rm": "reward", "ppo": "ppo", "dpo": "dpo"}
-IGNORED = ("resume", "overwrite")  # settings that say how to start, not what to compute
 
 
 def stage_overrides(s: AlignSettings, name: str) -> list[str]:
@@ -49,21 +45,6 @@ def stage_settings(s: AlignSettings, name: str):
         return load(COMMANDS[name], stage_overrides(s, name))
     except UserError as e:
         raise UserError(f"overrides for {name}: {e}") from None
-
-
-def comparable(settings: dict) -> dict:
-    return {k: v for k, v in settings.items() if k not in IGNORED}
-
-
-def is_done(settings) -> bool:
-    """True when the settings' out_dir holds a finished run of these very settings."""
-    out = Path(settings.out_dir)
-    try:
-        before = yaml.safe_load((out / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
-        return False
-    now = dataclasses.asdict(settings)
-    return (out / DONE_FILE).is_file() and comparable(before or {}) == comparable(now)
 
 
 def run_stage(name: str, overrides: list[str]) -> None:
@@ -84,7 +65,7 @@ def run_stages(s: AlignSettings, log=print) -> dict[str, str]:
     planned = {name: stage_settings(s, name) for name in s.stages}  # all checked first
     done, upstream_ran = {}, False
     for name, settings in planned.items():
-        if not upstream_ran and is_done(settings):
+        if not upstream_ran and finished_with(settings):
             log(f"== {name}: done before with the same settings, skipped ({settings.out_dir})")
             done[name] = "skipped"
             continue

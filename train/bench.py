@@ -51,6 +51,7 @@ from command import entry_point
 from errors import UserError
 from model import GPT, GPTConfig
 from model.generate import complete, generate, prepare_for_decoding
+from model.hf_llama import hf_family
 
 from .core.optim import build_optimizer
 from .core.peak import Peak, peak_flops, read_bandwidth
@@ -152,6 +153,15 @@ def bench_training(model: GPT, cfg: BenchSettings, rt: Runtime, peak: Peak) -> d
 # --------------------------------------------------------------------------- sampling
 
 
+def has_hf_class(config: GPTConfig) -> bool:
+    """Whether a transformers class computes this config (model/hf_llama.py: hf_family)."""
+    try:
+        hf_family(config)
+    except UserError:
+        return False
+    return True
+
+
 def hf_available(setting) -> bool:
     """Whether to run the transformers comparison (hf: auto | true | false)."""
     if str(setting).lower() in ("false", "0", "no"):
@@ -198,6 +208,8 @@ def bench_sampling(model: GPT, cfg: BenchSettings, rt: Runtime) -> dict:
     if hf_available(cfg.hf):
         if P + N > model.config.block_size:
             note("transformers: prompt + new tokens exceed the context; no comparison")
+        elif not has_hf_class(model.config):
+            note("transformers: no class computes this mix of GPT-2 and Llama parts; no comparison")
         else:
             theirs, result["transformers_version"] = transformers_runner(model, idx, cfg, rt)
             theirs(8)  # warm-up
@@ -226,9 +238,12 @@ def bench_sampling(model: GPT, cfg: BenchSettings, rt: Runtime) -> dict:
 
 def bandwidth_limit(model: GPT, rt: Runtime) -> dict:
     """The batch-1 decoding limit: a token reads every weight once (the position table
-    but one row), so tokens/s <= read bytes/s / bytes of weights."""
+    but one row; an untied token table too), so tokens/s <= read bytes/s / bytes of weights."""
     w = model.embed.wte.weight
-    weight_bytes = model.num_params(include_position_embedding=False) * w.element_size()
+    n = model.num_params(include_position_embedding=False)
+    if not model.config.tie_embeddings:  # the LM head is read whole, the token table one row
+        n -= w.numel()
+    weight_bytes = n * w.element_size()
     bandwidth = read_bandwidth(rt.device)
     return {
         "read_bytes_per_sec": bandwidth,
@@ -289,13 +304,15 @@ def bench_batched(model: GPT, cfg: BenchSettings, rt: Runtime, peak: Peak) -> di
 def transformers_runner(
     model: GPT, idx: torch.Tensor, cfg: BenchSettings, rt: Runtime
 ) -> tuple[Callable[[int], None], str]:
-    """GPT2LMHeadModel.generate on the same weights, dtype and sampling settings."""
+    """transformers' generate (GPT2LMHeadModel, LlamaForCausalLM or Qwen3ForCausalLM) on the
+    same weights, dtype and sampling settings."""
     import transformers
 
-    from model.hf import to_hf_model
+    from model import hf, hf_llama
 
     transformers.logging.set_verbosity_error()
-    hf_model = to_hf_model(model).to(rt.device)
+    convert = hf if hf_llama.hf_family(model.config) == "gpt2" else hf_llama
+    hf_model = convert.to_hf_model(model).to(rt.device)
     mask = torch.ones_like(idx)
 
     def theirs(n: int) -> None:
@@ -313,7 +330,8 @@ def transformers_runner(
         )
         assert out.shape[1] == idx.size(1) + n  # the same amount of work as ours
 
-    note(f"transformers {transformers.__version__}: GPT2LMHeadModel.generate, same settings")
+    name = type(hf_model).__name__
+    note(f"transformers {transformers.__version__}: {name}.generate, same settings")
     return theirs, transformers.__version__
 
 

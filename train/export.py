@@ -5,15 +5,17 @@
 and then, in any program with transformers:
 
     tok = AutoTokenizer.from_pretrained("my-model/")
-    model = GPT2LMHeadModel.from_pretrained("my-model/")
+    model = AutoModelForCausalLM.from_pretrained("my-model/")
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=100)        # stops at <|end|> or <|eos|>
     pipeline("text-generation", model="my-model/")(messages)
 
 The folder holds
     config.json, model.safetensors,   the language model as a GPT2LMHeadModel (model/hf.py),
-    generation_config.json            whatever kind the checkpoint holds; generate stops at
-                                      <|eos|> and <|end|>
+    generation_config.json            or for the Llama family a LlamaForCausalLM or, with
+                                      QK-norm, a Qwen3ForCausalLM (model/hf_llama.py), whatever
+                                      kind the checkpoint holds; generate stops at <|eos|>
+                                      and <|end|>
     tokenizer.json,                   the checkpoint's tokenizer (either kind) with our chat
     tokenizer_config.json             format as its chat template (tokenizer/hf.py)
     handgpt.json,                     what Hugging Face's format has no place for, so that
@@ -32,8 +34,7 @@ import torch
 
 from command import entry_point
 from errors import UserError
-from model import GPT
-from model.hf import export_pretrained
+from model import GPT, hf, hf_llama
 from tokenizer.base import Tokenizer
 from tokenizer.hf import save_hf_tokenizer
 
@@ -80,7 +81,8 @@ def run(cfg: ExportSettings) -> Path:
 
 def write_export(model: GPT, tok: Tokenizer, ckpt: dict, out_dir: Path) -> None:
     """The model, the tokenizer and our metadata (see the module docstring) into out_dir."""
-    export_pretrained(
+    convert = hf if hf_llama.hf_family(model.config) == "gpt2" else hf_llama
+    convert.export_pretrained(
         model,
         out_dir,
         bos_token_id=tok.bos_id,

@@ -214,6 +214,36 @@ class ExportSettings(CommandSettings):
     overwrite: bool = setting(flag())
 
 
+def _rows_ok(rows) -> bool:
+    return (
+        isinstance(rows, list)
+        and bool(rows)
+        and all(
+            isinstance(r, dict)
+            and isinstance(r.get("name"), str)
+            and not set(r) - {"name", "set", "matched"}
+            for r in rows
+        )
+    )
+
+
+def _seeds_ok(seeds) -> bool:
+    return list_of(integer()).ok(seeds) and bool(seeds) and len(set(seeds)) == len(seeds)
+
+
+@dataclass
+class AblateSettings(CommandSettings):
+    """python -m train.ablate (conf/ablate.yaml)."""
+
+    model: str = setting(text())
+    seeds: list[int] = setting(Rule("a list of different integers, e.g. [1,2,3]", _seeds_ok))
+    max_minutes: float = setting(number(above=0))
+    pretrain: list[str] = setting(list_of(text()))
+    rows: list[Any] = setting(
+        Rule("a list of {name: ..., set: {model field: value}, matched: true|false}", _rows_ok)
+    )
+
+
 STAGES = ("pretrain", "sft", "rm", "ppo", "dpo")  # train.align's names for the stages
 
 
@@ -237,6 +267,7 @@ COMMANDS = {
     "bench": BenchSettings,
     "export": ExportSettings,
     "align": AlignSettings,
+    "ablate": AblateSettings,
 }
 
 

@@ -48,7 +48,8 @@ hidden-layer matrices; their groups (use_muon=False) take plain AdamW steps:
 
 A weight that stacks several matrices (attention's c_attn holds W_q, W_k and W_v, one under
 the other) is orthogonalised block by block: its group sets `parts`, the number of equal
-row blocks.
+row blocks, or the rows of each block when they differ (grouped-query attention: C query
+rows, then n_kv_head * d key rows and as many value rows).
 
 Every group has its own lr; train/core/optim.py builds the groups and the schedule scales
 them all together (each group's lr_scale).
@@ -123,11 +124,20 @@ def newton_schulz_flops(rows: int, cols: int, steps: int = 5, gram: bool = False
     return steps * (4 * m * m * n + 2 * m**3)
 
 
+def row_blocks(parts: int | tuple[int, ...], rows: int) -> list[int]:
+    """The rows of each block a weight of `rows` rows is orthogonalised in: `parts` equal
+    blocks, or the row counts `parts` gives."""
+    if isinstance(parts, int):
+        return [rows // parts] * parts
+    return list(parts)
+
+
 class Muon(torch.optim.Optimizer):
     """Muon on groups with use_muon=True (2-D weights), AdamW on the others.
 
     Group options: lr, weight_decay, use_muon; Muon groups also momentum, ns_steps and
-    parts (row blocks orthogonalised separately), AdamW groups betas and eps.
+    parts (row blocks orthogonalised separately: their number, or a tuple of their row
+    counts), AdamW groups betas and eps.
     """
 
     def __init__(
@@ -155,10 +165,16 @@ class Muon(torch.optim.Optimizer):
             if not group["use_muon"]:
                 continue
             for p in group["params"]:
-                if p.dim() != 2 or p.size(0) % group["parts"]:
+                parts = group["parts"]
+                if isinstance(parts, int) and (p.dim() != 2 or p.size(0) % parts):
                     raise ValueError(
-                        f"Muon takes 2-D weights whose rows split into {group['parts']} "
+                        f"Muon takes 2-D weights whose rows split into {parts} "
                         f"equal blocks; got shape {tuple(p.shape)}"
+                    )
+                if not isinstance(parts, int) and (p.dim() != 2 or sum(parts) != p.size(0)):
+                    raise ValueError(
+                        f"Muon takes 2-D weights whose rows split into blocks of {tuple(parts)} "
+                        f"rows; got shape {tuple(p.shape)}"
                     )
 
     def newton_schulz_flops(self) -> int:
@@ -167,10 +183,9 @@ class Muon(torch.optim.Optimizer):
         total = 0
         for group in self.param_groups:
             for p in group["params"] if group["use_muon"] else ():
-                rows, cols = p.size(0) // group["parts"], p.size(1)
-                gram = uses_gram_form(rows, cols, ns_dtype(p.device))
-                flops = newton_schulz_flops(rows, cols, group["ns_steps"], gram)
-                total += group["parts"] * flops
+                for rows in row_blocks(group["parts"], p.size(0)):
+                    gram = uses_gram_form(rows, p.size(1), ns_dtype(p.device))
+                    total += newton_schulz_flops(rows, p.size(1), group["ns_steps"], gram)
         return total
 
     @torch.no_grad()
@@ -192,27 +207,39 @@ class Muon(torch.optim.Optimizer):
         192 x 768 once the tall ones are transposed, as orthogonalize(U^T) =
         orthogonalize(U)^T). Stacking the blocks of one shape makes each Newton-Schulz
         product one bmm over all of them, not one small matmul per block: the same result
-        (tests/test_muon.py) in far fewer calls.
+        (tests/test_muon.py) in far fewer calls. A weight's row blocks may have different
+        shapes (grouped-query attention's c_attn): each goes with its own shape, and the
+        step is put together row block by row block.
         """
-        batches: dict[tuple, list] = {}  # (small, large, ns_steps) -> [(p, group, tall, blocks)]
+        batches: dict[tuple, list] = {}  # (small, large, ns_steps) -> [(step, rows, tall, block)]
+        steps: dict[torch.Tensor, torch.Tensor] = {}  # each weight's step, filled block by block
         for group in groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 u = self._look_ahead(p, group["momentum"])  # (out, in)
-                blocks = u.view(group["parts"], -1, p.size(1))  # (parts, out / parts, in)
-                tall = blocks.size(1) > blocks.size(2)
-                blocks = blocks.mT if tall else blocks  # (parts, small, large)
-                key = (*blocks.shape[1:], group["ns_steps"])
-                batches.setdefault(key, []).append((p, group, tall, blocks))
-        for (small, large, steps), items in batches.items():
-            stacked = torch.cat([blocks for *_, blocks in items])  # (N, small, large)
-            done = orthogonalize(stacked, steps).split([len(blocks) for *_, blocks in items])
-            for (p, group, tall, _), o in zip(items, done, strict=True):
-                step = (o.mT if tall else o).reshape(p.shape)  # (out, in)
-                scale = (large / small) ** 0.5 if tall else 1.0  # sqrt(max(1, rows / cols))
-                p.mul_(1.0 - group["lr"] * group["weight_decay"])
-                p.add_(step, alpha=-group["lr"] * scale)
+                steps[p] = torch.empty_like(u)
+                first = 0
+                for rows in row_blocks(group["parts"], p.size(0)):
+                    block = u[first : first + rows]  # (rows, in)
+                    tall = rows > p.size(1)
+                    block = block.mT if tall else block  # (small, large)
+                    key = (*block.shape, group["ns_steps"])
+                    item = (steps[p][first : first + rows], tall, block)
+                    batches.setdefault(key, []).append(item)
+                    first += rows
+        for (small, large, ns_steps), items in batches.items():
+            done = orthogonalize(torch.stack([block for *_, block in items]), ns_steps)
+            for (out, tall, _), o in zip(items, done, strict=True):
+                if tall:  # sqrt(max(1, rows / cols)): the same step size per entry
+                    out.copy_(o.mT).mul_((large / small) ** 0.5)
+                else:
+                    out.copy_(o)
+        for group in groups:
+            for p in group["params"]:
+                if p in steps:
+                    p.mul_(1.0 - group["lr"] * group["weight_decay"])
+                    p.add_(steps[p], alpha=-group["lr"])
 
     def _look_ahead(self, p: torch.Tensor, mu: float) -> torch.Tensor:
         """Update the momentum buffer and return U = G + mu M (same shape as p)."""

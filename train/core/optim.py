@@ -7,7 +7,8 @@ Two optimizers (`optimizer: adamw | muon` in the stage's config):
   towards zero is not regularisation, it just fights the normalisation).
 - muon: Muon (train/core/muon.py) for the 2-D weights inside the transformer blocks, at its own
   peak rate muon_lr; AdamW, as above, for embeddings, LM head, norms and biases at lr.
-  c_attn stacks W_q, W_k and W_v, and Muon orthogonalises them one by one.
+  c_attn stacks W_q, W_k and W_v, and Muon orthogonalises them one by one (with grouped-
+  query attention W_k and W_v have fewer rows than W_q: attention_parts).
 
 Both scale every group's rate by the same schedule: group lr = lr(step) * lr_scale, with
 lr_scale = muon_lr / lr for the Muon groups and 1 for the others.
@@ -71,18 +72,43 @@ def build_optimizer(
     hidden = {n: p for n, p in named if p.dim() == 2 and _BLOCK_PARAM.search(n)}
     rest = [p for n, p in named if n not in hidden]
     muon = {"use_muon": True, "lr_scale": muon_lr / lr, "weight_decay": weight_decay}
+    stacked = attention_parts(model, hidden)  # c_attn's name -> its row blocks
     groups = [
-        {**muon, "params": [p for n, p in hidden.items() if not n.endswith("c_attn.weight")]},
-        {
-            **muon,
-            "params": [p for n, p in hidden.items() if n.endswith("c_attn.weight")],
-            "parts": 3,
-        },
+        {**muon, "params": [p for n, p in hidden.items() if n not in stacked]},
+        *[
+            {**muon, "params": [hidden[n] for n in stacked if stacked[n] == parts], "parts": parts}
+            for parts in dict.fromkeys(stacked.values())  # each distinct split once, in order
+        ],
         {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
     return Muon(groups, lr=lr, momentum=muon_momentum, betas=betas)
+
+
+def attention_parts(model: nn.Module, hidden: dict[str, nn.Parameter]) -> dict:
+    """Muon's `parts` for each c_attn weight among `hidden`: 3 (equal Q, K, V blocks), or
+    the rows of Q, K and V when they differ (CausalSelfAttention.qkv_widths)."""
+    parts = {}
+    for name in hidden:
+        if name.endswith("c_attn.weight"):
+            widths = model.get_submodule(name.removesuffix(".c_attn.weight")).qkv_widths
+            parts[name] = 3 if len(set(widths)) == 1 else tuple(widths)
+    return parts
+
+
+def optimizer_from_config(model: nn.Module, cfg, device_type: str) -> torch.optim.Optimizer:
+    """build_optimizer with a stage's settings (optimizer, lr, weight_decay, betas, muon_*)."""
+    return build_optimizer(
+        model,
+        cfg.lr,
+        cfg.weight_decay,
+        cfg.betas,
+        device_type,
+        kind=cfg.optimizer,
+        muon_lr=cfg.muon_lr,
+        muon_momentum=cfg.muon_momentum,
+    )
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Hugging Face models as starting points: a GPT-2 directory or hub name, read as a checkpoint.
+"""Hugging Face models as starting points: a GPT-2, Llama or Qwen3 directory or hub name,
+read as a checkpoint.
 
 Every stage loads its models through train/core/checkpoint.py: load_checkpoint. Given a Hugging
 Face source instead of a checkpoint (which paths are: checkpoint.py: hf_source), it calls
@@ -10,6 +11,9 @@ tokenizer state). So init_from=gpt2 (SFT, reward model, PPO, DPO) and checkpoint
     a GPT-2 directory, or a hub    its weights (model/hf.py), the   its byte-level BPE
     name ("gpt2", "distilgpt2")    table grown for the control      (tokenizer/gpt2.py), our
                                    tokens (model/vocab.py)          control tokens after it
+    a Llama or Qwen3 directory     its weights (model/hf_llama.py), the same, when it is a
+    or hub name                    grown the same way               byte-level BPE (Llama 3,
+                                                                    Qwen); others are refused
     a directory train.export       its weights, with our config     the checkpoint's own
     wrote (it has handgpt.json)    back (bias=False, attention,     (handgpt_tokenizer.bin)
                                    dropout)
@@ -28,7 +32,7 @@ import torch
 
 import tokenizer as tokenizers
 from errors import UserError
-from model import GPT, GPTConfig, hf
+from model import GPT, GPTConfig, hf, hf_llama
 from model.vocab import grow_vocab
 from tokenizer.gpt2 import GPT2BPETokenizer
 
@@ -37,10 +41,12 @@ EXPORT_TOKENIZER = "handgpt_tokenizer.bin"
 EXPORT_FORMAT = 1
 PICKLED_WEIGHTS = "pytorch_model.bin"  # weights as a pickle, as older transformers saved them
 WEIGHTS_ONLY_FAILED = "Weights only load failed"  # torch.load(weights_only=True) refused it
+FAMILIES = {"gpt2": hf, **{name: hf_llama for name in hf_llama.MODEL_TYPES}}  # model_type ->
+# the module that converts it
 
 
 def checkpoint_from_hf(source: str) -> dict:
-    """What a checkpoint holds, for a Hugging Face GPT-2 directory or hub name.
+    """What a checkpoint holds, for a Hugging Face GPT-2, Llama or Qwen3 directory or hub name.
 
     Checked in the order that fails cheapest: the architecture (config.json), the
     tokenizer, then the weights are read. Raises UserError, one line, for another
@@ -48,10 +54,11 @@ def checkpoint_from_hf(source: str) -> dict:
     weights that name code to run (read with weights_only, so none runs).
     """
     meta = read_export_meta(source)
-    hf.pretrained_config(source)  # another architecture: refused before anything else
+    convert = converter(source)
+    convert.pretrained_config(source)  # what we cannot compute: refused before anything else
     tok = _tokenizer(source, meta)
     try:
-        model = hf.load_pretrained(source)
+        model = convert.load_pretrained(source)
     except pickle.UnpicklingError as e:  # transformers reads .bin weights with weights_only
         if WEIGHTS_ONLY_FAILED not in str(e):
             raise
@@ -86,6 +93,17 @@ def not_safe(path) -> UserError:
     )
 
 
+def converter(source: str):
+    """model/hf.py or model/hf_llama.py, by the model_type in the source's config.json."""
+    model_type = hf_llama.model_type(source)
+    if model_type not in FAMILIES:
+        raise UserError(
+            f"{source}: expected a GPT-2, Llama or Qwen3 model (model_type "
+            f"{', '.join(map(repr, FAMILIES))}), got model_type {model_type!r}"
+        )
+    return FAMILIES[model_type]
+
+
 def read_export_meta(source: str) -> dict | None:
     """handgpt.json of a directory train.export wrote, or None for any other source."""
     path = Path(source) / EXPORT_META
@@ -113,11 +131,10 @@ def _tokenizer(source: str, meta: dict | None) -> tokenizers.Tokenizer:
 
 
 def restore_config(model: GPT, config: GPTConfig, source: str = "") -> GPT:
-    """`model` (imported from HF, so bias=True) with our `config` back: attention, dropout,
-    and bias=False when all its biases are zero (as our export wrote them; biases trained
-    since then are kept, with bias=True)."""
-    shape = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
-    if any(getattr(config, f) != getattr(model.config, f) for f in shape):
+    """`model` (imported from HF; a GPT-2 has bias=True) with our `config` back: attention,
+    dropout, and bias=False when all its biases are zero (as our export wrote them; biases
+    trained since then are kept, with bias=True)."""
+    if architecture(config) != architecture(model.config):
         raise UserError(f"{source}: {EXPORT_META} does not describe the model in config.json")
     state = model.state_dict()
     if not config.bias:
@@ -128,5 +145,16 @@ def restore_config(model: GPT, config: GPTConfig, source: str = "") -> GPT:
     with torch.device("meta"):  # shapes only; the weights are put in place below
         restored = GPT(config)
     restored.load_state_dict({k: state[k] for k in restored.state_dict()}, assign=True)
-    restored.lm_head.weight = restored.embed.wte.weight  # assign=True untied them: tie again
+    if config.tie_embeddings:
+        restored.lm_head.weight = restored.embed.wte.weight  # assign=True untied them: tie again
     return restored
+
+
+def architecture(config: GPTConfig) -> dict:
+    """What fixes the function a config computes, whatever the training settings (attention,
+    dropout) and the spelling (n_kv_head null or n_head, mlp_hidden null or its value)."""
+    kept = config.to_dict()
+    for name in ("attention", "dropout", "bias", "n_kv_head", "mlp_hidden"):
+        kept.pop(name)
+    hidden = config.swiglu_hidden if config.mlp == "swiglu" else 4 * config.n_embd
+    return {**kept, "kv_heads": config.kv_heads, "mlp_width": hidden}

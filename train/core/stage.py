@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch.distributed as dist
+import yaml
 from torch import nn
 
 from errors import UserError
@@ -31,6 +32,23 @@ from .optim import OptimizerSettings
 from .peak import peak_flops
 from .runtime import Runtime, precision_name, setup_runtime, teardown_runtime
 from .trainer import Batches, LoopSettings, StepFn, Trainer
+
+IGNORED = ("resume", "overwrite")  # settings that say how a run starts, not what it computes
+
+
+def finished_with(settings) -> bool:
+    """True when settings.out_dir holds a finished run (done.json) of these very settings
+    (its config.yaml; `resume` and `overwrite` aside): train.align and train.ablate skip it."""
+    out = Path(settings.out_dir)
+    try:
+        before = yaml.safe_load((out / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return False
+    now = dataclasses.asdict(settings)
+    same = {k: v for k, v in before.items() if k not in IGNORED} == {
+        k: v for k, v in now.items() if k not in IGNORED
+    }
+    return (out / guards.DONE_FILE).is_file() and same
 
 
 def resumable_checkpoint(out_dir: Path) -> dict:
