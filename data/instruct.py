@@ -72,8 +72,14 @@ class Conversation(list):
 
 TOOL_ROLES = ("tool", "function", "ipython")
 TOOL_KEYS = ("tool_calls", "function_call", "tool_call_id")
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
-                  "assistant": "assistant", "chatgpt": "assistant"}  # fmt: skip
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+}
 SHAREGPT_TOOLS = ("function_call", "observation", "tool", "function")
 NO_TOOLS = "tool calls are not supported (the chat format has no tool turns); leave it out"
 

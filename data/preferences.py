@@ -380,8 +380,14 @@ def collate_groups(groups: Sequence[RenderedGroup], pad_id: int) -> dict[str, to
     ids, lengths = pad_rows([r for r, _ in rows], pad_id)  # (R, T), (R,)
     mask, _ = pad_rows([m for _, m in rows], 0)  # (R, T)
     as_long = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
-    batch = {"ids": ids, "lengths": lengths, "mask": mask, "better": as_long(better),
-             "worse": as_long(worse), "group": as_long(owner)}  # fmt: skip
+    batch = {
+        "ids": ids,
+        "lengths": lengths,
+        "mask": mask,
+        "better": as_long(better),
+        "worse": as_long(worse),
+        "group": as_long(owner),
+    }
     if all(g.ref_logps is not None for g in groups):  # DPO's, computed once before training
         batch["ref_logps"] = torch.tensor([lp for g in groups for lp in g.ref_logps])  # (R,)
     return batch

@@ -168,8 +168,10 @@ def file_entry(entry, setting: str, options: tuple[str, ...] = ("weight",)) -> t
         raise UserError(f"{setting}: {entry!r} has unknown keys {unknown}; an entry has {allowed}")
     weight = entry.get("weight", 1.0)
     if "weight" in options and not (
-        isinstance(weight, (int, float)) and not isinstance(weight, bool)
-        and math.isfinite(weight) and weight >= 0
-    ):  # fmt: skip
+        isinstance(weight, (int, float))
+        and not isinstance(weight, bool)
+        and math.isfinite(weight)
+        and weight >= 0
+    ):
         raise UserError(f"{setting}: weight {weight!r} of {entry['path']} must be a number >= 0")
     return str(entry["path"]), {k: v for k, v in entry.items() if k != "path"}

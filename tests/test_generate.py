@@ -24,9 +24,9 @@ from model.generate import (
     filter_logits,
     generate,
     left_pad,
-    prepare_for_decoding,
     sample_next,
 )
+from train.core.decoding import prepare_for_decoding
 
 NEG_INF = float("-inf")
 

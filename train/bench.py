@@ -50,9 +50,10 @@ from hydra.core.hydra_config import HydraConfig
 from command import entry_point
 from errors import UserError
 from model import GPT, GPTConfig
-from model.generate import complete, generate, prepare_for_decoding
+from model.generate import complete, generate
 from model.hf_llama import hf_family
 
+from .core.decoding import prepare_for_decoding
 from .core.optim import build_optimizer
 from .core.peak import Peak, peak_flops, read_bandwidth
 from .core.runtime import Runtime, precision_name, setup_runtime

@@ -40,10 +40,11 @@ from command import entry_point
 from data.sources import read_utf8_file
 from errors import UserError
 from model import GPT
-from model.generate import completions, prepare_for_decoding
+from model.generate import completions
 from tokenizer.chat import ChatFormatError, render_prompt
 
 from .core.checkpoint import CHECKPOINT_NAME, load_policy
+from .core.decoding import prepare_for_decoding
 from .core.runtime import precision_name, setup_runtime
 from .settings import SampleSettings
 
