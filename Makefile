@@ -9,7 +9,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 TORCH_VERSION := 2.13.0
 ARGS ?=
 
-.PHONY: install install-dev pretrain sft rm ppo dpo align ablate sample bench export gpu-check gpu-deps test lint format clean
+.PHONY: install install-dev pretrain sft rm ppo dpo grpo align ablate sample bench export gpu-check gpu-deps test lint format clean
 
 # torch first, chosen by machine: with an NVIDIA GPU, PyPI's default (CUDA) build; without
 # one, the CPU build (a local wheel when the machine has one, else PyTorch's CPU index),
@@ -57,6 +57,9 @@ ppo: $(VENV)/.runtime
 
 dpo: $(VENV)/.runtime
 	$(PY) -m train.dpo $(ARGS)
+
+grpo: $(VENV)/.runtime
+	$(PY) -m train.grpo $(ARGS)
 
 align: $(VENV)/.runtime
 	$(PY) -m train.align $(ARGS)

@@ -392,3 +392,18 @@ def prompt_messages(item: dict) -> list[dict]:
     if messages and messages[-1].get("role") == "assistant":
         messages = messages[:-1]
     return messages
+
+
+def reference_tokens(tok, item: dict) -> int:
+    """Tokens of the reply that would match: the final assistant message, else the answer."""
+    last = item["messages"][-1] if item["messages"] else {}
+    reference = last["content"] if last.get("role") == "assistant" else item["answer"]
+    return len(tok.encode(reference))
+
+
+def reply_budgets(tok, items: Sequence[dict], max_new_tokens: int | None) -> list[int]:
+    """The evaluation's reply budget per item: 2 * n + 8 tokens (n: reference_tokens), at
+    most max_new_tokens if set. A reply that needs more than twice the reference and eight
+    is not going to match it, and a model that never stops would otherwise run on."""
+    budgets = [2 * reference_tokens(tok, item) + 8 for item in items]
+    return [min(b, max_new_tokens) for b in budgets] if max_new_tokens else budgets

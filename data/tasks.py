@@ -54,6 +54,12 @@ words are the words without that punctuation. Lines in upper case (headings) are
 out. For speaker_of_line and play_of_line a line must occur once in the whole corpus,
 so the answer is unambiguous.
 
+Validation split. A second share of the sources (VAL_FRACTION of the lines and of the
+names, drawn from those not held out for the test) is left out of training the same way:
+its items (n_val per task, asked alone) are what a run chooses its checkpoint and its
+settings on, so that the test items are scored once, at the end, and never steer anything.
+The test split is the same whether or not there is a validation split.
+
 Plays. Which document is a play, who is in it, who speaks a line and the play's title are
 read from its text by data/plays.py; the corpus tasks ask only about what it finds.
 """
@@ -81,6 +87,7 @@ from data.plays import (
 from data.sources import DataConfig, load_documents
 from errors import UserError
 
+VAL_FRACTION = 0.1  # of the sources not held out for the test: the validation split's
 CORPUS_TASKS = ("play_of_character", "speaker_of_line", "play_of_line")
 FORM_TASKS = ("repeat", "first_word", "last_word", "count_words", "one_word")
 TASKS = CORPUS_TASKS + FORM_TASKS
@@ -188,6 +195,7 @@ class TaskSet:
     train: list[dict] = field(default_factory=list)
     test: list[dict] = field(default_factory=list)
     test_turns: list[dict] = field(default_factory=list)
+    val: list[dict] = field(default_factory=list)  # the validation items (turn 1)
 
     def tasks(self) -> list[str]:
         """The tasks that have test items, in TASKS order."""
@@ -233,6 +241,7 @@ class TasksConfig(Settings):
     seed: int = setting(integer())
     n_train: Any = setting(Rule("an integer >= 0, or a mapping of each task to one", _sizes_ok))
     n_test: int = setting(integer(0))
+    n_val: int = setting(integer(0))
     multi_turn: float = setting(number(0, 1))
     system_share: float = setting(number(0, 1))
     n_test_turns: int = setting(integer(0))
@@ -253,6 +262,7 @@ class TasksConfig(Settings):
             self.seed,
             self.n_train,
             self.n_test,
+            n_val=self.n_val,
             multi_turn=self.multi_turn,
             system_share=self.system_share,
             n_test_turns=self.n_test_turns,
@@ -361,6 +371,14 @@ def held_out_sources(sources: Sources, seed: int, test_fraction: float) -> set[s
     return lines | _split(sources.names, test_fraction, rng)
 
 
+def validation_sources(sources: Sources, held_out: set[str], seed: int, fraction: float) -> set:
+    """The validation sources: a seeded `fraction` of the lines and of the names that are
+    not held out for the test (a random stream of their own: the test split is unchanged)."""
+    rng = np.random.default_rng([seed, len(TASKS), 1])
+    lines = _split([x for x in sources.lines if x not in held_out], fraction, rng)
+    return lines | _split([x for x in sources.names if x not in held_out], fraction, rng)
+
+
 def _split(sources: Iterable[str], test_fraction: float, rng: np.random.Generator) -> set[str]:
     """The held-out sources: a seeded random test_fraction of them (at least one)."""
     pool = sorted(set(sources))
@@ -384,23 +402,35 @@ def task_sources(task: str, sources: Sources) -> tuple[list[str], Callable, str]
 
 
 def task_items(
-    task: str, sources: Sources, held_out: set[str], n_train: int, n_test: int, seed: int
-) -> tuple[list[dict], list[dict]]:
-    """(train, test) items of one task: up to n_test from held-out sources, each once, then
-    n_train from the others, repeated in other phrasings when there are fewer."""
+    task: str,
+    sources: Sources,
+    held_out: set[str],
+    n_train: int,
+    n_test: int,
+    seed: int,
+    validation: set[str] = frozenset(),
+    n_val: int = 0,
+) -> tuple[list[dict], list[dict], list[dict]]:
+    """(train, test, val) items of one task: up to n_test from held-out sources and n_val
+    from validation sources, each once, then n_train from the others, repeated in other
+    phrasings when there are fewer."""
     pool, answer_of, key = task_sources(task, sources)
     rng = np.random.default_rng([seed, TASKS.index(task)])
     test_pool = [x for x in pool if x in held_out]
-    hidden = name_pattern(tuple(sorted(held_out.intersection(sources.names))))
+    kept_out = held_out | validation
+    hidden = name_pattern(tuple(sorted(kept_out.intersection(sources.names))))
 
-    def train_answer(source: str) -> str | None:  # None: held out, or names a held-out person
+    def train_answer(source: str) -> str | None:  # None: kept out, or names a kept-out person
         answer = answer_of(source)
         return None if answer is None or hidden.search(f"{source}\n{answer}") else answer
 
-    train_pool = [x for x in pool if x not in held_out]
+    train_pool = [x for x in pool if x not in kept_out]
     test = _items(task, test_pool, n_test, answer_of, key, rng, repeat=False)
     train = _items(task, train_pool, n_train, train_answer, key, rng, repeat=True)
-    return train, test
+    val_pool = [x for x in pool if x in validation]
+    val_rng = np.random.default_rng([seed, TASKS.index(task), 1])
+    val = _items(task, val_pool, n_val, answer_of, key, val_rng, repeat=False)
+    return train, test, val
 
 
 def _items(task, pool, n, answer_of, key, rng: np.random.Generator, repeat: bool) -> list[dict]:
@@ -437,6 +467,7 @@ def build_tasks(
     n_train: int | Mapping[str, int] = 600,
     n_test: int = 60,
     test_fraction: float = 0.2,
+    n_val: int = 0,
     tasks: Sequence[str] = TASKS,
     multi_turn: float = 0.0,
     system_share: float = 0.0,
@@ -446,7 +477,8 @@ def build_tasks(
 
     n_train items per task for training (an int, or {task: n} naming every task; sources
     repeat, in other phrasings, when there are fewer) and up to n_test per task for testing
-    (distinct sources). test_fraction of the lines and of the character names are held out.
+    (distinct sources). test_fraction of the lines and of the character names are held out;
+    with n_val, VAL_FRACTION of the rest more, for up to n_val validation items per task.
     multi_turn, system_share, n_test_turns: the conversations of data/multiturn.py.
     The same documents, seed and sizes always give the same items. A task with no usable
     source gets no items.
@@ -457,11 +489,15 @@ def build_tasks(
     sizes = task_sizes(n_train, tasks)
     sources = gather_sources(documents)
     held_out = held_out_sources(sources, seed, test_fraction)
+    validation = validation_sources(sources, held_out, seed, VAL_FRACTION) if n_val else set()
     result = TaskSet()
     for task in tasks:
-        train, test = task_items(task, sources, held_out, sizes[task], n_test, seed)
+        train, test, val = task_items(
+            task, sources, held_out, sizes[task], n_test, seed, validation, n_val
+        )
         result.train += train
         result.test += [{**item, "turn": 1} for item in test]
+        result.val += [{**item, "turn": 1} for item in val]
     rng = np.random.default_rng([seed, len(TASKS) + 1])
     if multi_turn > 0 or system_share > 0:
         result.train = training_conversations(result.train, multi_turn, system_share, rng)

@@ -122,6 +122,12 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def reply_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log pi(ids[t+1] | ids[..t]) at every position: logits (B, T, V), ids (B, T) -> (B, T-1)."""
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
+    return logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+
+
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
     """log softmax(logits / temperature)[token] per row, in float32. logits: (B, V) -> (B,).
 

@@ -2,6 +2,7 @@
 clipped losses on hand-made numbers, rollouts whose log-probabilities a training forward
 reproduces, the end-of-turn penalty, and a tiny `python -m train.ppo` run that learns."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -18,7 +19,8 @@ from tokenizer.chat import render_conversation
 from train.core.checkpoint import load_checkpoint
 from train.ppo import verdict
 from train.rl.advantages import gae, group_advantages, kl_rewards, whiten
-from train.rl.losses import clipped_policy_loss, clipped_value_loss, reply_logprobs
+from model.generate import reply_logprobs
+from train.rl.losses import clipped_policy_loss, clipped_value_loss, kl_penalty
 from train.rl.rollouts import Rollouts, RolloutSettings
 from train.settings import load
 
@@ -54,12 +56,39 @@ def test_gae_with_lambda_one_is_the_return_minus_the_value():
 
 
 def test_group_advantages_by_hand():
-    returns = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0])
+    scores = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0])
     group = torch.tensor([0, 0, 0, 0, 1, 1])
-    a = group_advantages(returns, group)
+    a = group_advantages(scores, group)  # Dr. GRPO: centred on the group's mean only
+    assert a.tolist() == pytest.approx([0.5, -0.5, -0.5, 0.5, 0.0, 0.0])
+    a = group_advantages(scores, group, scale=True)  # GRPO: over the group's std too
     mean, std = 0.5, 0.5  # group 0: population std of 1, 0, 0, 1
-    assert a[:4].tolist() == pytest.approx([(x - mean) / std for x in (1, 0, 0, 1)], rel=1e-5)
+    expected = [(x - mean) / (std + 1e-4) for x in (1, 0, 0, 1)]
+    assert a[:4].tolist() == pytest.approx(expected, rel=1e-6)
     assert a[4:].tolist() == [0.0, 0.0]  # all the same: nothing to learn
+
+
+@pytest.mark.parametrize("scale", [False, True])
+def test_a_group_of_equal_scores_gets_no_advantage_whatever_its_kl(scale):
+    """The issue's worked example: four right replies whose KLs to the reference differ
+    (0.10, 0.45, -0.05, 0.30) got advantages of about +-1 when the KL sat inside the
+    normalised return; from the scores alone they are all 0."""
+    old_way = torch.tensor([1.0 - 0.02 * kl for kl in (0.10, 0.45, -0.05, 0.30)])
+    group = torch.zeros(4, dtype=torch.long)
+    assert group_advantages(old_way, group, scale=True).abs().max() > 1  # the bug, shown
+    scores = torch.tensor([1.0, 1.0, 1.0, 1.0])  # what the advantages are made of now
+    assert group_advantages(scores, group, scale=scale).tolist() == [0.0] * 4
+
+
+def test_the_kl_penalty_by_hand():
+    """k3: r = log pi_ref - log pi, kl = e^r - r - 1, its gradient 1 - e^r per log pi."""
+    logp = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
+    ref = torch.tensor([[-1.5, -1.0, -0.5]])
+    kl = kl_penalty(logp, ref)
+    r = torch.tensor([-0.5, 1.0, 0.0])
+    assert kl[0].tolist() == pytest.approx((r.exp() - r - 1).tolist())
+    assert kl[0, 2].item() == 0.0 and (kl >= 0).all()  # the same token probability: no KL
+    kl.sum().backward()
+    assert logp.grad[0].tolist() == pytest.approx((1 - r.exp()).tolist())
 
 
 def test_whiten_uses_only_masked_entries():
@@ -97,8 +126,9 @@ def test_clipped_value_loss_by_hand():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A tokenizer and a small GPT trained for a moment to answer 'Say yes' with ' yes' or
-    ' no', half and half: a stand-in SFT model with something for RL to sharpen."""
+    """A tokenizer and a small GPT trained for a moment to answer 'Say yes' with ' no' a
+    little more often than ' yes' (greedy: ' no'): a stand-in SFT model with something for
+    RL to sharpen."""
     d = tmp_path_factory.mktemp("ppo")
     tok = tokenizer.train_tokenizer(["Say yes or no please. yes no " * 200], vocab_size=280)
     torch.manual_seed(0)
@@ -106,7 +136,7 @@ def tiny(tmp_path_factory):
     model = GPT(config)
     prompt = [{"role": "user", "content": "Say yes"}]
     examples = [render_conversation(tok, prompt + [{"role": "assistant", "content": a}])
-                for a in (" yes", " no") * 8]  # fmt: skip
+                for a in (" yes", " no") * 8 + (" no",) * 3]  # fmt: skip
     x, y = collate(examples, tok.pad_id)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(150):
@@ -121,9 +151,11 @@ def tiny(tmp_path_factory):
 
 ROLLOUTS = {  # a group of eight replies to one prompt, scored by the judge
     "rollout_prompts": 1, "group_size": 8, "advantage": "group", "reward": "tasks",
+    "partial_credit": True,
     "reply_tokens": 48, "sample_batch": 64, "unfinished_penalty": -1.0, "seed": 0,
     "ppo_epochs": 2, "minibatch_size": 32, "beta": 0.02, "kl_target": None, "kl_horizon": 10000,
-    "gamma": 1.0, "lam": 0.95,
+    "gamma": 1.0, "lam": 0.95, "scale_rewards": False, "drop_constant_groups": False,
+    "balanced": False,
 }  # fmt: skip
 
 
@@ -135,15 +167,34 @@ def rollouts_for(tiny, **settings):
     return Rollouts(models, tiny["tok"], items, s, torch.device("cpu"))
 
 
-def test_rollout_logprobs_equal_those_of_a_training_forward(tiny):
+def test_rollout_logprobs_are_a_training_forwards_and_agree_with_the_sampler(tiny):
+    """The old log-probabilities the loss's ratio starts from are a training forward's;
+    the sampler's own agree with them within the window (float32)."""
     rollout = rollouts_for(tiny).collect()
     (batch,) = rollout.minibatches(epochs=1, size=8)
     with torch.no_grad():
         recomputed = reply_logprobs(tiny["model"](batch["ids"])[0], batch["ids"])
     m = batch["mask"].bool()
     assert m.any()
-    assert torch.allclose(recomputed[m], batch["old_logprobs"][m], atol=1e-5)
+    assert torch.equal(recomputed[m], batch["old_logprobs"][m])  # the very forward
+    assert rollout.figures["sampler_gap"] < 1e-5  # the sampler's agree
     assert abs(rollout.figures["kl"]) < 1e-4  # the policy is the reference here
+
+
+def test_groups_without_signal_are_dropped_and_replaced(tiny, monkeypatch):
+    """Dynamic sampling: a group whose replies all score the same is dropped and another
+    prompt drawn in its place; the share dropped is a figure of the rollout."""
+    source = rollouts_for(tiny, rollout_prompts=2, group_size=2, drop_constant_groups=True)
+    draws = iter([[1.0, 1.0, 0.0, 1.0], [0.0, 0.0], [1.0, 0.0]])  # scores of each draw
+
+    def scores(items, replies):
+        s = torch.tensor(next(draws))
+        return s, s.clone(), torch.ones(len(s), dtype=torch.bool)
+
+    monkeypatch.setattr(source, "score", scores)
+    items, replies, s, gold, finished, dropped = source.gather()
+    assert s.tolist() == [1.0, 0.0, 1.0, 0.0]  # the two groups with signal, in order
+    assert len(items) == len(replies) == 4 and dropped == pytest.approx(2 / 4)
 
 
 def test_a_reply_that_never_ends_its_turn_gets_the_penalty(tiny):
@@ -162,37 +213,69 @@ def test_the_judge_scores_a_finished_right_reply_one(tiny):
 # --- a tiny run ---------------------------------------------------------------------------
 
 
-def test_a_tiny_ppo_run_learns_to_say_yes_and_keeps_its_reference(tiny):
+def test_a_tiny_grpo_run_learns_to_say_yes_and_keeps_its_reference(tiny):
+    """python -m train.grpo on one prompt the SFT model answers wrongly when greedy and
+    rightly now and then: within seconds the greedy answer is right."""
     d = tiny["dir"]
-    args = [f"init_from={d / 'sft.pt'}", f"out_dir={d / 'ppo'}", "reward=tasks",
-            "advantage=group", "group_size=8", "rollout_prompts=1", "minibatch_size=8",
-            "ppo_epochs=2", "iterations=30", "tasks.weight=0",
-            f"prompt_files=[{d / 'prompts.jsonl'}]",
-            "lr=3e-3", "min_lr=3e-4", "warmup_iters=0", "beta=0.0", "reply_tokens=4",
+    args = [f"init_from={d / 'sft.pt'}", f"out_dir={d / 'grpo'}", "group_size=8",
+            "rollout_prompts=1", "minibatch_size=8", "ppo_epochs=2", "iterations=30",
+            "tasks.weight=0", f"prompt_files=[{d / 'prompts.jsonl'}]",
+            f"eval_files=[{d / 'prompts.jsonl'}]", "sampled_k=4", "sampled_per_task=1",
+            "lr=3e-3", "min_lr=3e-4", "warmup_iters=0", "reply_tokens=4",
             "eval_interval=1000", "log_interval=2", "device=cpu", "precision=float32",
             "max_minutes=null"]  # fmt: skip
     env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    result = subprocess.run([sys.executable, "-m", "train.ppo", *args], cwd=ROOT, env=env,
+    result = subprocess.run([sys.executable, "-m", "train.grpo", *args], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    records = [json.loads(line) for line in open(d / "ppo" / "metrics.jsonl")]
+    records = [json.loads(line) for line in open(d / "grpo" / "metrics.jsonl")]
     gold = [r["rollout_gold"] for r in records if "rollout_gold" in r]
     assert gold[0] < 0.8 and sum(gold[-5:]) / 5 > 0.9, gold  # it learnt to say yes
-    assert (d / "ppo" / "reward_vs_kl.png").stat().st_size > 1000
+    evaluation = json.loads((d / "grpo" / "eval.json").read_text())
+    before, after = (evaluation[k]["overall"]["accuracy"] for k in ("sft", "grpo"))
+    assert before == 0.0 and after == 1.0  # greedy: " no" before, " yes" after
+    assert evaluation["sft"]["sampling"]["overall"]["pass"] == 1.0  # it said yes sometimes
+    assert "grpo against sft (greedy, paired" in result.stdout
+    assert (d / "grpo" / "reward_vs_kl.png").stat().st_size > 1000
     (times,) = [line for line in result.stdout.splitlines() if line.startswith("training time")]
     parts = dict(p.rsplit(" ", 2)[:2] for p in times.split(": ", 1)[1].split(", "))
-    assert list(parts) == ["evaluation", "generation", "scoring", "optimisation"], times
-    assert float(parts["generation"]) >= 0 and float(parts["optimisation"]) > 0, times
-    ckpt = load_checkpoint(d / "ppo")
-    assert ckpt["stage"] == "ppo" and ckpt["model_kind"] == "gpt"
+    assert list(parts) == ["evaluation", "before", "generation", "scoring", "optimisation"]
+    assert float(parts["generation"]) > 0 and float(parts["optimisation"]) > 0, times
+    ckpt = load_checkpoint(d / "grpo")
+    assert ckpt["stage"] == "grpo" and ckpt["model_kind"] == "gpt"
     sft = load_checkpoint(d / "sft.pt")["model"]
     assert any(not torch.equal(sft[k], v) for k, v in ckpt["model"].items())  # the policy moved
 
 
+def test_with_dropout_in_the_sft_model_the_first_ratio_is_one(tiny, tmp_path):
+    """The RL stage builds every model without dropout: a policy whose config has dropout
+    0.1 (model=small) starts its first update at ratio 1 exactly (float32)."""
+    from train.rl.stage import build_models
+
+    save_sft(
+        tmp_path / "sft.pt",
+        tiny["tok"],
+        GPT(dataclasses.replace(tiny["model"].config, dropout=0.1)),
+    )
+    cfg = load("grpo", [f"init_from={tmp_path / 'sft.pt'}", "device=cpu"])
+
+    class FakeStage:
+        resumed, runtime = None, type("R", (), {"device": torch.device("cpu")})
+
+    model, frozen, _, _ = build_models(cfg, FakeStage)
+    assert model.config.dropout == 0.0
+    model.train()  # as during the updates
+    source = rollouts_for({**tiny, "model": model})
+    (batch,) = source.collect().minibatches(epochs=1, size=8)
+    logprobs = reply_logprobs(model(batch["ids"])[0], batch["ids"])
+    m = batch["mask"].bool()
+    assert (logprobs[m] - batch["old_logprobs"][m]).exp().sub(1).abs().max() < 1e-5
+
+
 def test_the_reference_never_changes_while_the_policy_learns(tiny, tmp_path):
 
-    from train.ppo import build_models
     from train.rl.losses import ppo_step
+    from train.rl.stage import build_models
 
     d = tiny["dir"]
     cfg = load(

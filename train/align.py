@@ -1,10 +1,12 @@
 """python -m train.align (make align): every InstructGPT stage, then one table.
 
-    pretrain -> sft -> rm -> ppo -> dpo        each skipped when it finished before (its
-                                               out_dir has done.json) with the same settings
-    base, SFT, PPO and DPO on the same held-out items (train/eval/compare.py): accuracy per
-    task and overall, each model's KL to SFT, the reward model's mean score and the judge's
-    -> out/align/report.json and out/align/accuracy.png
+    pretrain -> sft -> rm -> ppo -> dpo -> grpo      each skipped when it finished before
+                                                     (its out_dir has done.json) with the
+                                                     same settings
+    base, SFT, PPO, DPO and GRPO (the checkpoint each kept on its validation split) on the
+    same held-out items (train/eval/compare.py): accuracy per task and overall, each model
+    against SFT with McNemar's paired test, its KL to SFT, the reward model's mean score
+    and the judge's -> out/align/report.json and out/align/accuracy.png
 
 Every stage's settings are checked before any stage runs (a typo in the last stage's
 overrides must not wait for the first stages to finish). A stage runs again when its
@@ -29,10 +31,11 @@ from errors import UserError
 from .core.files import save_eval
 from .core.runtime import runtime_session
 from .core.stage import finished_with
-from .eval.compare import compare, format_comparison, write_report
+from .eval.compare import compare, format_comparison, format_paired, write_report
 from .settings import STAGES, AlignSettings, load
 
-COMMANDS = {"pretrain": "pretrain", "sft": "sft", "rm": "reward", "ppo": "ppo", "dpo": "dpo"}
+COMMANDS = {"pretrain": "pretrain", "sft": "sft", "rm": "reward", "ppo": "ppo", "dpo": "dpo",
+            "grpo": "grpo"}
 
 
 def stage_overrides(s: AlignSettings, name: str) -> list[str]:
@@ -80,14 +83,18 @@ def run_stages(s: AlignSettings, log=print) -> dict[str, str]:
 
 def report(s: AlignSettings) -> dict:
     """The side-by-side table of the models the stages wrote."""
-    out = {name: stage_settings(s, name).out_dir for name in STAGES}
-    models = {"base": out["pretrain"], "sft": out["sft"], "ppo": out["ppo"], "dpo": out["dpo"]}
-    models = {k: v for k, v in models.items() if k == "base" or Path(v, "ckpt.pt").is_file()}
+    out = {name: Path(stage_settings(s, name).out_dir) for name in STAGES}
+    models = {"base": out["pretrain"], "sft": out["sft"]}
+    for name in ("ppo", "dpo", "grpo"):  # the checkpoint each kept (best.pt), else its last
+        kept = [out[name] / f for f in ("best.pt", "ckpt.pt") if (out[name] / f).is_file()]
+        if kept:
+            models[name] = kept[0]
     sft = stage_settings(s, "sft")
     with runtime_session(s.device, s.precision, s.seed) as rt:
         items = builtin_tasks(sft.tasks, sft.data).test
         results = compare(models, out["sft"], out["rm"], items, rt, s.eval_max_new_tokens, s.seed)
     print(format_comparison(results))
+    print(format_paired(results, "sft"))
     path = write_report(results, s.out_dir, save_eval)
     print(f"written to {path} and {Path(s.out_dir) / 'accuracy.png'}")
     return results

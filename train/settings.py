@@ -23,7 +23,6 @@ from checks import (
     TRAINING_FILES,
     CommandSettings,
     Rule,
-    Settings,
     anything,
     choice,
     file_list,
@@ -42,6 +41,7 @@ from errors import UserError
 
 from .core.optim import OptimizerSettings
 from .core.trainer import LoopSettings
+from .eval.sampled import SampledSettings
 from .rl.preference_data import PreferenceSources
 from .rl.rollouts import RolloutSettings
 
@@ -58,7 +58,7 @@ class TrainingSettings(CommandSettings, LoopSettings, OptimizerSettings):
 
 
 @dataclass
-class HeldOut(Settings):
+class HeldOut(SampledSettings):
     """The held-out instruction items: the built-in tasks' (made from the `data` corpus) and
     the user's eval files (conf/heldout.yaml)."""
 
@@ -96,7 +96,7 @@ class RewardSettings(TrainingSettings, PreferenceSources):
 
 
 @dataclass
-class DPOSettings(RewardSettings):
+class DPOSettings(RewardSettings, SampledSettings):
     """python -m train.dpo (conf/dpo.yaml): the reward model's data, DPO's loss."""
 
     beta: float = setting(number(above=0))
@@ -109,7 +109,7 @@ class DPOSettings(RewardSettings):
 
 @dataclass
 class PPOSettings(TrainingSettings, HeldOut, RolloutSettings):
-    """python -m train.ppo (conf/ppo.yaml)."""
+    """python -m train.ppo and python -m train.grpo (conf/ppo.yaml, conf/grpo.yaml)."""
 
     init_from: str = setting(text())
     reward_model: str = setting(text())
@@ -244,7 +244,7 @@ class AblateSettings(CommandSettings):
     )
 
 
-STAGES = ("pretrain", "sft", "rm", "ppo", "dpo")  # train.align's names for the stages
+STAGES = ("pretrain", "sft", "rm", "ppo", "dpo", "grpo")  # train.align's names for the stages
 
 
 @dataclass
@@ -261,6 +261,7 @@ COMMANDS = {
     "sft": SFTSettings,
     "reward": RewardSettings,
     "ppo": PPOSettings,
+    "grpo": PPOSettings,
     "dpo": DPOSettings,
     "sample": SampleSettings,
     "evaluate": EvaluateSettings,

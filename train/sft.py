@@ -26,22 +26,28 @@ from tokenizer.chat import render_prompt
 from .core.checkpoint import CHECKPOINT_NAME, load_model, load_policy
 from .core.stage import Stage
 from .core.trainer import next_token_step
+from .eval.compare import format_paired
 from .eval.lm_eval import language_model_metrics, sample_text
+from .eval.sampled import sampling_entry
 from .eval.task_eval import check_budget, eval_file_items, format_table, score
 from .settings import SFTSettings
 
 
-def instruction_data(s: SFTSettings, log=print) -> tuple[list, list]:
-    """(training conversations, held-out items) from the built-in tasks and files."""
-    parts, test_items, builtin = [], [], []
+def instruction_data(s: SFTSettings, log=print) -> tuple[list, list, list]:
+    """(training conversations, validation items, test items) from the built-in tasks and
+    files: the validation items (the built-in set's validation split, else the eval files)
+    give the held-out loss that picks best.pt; the test items are scored at the start and
+    the end only."""
+    parts, test_items, val_items, builtin = [], [], [], []
     if s.tasks.weight > 0:
         tasks = builtin_tasks(s.tasks, s.data)
         log(
-            f"built-in tasks: {len(tasks.train)} training conversations; {len(tasks.test)} "
-            f"held-out items, and {len(tasks.test_turns)} of them asked again as a later question"
+            f"built-in tasks: {len(tasks.train)} training conversations; {len(tasks.val)} "
+            f"validation items; {len(tasks.test)} test items, and {len(tasks.test_turns)} of "
+            "them asked again as a later question"
         )
         parts.append(([item["messages"] for item in tasks.train], s.tasks.weight))
-        test_items = tasks.test + tasks.test_turns
+        test_items, val_items = tasks.test + tasks.test_turns, tasks.val
         builtin = tasks.tasks()
     conversations = mix(parts, s.seed) if parts else []
     from_files = []
@@ -52,7 +58,7 @@ def instruction_data(s: SFTSettings, log=print) -> tuple[list, list]:
         log(f"warning: {warning}")
     if not conversations and not from_files:
         raise UserError("no instruction data: set tasks.weight > 0 or give files=[...]")
-    return conversations + from_files, test_items + held_out
+    return conversations + from_files, val_items or held_out, test_items + held_out
 
 
 def overlap_warnings(files, eval_files, training: list, held_out: list[dict]) -> list[str]:
@@ -92,7 +98,7 @@ def run(settings: SFTSettings) -> dict:
         block_size = model.config.block_size
         stage.log(f"fine-tuning {init['path']} ({model.num_params() / 1e6:.2f}M parameters)")
 
-        conversations, test_items = instruction_data(s, stage.log)
+        conversations, val_items, test_items = instruction_data(s, stage.log)
         examples, report = render_examples(tok, conversations, block_size)
         stage.log(f"training data: {report.summary()}")
         for line in report.details(block_size):
@@ -101,7 +107,7 @@ def run(settings: SFTSettings) -> dict:
         if warning:
             stage.log(f"warning: {warning}")
         loader = SFTLoader(examples, s.batch_size, s.seed, rt.rank, rt.world_size, tok.pad_id)
-        held_out = [item["messages"] for item in test_items]
+        held_out = [item["messages"] for item in val_items]
         val_examples = render_examples(tok, held_out, block_size)[0] if held_out else []
 
         def evaluate(m: GPT) -> dict:
@@ -132,10 +138,17 @@ def run(settings: SFTSettings) -> dict:
             init_from=init["path"],
         )
         tuned = score(model, tok, test_items, rt, s.eval_max_new_tokens)
+        checkpoint = str(stage.out_dir / CHECKPOINT_NAME)
+        if tuned and s.sampled_k:  # cached beside the checkpoint: the RL stages read it
+            tuned["sampling"] = sampling_entry(
+                model, tok, test_items, s.sampled_k, s.sampled_per_task, rt, s.seed, checkpoint
+            )
         if tuned:
             results = {"sft": tuned} if not base else {"base": base, "sft": tuned}
             stage.log("held-out accuracy (greedy, chat format):\n" + format_table(results))
-            stage.save_eval({"checkpoint": str(stage.out_dir / CHECKPOINT_NAME), **results})
+            if base:
+                stage.log(format_paired(results, "base"))
+            stage.save_eval({"checkpoint": checkpoint, **results})
         if rt.distributed:
             dist.barrier()
         return {**result, "eval": tuned}

@@ -14,8 +14,9 @@ For each checkpoint (any kind but a reward model: its language model is scored):
 from pathlib import Path
 
 from ..core.checkpoint import load_kind, load_policy
-from ..rl.rollouts import Sampler, SamplingSettings
 from .plots import accuracy_bars
+from .replies import Sampler, SamplingSettings
+from .stats import paired
 from .task_eval import format_table, score
 
 SAMPLED_REPLY_TOKENS = 48  # the sampled replies' budget when the greedy one follows the answers
@@ -30,6 +31,7 @@ def sampled(policy, reference, reward_model, tok, items, rt, reply_tokens: int, 
         reply_tokens=reply_tokens,
         sample_batch=SAMPLE_BATCH,
         reward=reward,
+        partial_credit=True,
         unfinished_penalty=UNFINISHED,
         seed=seed,
     )
@@ -51,6 +53,62 @@ def compare(checkpoints: dict, sft: str, reward: str | None, items, rt, max_new_
         results[name]["sampled"] = sampled(model, reference, rm, tok, items, rt, reply_tokens, seed)
         results[name]["checkpoint"] = str(path)
     return results
+
+
+def paired_report(results: dict, baseline: str = "sft") -> dict:
+    """For every model but the baseline: McNemar's test of its greedy answers against the
+    baseline's on the same items (train/eval/stats.py), per task and overall."""
+    base = results[baseline]["items"]
+    return {name: paired(base, r["items"]) for name, r in results.items() if name != baseline}
+
+
+def format_paired(results: dict, baseline: str = "sft") -> str:
+    """Per task: each model's difference from the baseline in points, its p-value, and the
+    items only each got right; then, where the results hold them (sampled_accuracy), one
+    sample's accuracy and pass@k, and the share of the baseline's greedy-to-pass@k gap
+    each model closed."""
+    report = paired_report(results, baseline)
+    lines = []
+    for name, figures in report.items():
+        lines.append(f"{name} against {baseline} (greedy, paired: McNemar's exact test)")
+        for task, f in figures.items():
+            sign = "*" if f["p"] < 0.05 else " "
+            lines.append(
+                f"  {task:<18} {100 * f['first']:5.1f} -> {100 * f['second']:5.1f}%  "
+                f"{100 * f['difference']:+5.1f} pts  p={f['p']:.3g}{sign} "
+                f"(only {baseline} right: {f['only_first']}, only {name}: {f['only_second']})"
+            )
+        lines += _sampled_lines(results[baseline], results[name], baseline, name)
+    return "\n".join(lines)
+
+
+def _sampled_lines(base: dict, other: dict, baseline: str, name: str) -> list[str]:
+    """t1 accuracy and pass@k of both, and the gap closed (greedy on the same subset)."""
+    a, b = base.get("sampling"), other.get("sampling")
+    if not a or not b:
+        return []
+    k, lines = a["k"], [f"  sampled at temperature 1, {a['overall']['items']} items x {a['k']}:"]
+    for task in [*a["tasks"], "overall"]:
+        fa = a["overall"] if task == "overall" else a["tasks"][task]
+        fb = b["overall"] if task == "overall" else b["tasks"].get(task, {})
+        gap = _gap_closed(base, other, task, a["subset"], fa["pass"])
+        lines.append(
+            f"  {task:<18} one sample {100 * fa['t1']:5.1f} -> {100 * fb.get('t1', 0):5.1f}%  "
+            f"pass@{k} {100 * fa['pass']:5.1f} -> {100 * fb.get('pass', 0):5.1f}%  "
+            f"gap closed {gap}"
+        )
+    return lines
+
+
+def _gap_closed(base: dict, other: dict, task: str, subset: list[int], ceiling: float) -> str:
+    """(greedy of the other - greedy of the baseline) / (the baseline's pass@k - its greedy),
+    all on the sampled subset's items (indices into the records)."""
+    rows = [i for i in subset if task == "overall" or base["items"][i]["task"] == task]
+    if not rows:
+        return "-"
+    g0 = sum(base["items"][i]["correct"] for i in rows) / len(rows)
+    g1 = sum(other["items"][i]["correct"] for i in rows) / len(rows)
+    return f"{(g1 - g0) / (ceiling - g0):+.0%}" if ceiling > g0 else "- (no gap)"
 
 
 def format_comparison(results: dict) -> str:

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from data.instruct import load_instruction_data, prompt_messages
+from data.instruct import load_instruction_data, prompt_messages, reference_tokens, reply_budgets
 from data.judge import MATCH_RULES, is_correct, match_rule
 from data.records import file_entry
 from errors import UserError
@@ -44,19 +44,6 @@ from tokenizer.chat import render_prompt
 from ..core.runtime import precision_name
 
 FORM_AVERAGE_TASKS = ("repeat", "first_word", "last_word")
-
-
-def reference_tokens(tok, item: dict) -> int:
-    """Tokens of the reply that would match: the final assistant message, else the answer."""
-    last = item["messages"][-1] if item["messages"] else {}
-    reference = last["content"] if last.get("role") == "assistant" else item["answer"]
-    return len(tok.encode(reference))
-
-
-def reply_budgets(tok, items: Sequence[dict], max_new_tokens: int | None) -> list[int]:
-    """Per item: 2 * n + 8 tokens (n: reference_tokens), at most max_new_tokens if set."""
-    budgets = [2 * reference_tokens(tok, item) + 8 for item in items]
-    return [min(b, max_new_tokens) for b in budgets] if max_new_tokens else budgets
 
 
 def check_budget(tok, items: Sequence[dict], max_new_tokens: int | None) -> str | None:

@@ -15,9 +15,19 @@ Two ways to turn rewards into advantages, one flag (`advantage`) and the same PP
              A_t     = delta_t + gamma * lambda * A_{t+1}    = sum_l (gamma lambda)^l delta_{t+l}
              R_t     = A_t + V(s_t)                          the value function's target
          then A is whitened over the batch's reply tokens (mean 0, std 1).
-  group  GRPO (Shao et al. 2024): K replies per prompt, no value function; each reply's
-         return R_i = sum_t r_t, and every token of reply i gets
-             A_i = (R_i - mean of its group's R) / (std of its group's R + eps)
+  group  GRPO (Shao et al. 2024): K replies per prompt, no value function; every token of
+         reply i gets its score s_i against its group's (the same prompt's replies):
+             A_i = s_i - mean of its group's s                     (Dr. GRPO; the default)
+             A_i = (s_i - mean of its group's s) / (std + eps)      (scale_rewards: GRPO's)
+         from the scores alone: the KL to the reference is then a term of the loss of its
+         own (train/rl/losses.py: kl_penalty), never part of what the group normalises.
+         Why: once the policy has moved, replies with equal scores have different KLs,
+         and a return score - beta * KL normalised by its group's std turns those small
+         differences into advantages of +-1 (an all-right group with KLs 0.10, 0.45,
+         -0.05, 0.30 got [0.5, -1.3, 1.3, -0.5]): the reply sharpened most was pushed down
+         hardest, in every group the task gave no signal in. The std division has a bias
+         of its own (Dr. GRPO): groups whose scores barely differ weigh as much as groups
+         of clear rights and wrongs.
 """
 
 import torch
@@ -53,14 +63,20 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tens
     return torch.where(m, (x - mean) / (std + eps), torch.zeros_like(x))
 
 
-def group_advantages(returns: torch.Tensor, group: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """One advantage per reply: (R_i - mean_g R) / (std_g R + eps), with g reply i's group.
+def group_advantages(
+    scores: torch.Tensor, group: torch.Tensor, scale: bool = False, eps: float = 1e-4
+) -> torch.Tensor:
+    """One advantage per reply: s_i - mean_g s, over (std_g s + eps) when `scale`, with g
+    reply i's group.
 
-    returns: (N,) each reply's total reward; group: (N,) the prompt it answers (0 .. G-1).
-    A group whose replies all have the same return gives them all 0: nothing to learn.
+    scores: (N,) each reply's score; group: (N,) the prompt it answers (0 .. G-1).
+    A group whose replies all score the same gives them all 0: nothing to learn.
     """
-    zeros = torch.zeros(int(group.max()) + 1, dtype=returns.dtype, device=returns.device)
-    count = zeros.index_add(0, group, torch.ones_like(returns))  # (G,)
-    mean = zeros.index_add(0, group, returns) / count  # (G,)
-    var = zeros.index_add(0, group, (returns - mean[group]) ** 2) / count  # (G,)
-    return (returns - mean[group]) / (var.sqrt()[group] + eps)
+    zeros = torch.zeros(int(group.max()) + 1, dtype=scores.dtype, device=scores.device)
+    count = zeros.index_add(0, group, torch.ones_like(scores))  # (G,)
+    mean = zeros.index_add(0, group, scores) / count  # (G,)
+    centred = scores - mean[group]  # (N,)
+    if not scale:
+        return centred
+    var = zeros.index_add(0, group, centred**2) / count  # (G,)
+    return centred / (var.sqrt()[group] + eps)

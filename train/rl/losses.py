@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.generate import reply_logprobs
+
 from ..core.trainer import StepResult
 
 
@@ -82,10 +84,16 @@ def clipped_value_loss(
     return 0.5 * masked_mean(torch.max((values - returns) ** 2, (v_clipped - returns) ** 2), mask)
 
 
-def reply_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """log pi(ids[t+1] | ids[..t]) at every position: logits (B, T, V), ids (B, T) -> (B, T-1)."""
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
-    return logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """The KL to the reference per token, by the k3 estimator (Schulman 2020), (B, T-1):
+
+        r_t  = log pi_ref(a_t|s_t) - log pi(a_t|s_t)
+        kl_t = exp(r_t) - r_t - 1                        >= 0, unbiased for KL(pi || pi_ref)
+
+    As a loss term (weight kl_coef) its gradient pulls each sampled token's probability
+    back towards the reference's: d kl_t / d log pi = 1 - exp(r_t)."""
+    r = ref_logprobs - logprobs
+    return r.exp() - r - 1
 
 
 def ppo_step(
@@ -95,11 +103,13 @@ def ppo_step(
     value_clip: float = 0.2,
     vf_coef: float = 0.1,
     ptx_coef: float = 0.0,
+    kl_coef: float = 0.0,
 ) -> StepResult:
     """One PPO minibatch (train/rl/rollouts.py). Reply tokens are where batch["mask"] is 1, in
     (B, T-1) "target" positions: position t holds what predicts ids[:, t+1].
 
-        loss = L_policy + vf_coef * L_V + ptx_coef * L_pretraining (optional: PPO-ptx)
+        loss = L_policy + vf_coef * L_V (a value function) + kl_coef * mean kl_t (GRPO's KL
+               to the reference, when kl_coef > 0) + ptx_coef * L_pretraining (PPO-ptx)
 
     The pretraining rows (batch["ptx"], if any) go through the same forward as the replies,
     appended below them, so that DDP sees one forward per backward."""
@@ -113,6 +123,10 @@ def ppo_step(
         logprobs, batch["old_logprobs"], batch["advantages"], mask, clip
     )
     loss, metrics = pg, {"clip_frac": clip_frac, "approx_kl": approx_kl}
+    if kl_coef > 0:
+        kl = masked_mean(kl_penalty(logprobs, batch["ref_logprobs"]), mask)
+        loss = loss + kl_coef * kl
+        metrics["kl_penalty"] = kl
     if "returns" in batch:  # a value function (advantage=gae)
         v = values[:B, : batch["ids"].size(1) - 1]
         value_loss = clipped_value_loss(v, batch["old_values"], batch["returns"], mask, value_clip)

@@ -1,17 +1,29 @@
-"""PPO's data: replies sampled with the current policy, scored, turned into advantages.
+"""PPO's and GRPO's data: replies sampled with the current policy, scored, turned into
+advantages.
 
-One rollout (`Rollouts.collect`), as train/ppo.py's loop calls it before its updates:
+One rollout (`Rollouts.collect`), as the loop of train/rl/stage.py calls it before its
+updates:
 
-    prompts   rollout_prompts prompts (x group_size each for advantage=group), drawn anew for
-              every rollout and every rank from (seed, rollout number, rank)
-    replies   sampled with the KV-cache sampler at temperature 1 (model/generate.py), with
-              their log-probabilities pi_old(a_t | s_t); a reply that does not end its turn
-              within reply_tokens gets `unfinished_penalty` as its score
+    prompts   rollout_prompts prompts (x group_size each for advantage=group), drawn anew
+              for every rollout and rank from (seed, rollout number, rank): balanced across
+              the tasks, and within a task across the forms of question the evaluation
+              asks (alone, as a later question, after a system line) in its shares
+    replies   sampled with the KV-cache sampler at temperature 1 (model/generate.py), each
+              with the evaluation's budget (2 n + 8 tokens for an answer of n tokens; the
+              prompts without an answer reply_tokens); a reply that does not end its turn
+              within its budget gets `unfinished_penalty` as its score
     scores    the reward model's (normalised) score of each finished reply, or with
               reward=tasks the judge's grade (data/judge.py); the judge's grade is kept
               beside it in either case: the gold score that shows reward hacking
-    rewards   per token: -beta (log pi_old - log pi_ref), plus the score at the last token
-    advantages GAE from the value function, or group-relative (train/rl/advantages.py)
+    groups    (advantage=group) a group whose replies all score the same carries no signal:
+              with drop_constant_groups it is dropped and more prompts are drawn, up to
+              MAX_ATTEMPTS draws (DAPO's dynamic sampling); the share dropped is a figure
+    log-probs log pi_old(a_t | s_t) from one no-grad training forward of the policy (in eval
+              mode: no dropout), so that an update's ratio starts at exactly 1; the
+              sampler's own log-probabilities are kept only as a check (sampler_gap)
+    advantages GAE from the value function, with the KL to the reference in the rewards,
+              or group-relative from the scores alone (train/rl/advantages.py), the KL then
+              a loss term of its own (train/rl/losses.py: kl_penalty)
 
 The rollout's minibatches (`Rollout.minibatches`) are ppo_epochs passes over it, each in a
 new random order, cut into minibatch_size replies. After each rollout the KL coefficient
@@ -29,30 +41,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from checks import Settings, choice, integer, number, setting
-from data.batching import pad_rows
-from data.instruct import prompt_messages
-from data.judge import grade
-from model.generate import Completion, complete
-from tokenizer.chat import render_prompt
+from checks import choice, flag, integer, number, setting
 
+from ..eval.replies import Sampler, SamplingSettings
 from .advantages import gae, group_advantages, kl_rewards, whiten
-from .losses import reply_logprobs
 
-FIGURES = ("score", "gold", "kl", "length", "beta", "unfinished")  # of every rollout
-
-
-@dataclass
-class SamplingSettings(Settings):
-    """How replies are sampled and scored (values and meaning in conf/ppo.yaml)."""
-
-    reply_tokens: int = setting(integer(1))
-    sample_batch: int = setting(integer(1))
-    reward: str = setting(choice("model", "tasks"))
-    unfinished_penalty: float = setting(number())
-    seed: int = setting(integer())
+FIGURES = ("score", "gold", "kl", "length", "beta", "unfinished", "dropped", "sampler_gap")
+MAX_ATTEMPTS = 4  # draws of prompts per rollout when groups without signal are dropped
 
 
 @dataclass
@@ -67,6 +63,9 @@ class RolloutSettings(SamplingSettings):
     kl_target: float | None = setting(number(above=0), null=True)
     kl_horizon: int = setting(integer(1))
     advantage: str = setting(choice("gae", "group"))
+    scale_rewards: bool = setting(flag())
+    drop_constant_groups: bool = setting(flag())
+    balanced: bool = setting(flag())
     gamma: float = setting(number(0, 1))
     lam: float = setting(number(0, 1))
 
@@ -74,7 +73,8 @@ class RolloutSettings(SamplingSettings):
 @dataclass
 class Rollout:
     """One rollout: its tensors (ids (B, T); per reply token, (B, T-1): mask, old_logprobs,
-    advantages, and with a value function returns and old_values) and its figures."""
+    ref_logprobs, advantages, and with a value function returns and old_values) and its
+    figures."""
 
     batch: dict
     figures: dict[str, float]
@@ -97,111 +97,56 @@ def _trim(mb: dict) -> dict:
     return {k: (v[:, : T if k == "ids" else T - 1] if v.dim() == 2 else v) for k, v in mb.items()}
 
 
-class Sampler:
-    """Samples replies with a policy and scores them: with the reward model (or the judge),
-    the judge's grade beside it (the gold), and the KL to the reference."""
+def form(item: dict) -> str:
+    """How an item asks its question: alone, as a later question, after a system line."""
+    if item.get("system"):
+        return "system"
+    return "later" if item.get("turn", 1) > 1 else "alone"
 
-    def __init__(
-        self,
-        models: dict,
-        tok,
-        settings: SamplingSettings,
-        device,
-        autocast=contextlib.nullcontext,
-    ) -> None:
-        """models: "policy" (the GPT sampled from), "reference" (frozen SFT), "reward"
-        (ScalarModel, or None for reward=tasks), and for Rollouts "value" (or None)."""
-        self.models, self.tok, self.s = models, tok, settings
-        self.device, self.autocast = device, autocast
-        self.iteration = 0  # seeds the sampling: rollouts collected so far
 
-    @torch.no_grad()
-    def measure(self, items: list[dict]) -> dict:
-        """One reply sampled per item and scored as in a rollout: the mean score, gold and
-        KL to the reference (for reports on held-out prompts); nothing is learnt."""
-        keys, size = ("score", "gold", "kl", "length", "unfinished"), self.s.sample_batch
-        sums = dict.fromkeys(keys, 0.0)
-        for first in tqdm(range(0, len(items), size), desc="sampled replies", leave=False):
-            chunk = items[first : first + size]
-            with self.autocast():
-                figures = self.score(chunk, self.sample(chunk))[3]
-            for k in keys:
-                sums[k] += figures[k] * len(chunk)
-        return {k: v / len(items) for k, v in sums.items()}
+class PromptPicker:
+    """Prompts for a rollout: every task in turn (the same number of prompts each, the
+    remainder to tasks drawn at random), and within a task a form of question drawn in the
+    shares `weights` gives (the evaluation's); with balanced=False, items at random."""
 
-    def sample(self, items: list[dict]) -> list[tuple[list[int], Completion]]:
-        policy = self.models["policy"]
-        was_training = policy.training
-        policy.eval()
-        T = policy.config.block_size  # prompt + reply must fit the context, for training
-        prompts = [render_prompt(self.tok, prompt_messages(item))[-(T - 1) :] for item in items]
-        budgets = [min(self.s.reply_tokens, T - len(p)) for p in prompts]
-        g = torch.Generator(device=self.device).manual_seed(self.s.seed * 7919 + self.iteration)
-        size, done = self.s.sample_batch, []
-        chunks = range(0, len(prompts), size)
-        for first in tqdm(chunks, desc="sampling", leave=False, disable=len(chunks) < 4):
-            done += complete(
-                policy,
-                prompts[first : first + size],
-                budgets[first : first + size],
-                temperature=1.0,
-                logprobs=True,
-                generator=g,
-                stop_ids=(self.tok.end_id, self.tok.eos_id),
-            )
-        policy.train(was_training)
-        return list(zip(prompts, done, strict=True))
+    def __init__(self, items: list[dict], weights: dict[str, float], balanced: bool) -> None:
+        self.items, self.balanced, self.weights = items, balanced, weights
+        self.pools: dict[str, dict[str, list[int]]] = {}
+        for i, item in enumerate(items):
+            self.pools.setdefault(item.get("task", ""), {}).setdefault(form(item), []).append(i)
 
-    def score(self, items, replies) -> tuple[dict, torch.Tensor, torch.Tensor, dict]:
-        """The replies as tensors (ids (B, T); per reply token (B, T-1) its mask and old
-        log-probs), the reference's log-probs (B, T-1), the scores (B,) and the figures."""
-        ids, lengths = pad_rows([p + c.tokens for p, c in replies], self.tok.pad_id)  # (B, T)
-        mask = torch.zeros(ids.size(0), ids.size(1) - 1)  # (B, T-1): 1 on reply tokens
-        old = torch.zeros_like(mask)
-        for b, (p, c) in enumerate(replies):
-            mask[b, len(p) - 1 : len(p) - 1 + len(c.tokens)] = 1
-            old[b, len(p) - 1 : len(p) - 1 + len(c.tokens)] = torch.tensor(c.logprobs)
-        ids_d = ids.to(self.device)
-        ref = reply_logprobs(self.models["reference"](ids_d)[0], ids_d).cpu() * mask
-        finished = [c.stopped and c.tokens[-1] == self.tok.end_id for _, c in replies]
-        texts = [self.tok.decode(c.text_tokens) for _, c in replies]
-        gold = torch.tensor(
-            [self.gold(i, t, f) for i, t, f in zip(items, texts, finished, strict=True)]
-        )
-        scores = self.reward(ids_d, lengths, gold, finished)
-        batch = {"ids": ids, "lengths": lengths, "mask": mask, "old_logprobs": old}
-        kl = ((old - ref) * mask).sum(1)  # (B,) per reply
-        figures = {
-            "score": scores.mean(),
-            "gold": gold.nanmean(),
-            "kl": kl.mean(),
-            "length": mask.sum(1).mean(),
-            "unfinished": 1 - torch.tensor(finished, dtype=torch.float).mean(),
-        }
-        return batch, ref, scores, {k: float(v) for k, v in figures.items()}
+    def draw(self, n: int, rng: np.random.Generator) -> list[dict]:
+        if not self.balanced:
+            return [self.items[i] for i in rng.choice(len(self.items), n, replace=False)]
+        tasks = sorted(self.pools)
+        counts = [n // len(tasks)] * len(tasks)
+        for t in rng.permutation(len(tasks))[: n % len(tasks)]:
+            counts[t] += 1
+        return [
+            self.items[i] for t, c in zip(tasks, counts, strict=True) for i in self._take(t, c, rng)
+        ]
 
-    @staticmethod
-    def gold(item: dict, text: str, finished: bool) -> float:
-        """The judge's grade of a reply (0 if it never ended its turn; NaN if the item has
-        no answer to judge by)."""
-        if "answer" not in item:
-            return float("nan")
-        return grade(item, text) if finished else 0.0
+    def _take(self, task: str, n: int, rng: np.random.Generator) -> list[int]:
+        """n items of a task, each of a form drawn by its weight (among the forms it has)."""
+        pools = self.pools[task]
+        names = sorted(pools)
+        w = np.array([self.weights.get(f, 0.0) for f in names])
+        p = w / w.sum() if w.sum() > 0 else np.full(len(names), 1 / len(names))
+        return [pools[f][rng.integers(len(pools[f]))] for f in rng.choice(names, n, p=p)]
 
-    def reward(self, ids, lengths, gold, finished) -> torch.Tensor:
-        """The score of each reply: the reward model's (or the judge's) for a finished one,
-        the fixed penalty for one that never ended its turn."""
-        if self.s.reward == "tasks":
-            scores = gold.clone()
-        else:
-            scores = self.models["reward"](ids, lengths.to(ids.device)).float().cpu()
-        done = torch.tensor(finished)
-        return torch.where(done, scores, torch.full_like(scores, self.s.unfinished_penalty))
+
+def form_weights(items: list[dict]) -> dict[str, float]:
+    """The share of each form of question among `items` (the held-out set's: the evaluation's
+    weights)."""
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[form(item)] = counts.get(form(item), 0) + 1
+    return {f: c / max(1, len(items)) for f, c in counts.items()}
 
 
 class Rollouts(Sampler):
-    """Collects PPO's rollouts with the current policy; its position (rollouts collected,
-    beta) goes into checkpoints."""
+    """Collects PPO's and GRPO's rollouts with the current policy; its position (rollouts
+    collected, beta) goes into checkpoints."""
 
     def __init__(
         self,
@@ -212,10 +157,14 @@ class Rollouts(Sampler):
         device,
         rank: int = 0,
         autocast=contextlib.nullcontext,
+        weights: dict[str, float] | None = None,
     ) -> None:
-        """items: the prompts, built-in task items or the user's {"messages": [...]}."""
+        """items: the prompts, built-in task items or the user's {"messages": [...]};
+        weights: the share of each form of question to draw (form_weights of the held-out
+        items), or None for every form alike."""
         super().__init__(models, tok, settings, device, autocast)
-        self.items, self.rank = items, rank
+        self.picker = PromptPicker(items, weights or {}, settings.balanced)
+        self.rank = rank
         self.beta = settings.beta
         self.seconds = {"generation": 0.0, "scoring": 0.0}  # where collecting's time went
 
@@ -225,50 +174,81 @@ class Rollouts(Sampler):
     def load_state_dict(self, state: dict) -> None:
         self.iteration, self.beta = int(state["iteration"]), float(state["beta"])
 
-    def draw_items(self) -> list[dict]:
-        rng = np.random.default_rng([self.s.seed, self.iteration, self.rank])
-        picks = rng.choice(len(self.items), self.s.rollout_prompts, replace=False)
-        return [self.items[i] for i in picks for _ in range(self.s.group_size)]
+    def draw_items(self, n: int, attempt: int = 0) -> list[dict]:
+        """n prompts, each group_size times in a row."""
+        rng = np.random.default_rng([self.s.seed, self.iteration, self.rank, attempt])
+        return [item for item in self.picker.draw(n, rng) for _ in range(self.s.group_size)]
 
     @torch.no_grad()
     def collect(self) -> Rollout:
         """One rollout with the current policy: sample, score, advantages (module doc)."""
-        items = self.draw_items()
-        start = time.perf_counter()
         with self.autocast():
-            replies = self.sample(items)
-            sampled = time.perf_counter()
-            batch, ref, scores, figures = self.score(items, replies)
-            batch.update(self.advantages(batch, ref, scores))  # and the value function
-        self.seconds["generation"] += sampled - start
-        self.seconds["scoring"] += time.perf_counter() - sampled
+            items, replies, scores, gold, finished, dropped = self.gather()
+            start = time.perf_counter()
+            batch = self.tensors(replies)
+            figures = {**self.figures(batch, scores, gold, finished), "dropped": dropped}
+            batch.update(self.advantages(batch, scores))  # and the value function
+        self.seconds["scoring"] += time.perf_counter() - start
         figures["beta"] = float(torch.tensor(self.beta))
         self.adapt_beta(figures["kl"], len(items))
         self.iteration += 1
         order = np.random.default_rng([self.s.seed, self.iteration, self.rank, 1])
+        del batch["sampled_logprobs"]
         return Rollout(batch, figures, order)
 
-    def advantages(self, batch: dict, ref: torch.Tensor, scores: torch.Tensor) -> dict:
-        """Per-token rewards, then advantages (and the value targets) for every reply."""
-        mask, old = batch["mask"], batch["old_logprobs"]
-        advantages, out = torch.zeros_like(mask), {}
-        rewards = []
-        for b in range(mask.size(0)):
-            where = mask[b].bool()
-            rewards.append(kl_rewards(old[b, where], ref[b, where], float(scores[b]), self.beta))
+    def gather(self) -> tuple:
+        """The rollout's items, replies, scores, gold and finished flags, and the share of
+        groups dropped for having no signal (all scores the same; advantage=group with
+        drop_constant_groups), more prompts drawn in their place, MAX_ATTEMPTS draws at most.
+        When every group drawn had no signal, the last draw is kept (its advantages are 0)."""
+        need = self.s.rollout_prompts
+        drop = self.s.advantage == "group" and self.s.drop_constant_groups
+        kept, dropped, drawn = [], [], 0
+        for attempt in range(MAX_ATTEMPTS if drop else 1):
+            start = time.perf_counter()
+            items = self.draw_items(need - len(kept), attempt)
+            replies = self.sample(items, attempt)
+            self.seconds["generation"] += time.perf_counter() - start
+            groups = self.groups(items, replies, *self.score(items, replies))
+            drawn += len(groups)
+            constant = [bool(torch.all(g[2] == g[2][0])) and drop for g in groups]
+            kept += [g for g, c in zip(groups, constant, strict=True) if not c]
+            dropped = [g for g, c in zip(groups, constant, strict=True) if c]
+            if len(kept) >= need:
+                break
+        share = 1 - len(kept) / max(1, drawn)
+        parts = kept or dropped
+        return (
+            [i for g in parts for i in g[0]],
+            [r for g in parts for r in g[1]],
+            *(torch.cat([g[n] for g in parts]) for n in (2, 3, 4)),
+            share,
+        )
+
+    def groups(self, items, replies, scores, gold, finished) -> list[tuple]:
+        """The draw cut into its groups: (items, replies, scores, gold, finished) of each
+        prompt's group_size replies."""
+        k = self.s.group_size
+        cut = [slice(g, g + k) for g in range(0, len(items), k)]
+        return [(items[c], replies[c], scores[c], gold[c], finished[c]) for c in cut]
+
+    def advantages(self, batch: dict, scores: torch.Tensor) -> dict:
+        """Group-relative advantages from the scores alone, or GAE over per-token rewards
+        (the KL to the reference in them, the score at the last token) with the value
+        function's targets."""
+        mask, old, ref = batch["mask"], batch["old_logprobs"], batch["ref_logprobs"]
         if self.s.advantage == "group":
-            returns = torch.stack([r.sum() for r in rewards])  # (B,)
-            group = torch.arange(len(rewards)) // self.s.group_size
-            per_reply = group_advantages(returns, group)
-            out["advantages"] = mask * per_reply[:, None]
-            return out
+            group = torch.arange(mask.size(0)) // self.s.group_size
+            per_reply = group_advantages(scores, group, self.s.scale_rewards)  # (B,)
+            return {"advantages": mask * per_reply[:, None]}
         ids = batch["ids"].to(self.device)
         values = self.models["value"](ids).float().cpu()[:, :-1] * mask  # (B, T-1)
-        returns = torch.zeros_like(mask)
-        for b, r in enumerate(rewards):
+        advantages, returns = torch.zeros_like(mask), torch.zeros_like(mask)
+        for b in range(mask.size(0)):
             where = mask[b].bool()
+            rewards = kl_rewards(old[b, where], ref[b, where], float(scores[b]), self.beta)
             advantages[b, where], returns[b, where] = gae(
-                r, values[b, where], self.s.gamma, self.s.lam
+                rewards, values[b, where], self.s.gamma, self.s.lam
             )
         return {"advantages": whiten(advantages, mask), "returns": returns, "old_values": values}
 
