@@ -113,6 +113,28 @@ def _render(tok, messages: Sequence[dict]) -> tuple[list[int], list[int]]:
     return ids, mask
 
 
+def drop_oldest_turns(tok, messages: Sequence[dict], budget: int) -> tuple[list[int], list[dict]]:
+    """The prompt for the next reply (render_prompt) and the messages it renders, the
+    oldest turns dropped until it is at most `budget` ids long.
+
+    A system message (first) is kept; after it the oldest messages go, one at a time and
+    then up to the next user message (a conversation resumes with a user turn), until the
+    prompt fits or only the newest message is left: the result may then still be longer
+    than `budget`, and the caller decides (the terminal chat crops its start, the server
+    answers that the conversation does not fit). `messages` is not changed.
+    Raises ChatFormatError for a malformed conversation (render_prompt).
+    """
+    kept = list(messages)
+    ids = render_prompt(tok, kept)
+    first = 1 if kept and kept[0]["role"] == "system" else 0
+    while len(ids) > budget and len(kept) - first > 1:
+        del kept[first]  # the oldest message after the system one
+        while len(kept) - first > 1 and kept[first]["role"] != "user":
+            del kept[first]
+        ids = render_prompt(tok, kept)
+    return ids, kept
+
+
 def fit_to_context(
     ids: Sequence[int], mask: Sequence[int], max_len: int
 ) -> tuple[list[int], list[int]] | None:

@@ -1,0 +1,189 @@
+"""python -m train.serve: talk to a chat model in a browser, or from any OpenAI client.
+
+    python -m train.serve checkpoint=out/sft            # then open http://127.0.0.1:8000/
+    HANDGPT_API_KEY=secret python -m train.serve host=0.0.0.0 port=8080
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
+    client.chat.completions.create(model="sft", messages=[{"role": "user", "content": "Hi"}])
+
+Serves OpenAI's chat-completions API (/v1/chat/completions, /v1/models) and a chat page
+at / (train/server/: app.py the routes, engine.py the decoding thread, conversation.py
+the prompt, static/ the page). Every request is decoded in one continuous batch
+(model/continuous.py): rows join and leave between steps, each with its own settings.
+
+What it serves: the language model of any chat checkpoint (SFT, PPO, DPO, or a fine-tuned
+Hugging Face GPT-2 directory that train.export wrote). Refused, in one line: a reward
+model (it scores replies, it writes none) and a base model (a pretrain checkpoint, or a
+plain GPT-2), which was never taught the chat format: its "replies" would be a document
+going on; for those, python -m train.sample writes text.
+
+Safety: it listens on 127.0.0.1 unless `host` says otherwise, and then only with an
+api_key (Bearer). A request chooses nothing but its conversation and its decoding
+settings, within the limits of conf/serve.yaml; it cannot name a file, a checkpoint or a
+setting of the server.
+"""
+
+import ipaddress
+import socket
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from errors import UserError, entry_point
+from model.generate import prepare_for_decoding
+
+from .checkpoint import (
+    MODEL_KINDS,
+    load_checkpoint,
+    model_from_checkpoint,
+    tokenizer_from_checkpoint,
+)
+from .runtime import setup_runtime
+from .settings import Rule, check, integer, optional, text
+
+BASE_STAGES = ("pretrain", "huggingface")  # checkpoints that never saw the chat format
+SERVE_EXTRA = "pip install -e '.[serve]' (make serve installs it)"
+
+RULES = {
+    "seed": integer(),
+    "device": text(),
+    "precision": text(),
+    "checkpoint": text(),
+    "model_name": optional(text()),
+    "host": text(),
+    "port": Rule("an integer from 0 to 65535 (0: any free port)", lambda v: v in range(65536)),
+    "api_key": optional(text()),
+    "top_k": optional(integer(0)),
+    "max_batch": integer(1),
+    "max_queue": integer(0),
+    "max_tokens": integer(1),
+    "max_messages": integer(1),
+    "max_n": integer(1),
+    "max_body_kb": integer(1),
+    "access_log": Rule("true or false", lambda v: isinstance(v, bool)),
+}
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """The settings' rules, and the ones that depend on each other."""
+    check(cfg, RULES)
+    if cfg.max_n > cfg.max_batch:
+        raise UserError(
+            f"max_n={cfg.max_n} is above max_batch={cfg.max_batch}: a request's choices "
+            "decode together, so lower max_n or raise max_batch"
+        )
+    if not is_loopback(cfg.host) and not cfg.api_key:
+        raise UserError(
+            f"host={cfg.host} opens the server to other machines: set an api_key "
+            "(HANDGPT_API_KEY=... in the environment) or keep host=127.0.0.1"
+        )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def load_chat_model(path: str):
+    """The checkpoint's language model and tokenizer, or one line saying why it does not
+    chat (a reward model, a base model)."""
+    ckpt = load_checkpoint(path)
+    kind, stage = ckpt["model_kind"], ckpt.get("stage")
+    if kind == "reward":
+        raise UserError(
+            f"{ckpt['path']} holds a reward model: it scores replies and writes none; "
+            "serve a chat model (out/sft, out/ppo, out/dpo)"
+        )
+    if stage in BASE_STAGES:
+        raise UserError(
+            f"{ckpt['path']} is a base model (stage {stage}) that never learnt the chat "
+            "format; fine-tune it first (make sft) and serve that, or write text with "
+            "python -m train.sample"
+        )
+    model = MODEL_KINDS[kind].language_model(model_from_checkpoint(ckpt)).eval()
+    return model, tokenizer_from_checkpoint(ckpt, model.config.vocab_size), ckpt
+
+
+def model_name(cfg: DictConfig, ckpt: dict) -> str:
+    """The id clients name: the setting, else the run directory's name (out/sft -> sft)."""
+    if cfg.model_name:
+        return str(cfg.model_name)
+    path = Path(ckpt["path"])
+    return path.parent.name if path.suffix == ".pt" else path.name
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads' work is wasted."""
+    try:
+        return socket.create_server((host, port))
+    except OSError as e:
+        raise UserError(
+            f"cannot listen on {host}:{port} ({e.strerror or e}); pick another port=N, or "
+            "stop what uses it"
+        ) from None
+
+
+def prepare(cfg: DictConfig):
+    """Everything but the serving: the checked settings, the bound socket, the model in
+    its engine, the app. Returns (uvicorn.Server, engine, socket); tests serve it in a
+    thread."""
+    check_settings(cfg)
+    try:
+        import uvicorn
+
+        from .server.app import ServerInfo, create_app
+        from .server.conversation import Limits
+        from .server.engine import Engine
+        from .server.schemas import now
+    except ImportError as e:
+        raise UserError(f"the server needs the 'serve' extra ({e.name}): {SERVE_EXTRA}") from None
+    sock = bind(cfg.host, int(cfg.port))
+    rt = setup_runtime(cfg.device, cfg.precision, cfg.seed)
+    model, tok, ckpt = load_chat_model(str(cfg.checkpoint))
+    model = prepare_for_decoding(model.to(device=rt.device, dtype=rt.dtype))
+    engine = Engine(model, tok, cfg.max_batch, cfg.max_queue, cfg.top_k, cfg.seed)
+    info = ServerInfo(
+        model_name(cfg, ckpt),
+        model.config.block_size,
+        Limits(cfg.max_tokens, cfg.max_messages, cfg.max_n),
+        cfg.api_key or None,
+        cfg.max_body_kb * 1024,
+        now(),
+    )
+    host, port = sock.getsockname()[:2]
+    print(
+        f"{ckpt['path']}: {model.num_params() / 1e6:.1f}M parameters, context "
+        f"{model.config.block_size}, on {rt.device} in {str(rt.dtype).removeprefix('torch.')}\n"
+        f"serving {info.model_name!r} at http://{host}:{port}/ (chat page) and "
+        f"http://{host}:{port}/v1 (OpenAI API{', key required' if info.api_key else ''}); "
+        "Ctrl-C stops",
+        file=sys.stderr,
+        flush=True,
+    )
+    app = create_app(engine, info)
+    config = uvicorn.Config(app, log_level="warning", access_log=bool(cfg.access_log))
+    return uvicorn.Server(config), engine, sock
+
+
+def run(cfg: DictConfig) -> None:
+    server, engine, sock = prepare(cfg)
+    engine.start()
+    try:
+        server.run(sockets=[sock])
+    finally:
+        engine.close()
+
+
+@entry_point("serve")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
