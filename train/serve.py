@@ -25,6 +25,7 @@ setting of the server.
 """
 
 import ipaddress
+import os
 import socket
 import sys
 from pathlib import Path
@@ -124,8 +125,8 @@ def bind(host: str, port: int) -> socket.socket:
         return socket.create_server((host, port))
     except OSError as e:
         raise UserError(
-            f"cannot listen on {host}:{port} ({e.strerror or e}); pick another port=N, or "
-            "stop what uses it"
+            f"cannot listen on {host}:{port} ({os.strerror(e.errno) if e.errno else e}); "
+            "pick another port=N, or stop what uses it"
         ) from None
 
 

@@ -50,7 +50,8 @@ class ServerInfo:
 
 
 def create_app(engine: Engine, info: ServerInfo) -> FastAPI:
-    app = FastAPI(title="handgpt", docs_url=None, redoc_url=None, max_body_size=info.max_body_bytes)
+    app = FastAPI(title="handgpt", docs_url=None, redoc_url=None)
+    app.add_middleware(BodyLimit, max_bytes=info.max_body_bytes)
     add_error_handlers(app)
     static = resources.files("train.server") / "static"
     app.mount("/static", StaticFiles(packages=[("train.server", "static")]), name="static")
@@ -263,7 +264,8 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:
-        error = APIError(e.status_code, str(e.detail), headers=dict(e.headers or {}))
+        code = "request_too_large" if e.status_code == 413 else None
+        error = APIError(e.status_code, str(e.detail), code=code, headers=dict(e.headers or {}))
         return await api_error(request, error)
 
 
@@ -276,3 +278,41 @@ def validation_error(e: RequestValidationError) -> APIError:
     field = ".".join(loc) or None
     where = f"{field}: " if field else "the body: "
     return APIError(400, where + str(first.get("msg", "invalid")), param=field)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over max_bytes is answered 413 in OpenAI's body.
+
+    A declared length over the limit is refused before the body is read; a body sent in
+    chunks is counted as the route reads it, and refused the moment it passes the limit.
+    (FastAPI's own max_body_size answers 413 in plain text.)
+    """
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    def error(self) -> APIError:
+        return APIError(
+            413,
+            f"the request body is over this server's limit of {self.max_bytes} bytes",
+            code="request_too_large",
+        )
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            e = self.error()
+            return await JSONResponse(e.body(), e.status)(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:  # an HTTPException: FastAPI passes it to the handler
+                raise HTTPException(413, self.error().message)
+            return message
+
+        await self.app(scope, counted, send)
