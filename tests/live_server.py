@@ -33,13 +33,16 @@ TEXT = [
 ]
 
 
-def chat_checkpoint(path: Path, tok, end_weight: float = 1.0, seed: int = 0) -> GPT:
+def chat_checkpoint(
+    path: Path, tok, end_weight: float = 1.0, seed: int = 0, block_size: int = BLOCK
+) -> GPT:
     """A tiny random 'SFT' checkpoint (stage sft) with replies that depend on the prompt.
     Its end-of-turn and end-of-text rows are scaled by end_weight: as drawn (1), some greedy
     replies end with them and some run to their budget; with 0 no greedy reply ever ends
     (their logits are 0, and the largest of the others is above 0)."""
     torch.manual_seed(seed)
-    config = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=BLOCK, vocab_size=tok.vocab_size)
+    shape = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": block_size}
+    config = GPTConfig(**shape, vocab_size=tok.vocab_size)
     model = GPT(config).eval()
     with torch.no_grad():
         for p in model.parameters():

@@ -35,16 +35,10 @@ from omegaconf import DictConfig
 from errors import UserError, entry_point
 from model.generate import prepare_for_decoding
 
-from .checkpoint import (
-    MODEL_KINDS,
-    load_checkpoint,
-    model_from_checkpoint,
-    tokenizer_from_checkpoint,
-)
 from .runtime import setup_runtime
+from .server.chat_model import load_chat_model
 from .settings import Rule, check, integer, optional, text
 
-BASE_STAGES = ("pretrain", "huggingface")  # checkpoints that never saw the chat format
 SERVE_EXTRA = "pip install -e '.[serve]' (make serve installs it)"
 
 RULES = {
@@ -68,13 +62,8 @@ RULES = {
 
 
 def check_settings(cfg: DictConfig) -> None:
-    """The settings' rules, and the ones that depend on each other."""
+    """The settings' rules, and the host's need of a key."""
     check(cfg, RULES)
-    if cfg.max_n > cfg.max_batch:
-        raise UserError(
-            f"max_n={cfg.max_n} is above max_batch={cfg.max_batch}: a request's choices "
-            "decode together, so lower max_n or raise max_batch"
-        )
     if not is_loopback(cfg.host) and not cfg.api_key:
         raise UserError(
             f"host={cfg.host} opens the server to other machines: set an api_key "
@@ -89,26 +78,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:  # a host name: it may resolve to anything
         return False
-
-
-def load_chat_model(path: str):
-    """The checkpoint's language model and tokenizer, or one line saying why it does not
-    chat (a reward model, a base model)."""
-    ckpt = load_checkpoint(path)
-    kind, stage = ckpt["model_kind"], ckpt.get("stage")
-    if kind == "reward":
-        raise UserError(
-            f"{ckpt['path']} holds a reward model: it scores replies and writes none; "
-            "serve a chat model (out/sft, out/ppo, out/dpo)"
-        )
-    if stage in BASE_STAGES:
-        raise UserError(
-            f"{ckpt['path']} is a base model (stage {stage}) that never learnt the chat "
-            "format; fine-tune it first (make sft) and serve that, or write text with "
-            "python -m train.sample"
-        )
-    model = MODEL_KINDS[kind].language_model(model_from_checkpoint(ckpt)).eval()
-    return model, tokenizer_from_checkpoint(ckpt, model.config.vocab_size), ckpt
 
 
 def model_name(cfg: DictConfig, ckpt: dict) -> str:
@@ -152,7 +121,7 @@ def prepare(cfg: DictConfig):
     info = ServerInfo(
         model_name(cfg, ckpt),
         model.config.block_size,
-        Limits(cfg.max_tokens, cfg.max_messages, cfg.max_n),
+        Limits(cfg.max_tokens, cfg.max_messages, min(cfg.max_n, cfg.max_batch)),
         cfg.api_key or None,
         cfg.max_body_kb * 1024,
         now(),
