@@ -120,6 +120,19 @@ def test_a_streamed_reply_arrives_in_chunks_with_the_usage_last(live, model, tok
     assert last.usage.prompt_tokens == want["prompt_tokens"]
 
 
+def test_ignore_eos_writes_max_tokens(live, model, tok):
+    question = next(q for q in QUESTIONS if expected(model, tok, user(q), 30)["finish"] == "stop")
+    r = client(live).chat.completions.create(
+        model="sft",
+        messages=user(question),
+        temperature=0,
+        max_tokens=30,
+        extra_body={"ignore_eos": True},
+    )
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 30
+    assert r.choices[0].message.content.startswith(expected(model, tok, user(question), 30)["text"])
+
+
 def test_greedy_replies_equal_the_terminal_chats(live, ckpt, capsys, monkeypatch):
     """Two turns through train.sample mode=chat and through the API; the API's client
     sends the first reply back exactly as it came."""

@@ -6,7 +6,9 @@
 For each number of clients (1, 4, 16, 64), that many clients at once, each sending
 `requests_per_client` streamed chat completions one after another through the official
 openai client (max_retries=0: a 429 is an error, not a retry), with fixed prompts,
-max_tokens and temperature:
+max_tokens and temperature, and (ignore_eos, the default) replies that all run to
+max_tokens: a small SFT model answers in a few tokens, and the figures would then measure
+requests, not decoding:
 
     time to first token   from sending the request to its first content chunk (p50, p95)
     tokens/s per client   a client's completion tokens (usage) / its wall time (median, min)
@@ -15,9 +17,11 @@ max_tokens and temperature:
 
 and, for comparison, the terminal chat's tokens/s: the same prompts decoded one at a time
 as python -m train.sample mode=chat decodes them (model/generate.py: completions, batch 1,
-text streamed per token), in this process, on the same device and precision, before the
-server starts. The server runs in its own process (python -m train.serve, access log off);
-on a machine with few cores it shares them with the clients, as it would in use.
+text streamed per token; the same replies' length), in this process, on the same device and
+precision, before the server starts; and the two ways of batching on one workload, in this
+process too (train/server/policies.py; there, replies end at their end of turn). The
+server runs in its own process (python -m train.serve, access log off); on a machine with
+few cores it shares them with the clients, as it would in use.
 
 Targets (docs): 64 clients without an error; total tokens/s with 16 clients at least 4x one
 client's; one client alone at least 80% of the terminal chat's tokens/s; p95 time to first
@@ -69,6 +73,7 @@ RULES = {
     "temperature": TEMPERATURE,
     "top_k": optional(integer(0)),
     "startup_timeout_s": integer(1),
+    "ignore_eos": flag(),
     "compare_policies": flag(),
     "policy_clients": integer(1),
 }
@@ -146,7 +151,7 @@ def terminal_chat(model, tok, prompts: list[list[int]], cfg: DictConfig, rt, pas
             cfg.max_tokens,
             cfg.temperature,
             cfg.top_k or None,
-            stop_ids=(tok.eos_id, tok.end_id),
+            stop_ids=() if cfg.ignore_eos else (tok.eos_id, tok.end_id),
             generator=generator,
         )
         for (reply,) in steps:
@@ -210,6 +215,7 @@ async def one_request(client, model: str, question: str, cfg: DictConfig) -> dic
         temperature=cfg.temperature,
         stream=True,
         stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True} if cfg.ignore_eos else None,
     )
     async for chunk in stream:
         if first is None and chunk.choices and chunk.choices[0].delta.content:

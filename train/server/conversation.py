@@ -53,6 +53,7 @@ class Plan:
     top_p: float | None
     seed: int | None
     stops: tuple[str, ...]
+    ignore_eos: bool = False  # the end-of-turn token does not end the reply (benchmarks)
 
 
 def plan_request(req: ChatRequest, tok, block_size: int, limits: Limits) -> Plan:
@@ -85,6 +86,7 @@ def plan_request(req: ChatRequest, tok, block_size: int, limits: Limits) -> Plan
         top_p=req.top_p,
         seed=req.seed,
         stops=tuple(req.stop_strings()),
+        ignore_eos=req.ignore_eos,
     )
 
 

@@ -158,7 +158,8 @@ class Engine:
                 if p.seed is not None:  # choice i draws from seed + i: choice 0 is n=1's reply
                     generator = torch.Generator(device=self.device)
                     generator.manual_seed((p.seed + i) % SEED_MOD)
-                row = Row(p.prompt, p.max_tokens, p.temperature, p.top_p, generator, self.stop_ids)
+                stop_ids = frozenset() if p.ignore_eos else self.stop_ids
+                row = Row(p.prompt, p.max_tokens, p.temperature, p.top_p, generator, stop_ids)
                 job.choices.append(Choice(i, row, self.tok, p.stops))
                 self.batch.add(row)
                 self.live[row] = (job, job.choices[-1])

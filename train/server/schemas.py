@@ -2,8 +2,11 @@
 
 Only what this server does is modelled; other fields of OpenAI's API (tools, logprobs,
 response_format, ...) are ignored, as OpenAI-compatible servers do, so that clients that
-send them still work. Limits that depend on the server's settings (how many messages,
-how many tokens) are checked in train/server/conversation.py, not here.
+send them still work. One field is not OpenAI's: ignore_eos (as vLLM has it; the openai
+client sends it with extra_body={"ignore_eos": True}) lets a reply run past its end of turn
+to max_tokens, for benchmarks that want replies of one length. Limits that depend on the
+server's settings (how many messages, how many tokens) are checked in
+train/server/conversation.py, not here.
 
     request:  {"model": ..., "messages": [{"role": ..., "content": ...}], "max_tokens": ...,
                "temperature": ..., "top_p": ..., "n": ..., "stop": ..., "seed": ...,
@@ -85,6 +88,7 @@ class ChatRequest(BaseModel):
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    ignore_eos: bool = False  # not OpenAI's (vLLM's): write max_tokens, past the end of turn
 
     def stop_strings(self) -> list[str]:
         if self.stop is None:
