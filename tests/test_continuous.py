@@ -173,3 +173,7 @@ def test_drop_oldest_turns_keeps_the_system_message_and_ends_on_the_question():
     assert len(messages) == 14  # the caller's list is left alone
     ids, kept = drop_oldest_turns(tok, messages, 1)  # nothing fits: system + the last
     assert kept == [messages[0], messages[-1]]
+    for budget in range(len(full) + 2):
+        ids, kept = drop_oldest_turns(tok, messages, budget)
+        assert ids == render_prompt(tok, kept)
+        assert len(ids) <= budget or kept == [messages[0], messages[-1]]

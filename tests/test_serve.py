@@ -439,11 +439,56 @@ def test_a_full_queue_is_answered_429_and_a_disconnect_frees_the_place(ckpt, tok
                 (row,) = live.engine.batch.rows
             # the first client has gone away, mid-reply
         waiting.join(timeout=60)
+        # a plain (not streamed) request whose client gives up is cancelled too
+        leaving = threading.Thread(target=lambda: gives_up(live, ask))
+        leaving.start()
+        (plain,) = wait_until(lambda: live.engine.batch.rows)
+        leaving.join()
+        wait_until(lambda: plain.finish)
+    assert plain.finish == "cancelled" and len(plain.tokens) < 50
     assert refused.value.response.headers["retry-after"] == "1"
     assert refused.value.response.json()["error"]["code"] == "rate_limit_exceeded"
     assert row.finish == "cancelled" and len(row.tokens) < 50
     assert result and result[0].status_code == 200
     assert result[0].json()["usage"]["completion_tokens"] == 50
+
+
+def wait_until(condition, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+    return value
+
+
+def gives_up(live, body: dict) -> None:
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(live.url + "/v1/chat/completions", json=body, timeout=0.5)
+
+
+def test_an_engine_failure_mid_stream_is_an_error_event(live):
+    batch, calls = live.engine.batch, []
+    step = batch.step
+
+    def failing():
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("the device went away")
+        return step()
+
+    batch.step = failing
+    stream = client(live).chat.completions.create(
+        model="sft",
+        messages=user("To be"),
+        max_tokens=20,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    with pytest.raises(openai.APIError, match="the model failed"):
+        for _ in stream:
+            pass
+    assert live.engine.batch is not batch  # a fresh batch for what comes next
+    still_answers(live)
 
 
 # ----------------------------------------------------------------------------- the command

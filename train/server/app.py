@@ -84,7 +84,8 @@ def create_app(engine: Engine, info: ServerInfo) -> FastAPI:
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     async def chat_completions(body: ChatRequest, request: Request):
         check_model(body.model, info.model_name)
-        plan = plan_request(body, engine.tok, info.block_size, info.limits)
+        # tokenizing a long conversation takes a while: not in the event loop
+        plan = await asyncio.to_thread(plan_request, body, engine.tok, info.block_size, info.limits)
         job, updates = submit(engine, plan)
         reply = Reply(job, updates, plan, info.model_name, body)
         headers = {"X-Dropped-Messages": str(plan.dropped)}
@@ -93,7 +94,10 @@ def create_app(engine: Engine, info: ServerInfo) -> FastAPI:
             return StreamingResponse(
                 reply.events(), media_type="text/event-stream", headers=stream_headers
             )
-        return JSONResponse(await reply.whole(request), headers=headers)
+        whole = await reply.whole(request)
+        if whole is None:  # the client has gone: nobody reads this (nginx's "closed request")
+            return JSONResponse({}, status_code=499)
+        return JSONResponse(whole, headers=headers)
 
     return app
 
@@ -180,9 +184,9 @@ class Reply:
     def usage(self) -> dict:
         return schemas.usage(len(self.plan.prompt), sum(self.tokens))
 
-    async def whole(self, request: Request) -> dict:
+    async def whole(self, request: Request) -> dict | None:
         """The chat.completion, once every choice has ended; a client that goes away first
-        cancels the job."""
+        cancels the job (None)."""
         texts = [""] * self.plan.n
 
         async def collect() -> None:
@@ -195,7 +199,7 @@ class Reply:
         try:
             await asyncio.wait({collecting, watching}, return_when=asyncio.FIRST_COMPLETED)
             if not collecting.done():
-                raise asyncio.CancelledError  # the client left: nobody to answer
+                return None  # the client left
             collecting.result()  # an engine error raises here
         finally:
             self.job.cancelled = True  # a no-op once every choice has ended
