@@ -27,7 +27,8 @@ from errors import report_user_errors
 from model import GPTConfig
 from model.heads import ScalarModel
 from tokenizer.chat import render_prompt
-from train.checkpoint import load_model, save_checkpoint
+from train import export
+from train.checkpoint import load_checkpoint, load_model, save_checkpoint
 
 QUESTIONS = [
     "Who is Hamlet?",
@@ -523,6 +524,30 @@ def test_reward_and_base_models_are_refused_in_one_line(tmp_path, tok, capsys):
     assert code == 2 and "api_key" in err  # refused before anything is loaded
     code, err = run_serve(capsys, "checkpoint=x", "max_batch=0")
     assert code == 2 and "max_batch" in err
+
+
+def test_a_fine_tuned_gpt2_directory_is_served_and_gpt2_itself_refused(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from tiny_hf import make_gpt2_dir
+
+    plain = make_gpt2_dir(tmp_path / "gpt2-plain", seed=3)
+    code, err = run_serve(capsys, f"checkpoint={plain}", "port=0")
+    assert code == 2 and "base model" in err and "huggingface" in err
+    ckpt = load_checkpoint(plain)  # as SFT would write it after init_from=gpt2 ...
+    state = {k: v for k, v in ckpt.items() if k not in ("path", "huggingface")}
+    save_checkpoint(tmp_path / "sft" / "ckpt.pt", {**state, "stage": "sft"})
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = compose(
+            "export", overrides=[f"checkpoint={tmp_path / 'sft'}", f"out={tmp_path / 'my-model'}"]
+        )
+    out = export.run(cfg)  # ... and train.export wrote it for transformers
+    model, tok, _ = load_model(tmp_path / "sft")
+    with live_server(out) as live:
+        r = client(live).chat.completions.create(
+            model="my-model", messages=user("Hello there"), temperature=0, max_tokens=8
+        )
+    want = expected(model, tok, user("Hello there"), 8)
+    assert r.choices[0].message.content == want["text"] and r.usage.completion_tokens >= 1
 
 
 def test_a_port_in_use_is_one_line(ckpt, capsys):
