@@ -374,6 +374,8 @@ def test_an_api_key_is_asked_for_when_set(ckpt):
     with live_server(ckpt, "api_key=s3cret") as live:
         assert_error(post(live, GOOD), 401, "API key", code="invalid_api_key")
         assert_error(post(live, GOOD, headers={"authorization": "Bearer wrong"}), 401)
+        latin = {"authorization": "Bearer s3cr\xe9t".encode("latin-1")}
+        assert_error(post(live, GOOD, headers=latin), 401)
         assert httpx.get(live.url + "/health").status_code == 200  # no key: health only
         assert_error(httpx.get(live.url + "/v1/models"), 401)
         ok = OpenAI(base_url=live.url + "/v1", api_key="s3cret", max_retries=0)

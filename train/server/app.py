@@ -56,7 +56,7 @@ def create_app(engine: Engine, info: ServerInfo) -> FastAPI:
     static = resources.files("train.server") / "static"
     app.mount("/static", StaticFiles(packages=[("train.server", "static")]), name="static")
 
-    def authorized(request: Request) -> None:
+    async def authorized(request: Request) -> None:  # async: no thread for a comparison
         check_key(request.headers.get("authorization"), info.api_key)
 
     def card() -> dict:
@@ -103,11 +103,13 @@ def create_app(engine: Engine, info: ServerInfo) -> FastAPI:
 
 
 def check_key(header: str | None, api_key: str | None) -> None:
-    """401 unless the Authorization header carries the key (compared in constant time)."""
+    """401 unless the Authorization header carries the key (compared in constant time, as
+    bytes: compare_digest refuses strings with characters beyond ASCII)."""
     if api_key is None:
         return
     scheme, _, token = (header or "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), api_key):
+    same = hmac.compare_digest(token.strip().encode(), api_key.encode())
+    if scheme.lower() != "bearer" or not same:
         raise APIError(
             401,
             "missing or wrong API key: send the header 'Authorization: Bearer <api_key>'",
