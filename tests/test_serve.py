@@ -9,6 +9,7 @@ output for the same conversation.
 import asyncio
 import io
 import json
+import socket
 import sys
 import threading
 import time
@@ -550,6 +551,15 @@ def test_a_fine_tuned_gpt2_directory_is_served_and_gpt2_itself_refused(tmp_path,
         )
     want = expected(model, tok, user("Hello there"), 8)
     assert r.choices[0].message.content == want["text"] and r.usage.completion_tokens >= 1
+
+
+def test_the_socket_says_it_is_tcp():
+    """So that asyncio sets TCP_NODELAY on its connections (train/serve.py: bind)."""
+    sock = serve_cli.bind("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+    finally:
+        sock.close()
 
 
 def test_a_port_in_use_is_one_line(ckpt, capsys):

@@ -103,9 +103,23 @@ def model_name(cfg: DictConfig, ckpt: dict) -> str:
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """The listening socket, bound before the model loads' work is wasted."""
+    """The listening socket, bound before loading the model (a port in use fails at once).
+
+    Made with proto=IPPROTO_TCP, not socket.create_server's 0: asyncio turns Nagle's
+    algorithm off (TCP_NODELAY) only on the connections of a socket that says it is TCP.
+    With Nagle on, a reply's first small write on a kept-alive connection waited for the
+    client's delayed ACK: every request after the first on a connection got its first
+    token 40 ms late (measured: 44 ms to the first token, 3 ms with TCP_NODELAY).
+    """
     try:
-        return socket.create_server((host, port))
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+        return sock
     except OSError as e:
         raise UserError(
             f"cannot listen on {host}:{port} ({os.strerror(e.errno) if e.errno else e}); "
