@@ -37,7 +37,8 @@ def test_the_in_process_figures_and_the_clients_against_a_live_server(ckpt, monk
     monkeypatch.setattr(ContinuousBatch, "step", counted)
     settings = ["max_tokens=8", "policy_clients=4", "requests_per_client=2"]
     cfg = config(f"checkpoint={ckpt}", *settings)
-    local = bench.in_process(cfg)
+    here = bench.InProcess(cfg)
+    local = {"terminal_chat_tokens_per_s": here.terminal_chat(), "policies": here.policies()}
     assert local["terminal_chat_tokens_per_s"] > 0
     assert set(local["policies"]) == {"continuous", "agreeing"}
     assert all(p["tokens_per_s"] > 0 for p in local["policies"].values())
