@@ -9,7 +9,11 @@ output for the same conversation.
 import asyncio
 import io
 import json
+import os
+import re
+import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -18,7 +22,7 @@ import httpx
 import openai
 import pytest
 from hydra import compose, initialize_config_dir
-from live_server import BLOCK, ROOT, TEXT, chat_checkpoint, expected, live_server
+from live_server import BLOCK, ROOT, TEXT, Live, chat_checkpoint, expected, live_server
 from openai import AsyncOpenAI, OpenAI
 
 import tokenizer
@@ -551,6 +555,33 @@ def test_a_fine_tuned_gpt2_directory_is_served_and_gpt2_itself_refused(tmp_path,
         )
     want = expected(model, tok, user("Hello there"), 8)
     assert r.choices[0].message.content == want["text"] and r.usage.completion_tokens >= 1
+
+
+@pytest.mark.slow
+def test_the_command_serves_until_ctrl_c(ckpt):
+    """python -m train.serve in its own process: it says where it listens, answers, and
+    Ctrl-C stops it cleanly (the engine's thread too)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "train.serve", f"checkpoint={ckpt}", "port=0", "device=cpu"]
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        while not (
+            match := re.search(r"at (http://\S+)/ \(chat page\)", lines[-1] if lines else "")
+        ):
+            line = proc.stderr.readline()
+            assert line, "".join(lines)  # it exited before saying where it listens
+            lines.append(line)
+        url = match.group(1)
+        assert httpx.get(url + "/health").json()["model"] == "sft"
+        assert post(Live(url, None, None), GOOD).status_code == 200
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 130  # the project's exit status for Ctrl-C
+        err = proc.stderr.read()
+        assert "Traceback" not in err and "interrupted" in err
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_the_socket_says_it_is_tcp():
