@@ -9,7 +9,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 TORCH_VERSION := 2.13.0
 ARGS ?=
 
-.PHONY: install install-dev pretrain sft rm ppo dpo grpo align ablate sample bench export gpu-check gpu-deps test lint format clean
+.PHONY: install install-dev pretrain sft rm ppo dpo grpo align ablate sample bench export serve serve-bench gpu-check gpu-deps test lint format clean
 
 # torch first, chosen by machine: with an NVIDIA GPU, PyPI's default (CUDA) build; without
 # one, the CPU build (a local wheel when the machine has one, else PyTorch's CPU index),
@@ -32,12 +32,17 @@ $(VENV)/.runtime: $(VENV)/.torch pyproject.toml
 	@touch $@
 
 $(VENV)/.dev: $(VENV)/.runtime pyproject.toml
-	$(PIP) install -e '.[dev,hf]'
+	$(PIP) install -e '.[dev,hf,serve]'
 	@touch $@
 
 # transformers (a pretrained GPT-2 with init_from=gpt2, the export to Hugging Face)
 $(VENV)/.hf: $(VENV)/.runtime pyproject.toml
 	$(PIP) install -e '.[hf]'
+	@touch $@
+
+# fastapi and uvicorn (python -m train.serve: the chat API and page)
+$(VENV)/.serve: $(VENV)/.runtime pyproject.toml
+	$(PIP) install -e '.[serve]'
 	@touch $@
 
 install: $(VENV)/.runtime
@@ -76,6 +81,14 @@ bench: $(VENV)/.dev
 
 export: $(VENV)/.hf
 	$(PY) -m train.export $(ARGS)
+
+# The chat API and page on http://127.0.0.1:8000/ (conf/serve.yaml); ARGS="checkpoint=out/dpo"
+serve: $(VENV)/.serve
+	$(PY) -m train.serve $(ARGS)
+
+# Many streaming clients against a live server (train/serve_bench.py; the openai client: dev)
+serve-bench: $(VENV)/.dev
+	$(PY) -m train.serve_bench $(ARGS)
 
 # The CUDA paths in one short run (scripts/gpu_check.py). It installs nothing from the network:
 # on a GPU machine it runs with that machine's torch (python3, or .venv when there is one)

@@ -202,7 +202,7 @@ class Window:
         return slid
 
 
-def _last_logits(
+def last_logits(
     model: GPT, idx: torch.Tensor, cache: KVCache | None, start: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Logits of the last slot only. idx: (B, T) -> (B, V).
@@ -245,7 +245,7 @@ def generate(
     # new tokens: a cache of that size (Llama-family models come with long contexts)
     slots = min(model.config.block_size, window.n + max_new_tokens)
     cache = model.new_cache(idx.size(0), slots, window.start) if use_cache else None
-    logits = _last_logits(model, window.tokens(), cache, window.start if cache is None else None)
+    logits = last_logits(model, window.tokens(), cache, window.start if cache is None else None)
     for step in range(max_new_tokens):
         tokens = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
         yield tokens, token_logprobs(logits, tokens, temperature)
@@ -253,12 +253,12 @@ def generate(
             return
         slid = window.push(tokens)
         if cache is None:  # rerun the whole window
-            logits = _last_logits(model, window.tokens(), None, window.start)
+            logits = last_logits(model, window.tokens(), None, window.start)
         elif slid:  # prefill the kept tokens again, from slot 0
             cache.reset(window.start)
-            logits = _last_logits(model, window.tokens(), cache)
+            logits = last_logits(model, window.tokens(), cache)
         else:  # only the new slot
-            logits = _last_logits(model, window.tokens()[:, -1:], cache)
+            logits = last_logits(model, window.tokens()[:, -1:], cache)
 
 
 @dataclass

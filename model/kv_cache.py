@@ -40,6 +40,15 @@ class KVCache:
         self.pos = 0  # slots 0 .. pos-1 are filled
         self.start = start  # (B,) first real slot of each row, or None: no padding
 
+    @classmethod
+    def over(cls, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor | None) -> "KVCache":
+        """An empty cache that writes into given buffers (views of larger ones, say), each
+        (n_layer, B, n_head, max_len, head_dim): model/continuous.py keeps every row of a
+        server's batch in one pair of buffers and hands the model views of them."""
+        cache = cls.__new__(cls)
+        cache.k, cache.v, cache.max_len, cache.pos, cache.start = k, v, k.size(3), 0, start
+        return cache
+
     def append(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,11 +15,11 @@ from tiny_sft import save_sft
 import tokenizer
 from data.batching import collate
 from model import GPT, GPTConfig
+from model.generate import reply_logprobs
 from tokenizer.chat import render_conversation
 from train.core.checkpoint import load_checkpoint
 from train.ppo import verdict
 from train.rl.advantages import gae, group_advantages, kl_rewards, whiten
-from model.generate import reply_logprobs
 from train.rl.losses import clipped_policy_loss, clipped_value_loss, kl_penalty
 from train.rl.rollouts import Rollouts, RolloutSettings
 from train.settings import load

@@ -45,6 +45,8 @@ def test_sampled_figures_by_hand():
 
 
 def test_the_sampled_subset_is_the_first_single_turn_items_of_each_task():
-    items = [{"task": t, "turn": turn, "n": i}
-             for i, (t, turn) in enumerate([("a", 1), ("a", 2), ("a", 1), ("b", 1), ("a", 1)])]
+    items = [
+        {"task": t, "turn": turn, "n": i}
+        for i, (t, turn) in enumerate([("a", 1), ("a", 2), ("a", 1), ("b", 1), ("a", 1)])
+    ]
     assert [i["n"] for i in subset(items, per_task=2)] == [0, 2, 3]

@@ -106,11 +106,44 @@ def _render(tok, messages: Sequence[dict]) -> tuple[list[int], list[int]]:
     content and end id; the mask 1 on a trained assistant's content and end id, else 0."""
     ids, mask = [tok.bos_id], [0]
     for m in messages:
-        body = tok.encode(m["content"]) + [tok.end_id]  # the content and the end of turn
+        piece = _message_ids(tok, m)  # role id, content, end of turn
         trained = 1 if is_trained(m) else 0
-        ids += [_role_id(tok, m["role"])] + body
-        mask += [0] + [trained] * len(body)
+        ids += piece
+        mask += [0] + [trained] * (len(piece) - 1)
     return ids, mask
+
+
+def _message_ids(tok, m: dict) -> list[int]:
+    """One message's ids: its role id, its content and the end of its turn."""
+    return [_role_id(tok, m["role"])] + tok.encode(m["content"]) + [tok.end_id]
+
+
+def drop_oldest_turns(tok, messages: Sequence[dict], budget: int) -> tuple[list[int], list[dict]]:
+    """The prompt for the next reply (render_prompt) and the messages it renders, the
+    oldest turns dropped until it is at most `budget` ids long.
+
+    A system message (first) is kept; after it the oldest messages go, one at a time and
+    then up to the next user message (a conversation resumes with a user turn), until the
+    prompt fits or only the newest message is left: the result may then still be longer
+    than `budget`, and the caller decides (the terminal chat crops its start, the server
+    answers that the conversation does not fit). `messages` is not changed. Each message
+    is encoded once (the server's conversations may be long).
+    Raises ChatFormatError for a malformed conversation (render_prompt).
+    """
+    validate_messages(messages)
+    pieces = [_message_ids(tok, m) for m in messages]
+    first = 1 if messages and messages[0]["role"] == "system" else 0
+    start = first  # messages[first:start] are dropped
+    length = 2 + sum(map(len, pieces))  # bos ... assistant
+    while length > budget and len(messages) - start > 1:
+        length -= len(pieces[start])  # the oldest message after the system one
+        start += 1
+        while len(messages) - start > 1 and messages[start]["role"] != "user":
+            length -= len(pieces[start])
+            start += 1
+    kept = list(messages[:first]) + list(messages[start:])
+    ids = [tok.bos_id] + [i for piece in pieces[:first] + pieces[start:] for i in piece]
+    return ids + [tok.assistant_id], kept
 
 
 def fit_to_context(

@@ -34,8 +34,14 @@ from .core.stage import finished_with
 from .eval.compare import compare, format_comparison, format_paired, write_report
 from .settings import STAGES, AlignSettings, load
 
-COMMANDS = {"pretrain": "pretrain", "sft": "sft", "rm": "reward", "ppo": "ppo", "dpo": "dpo",
-            "grpo": "grpo"}
+COMMANDS = {
+    "pretrain": "pretrain",
+    "sft": "sft",
+    "rm": "reward",
+    "ppo": "ppo",
+    "dpo": "dpo",
+    "grpo": "grpo",
+}
 
 
 def stage_overrides(s: AlignSettings, name: str) -> list[str]:

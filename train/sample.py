@@ -41,7 +41,8 @@ from data.sources import read_utf8_file
 from errors import UserError
 from model import GPT
 from model.generate import completions
-from tokenizer.chat import ChatFormatError, render_prompt
+from tokenizer.chat import ChatFormatError, drop_oldest_turns, render_prompt
+from tokenizer.stream import TextStream
 
 from .core.checkpoint import CHECKPOINT_NAME, load_policy
 from .core.decoding import prepare_for_decoding
@@ -90,42 +91,6 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str | None:
 
 
 # --------------------------------------------------------------------------- streaming
-
-
-class TextStream:
-    """Token ids in, printable text out, never splitting a multi-byte character.
-
-    A character outside the vocabulary arrives as its UTF-8 bytes, one token each, and
-    decoding only some of them gives U+FFFD. So we decode everything so far, hold back a
-    trailing run of U+FFFD (bytes that may still complete a character) and hand out only
-    what was not printed yet. What comes out in total is exactly decode(all ids).
-    Decoding the whole reply per token is O(n) each, negligible next to the model.
-
-    With lstrip, whitespace at the very start is not handed out (a chat reply's leading
-    space); the ids keep it.
-    """
-
-    def __init__(self, tok, lstrip: bool = False) -> None:
-        self.tok = tok
-        self.ids: list[int] = []
-        self.printed = 0  # characters of decode(ids) already handed out (or skipped)
-        self.lstrip = lstrip  # whitespace is still to be skipped
-
-    def _new(self, text: str) -> str:
-        if self.lstrip:  # skip the leading whitespace, however many tokens it spans
-            self.printed = max(self.printed, len(text) - len(text.lstrip()))
-            self.lstrip = not text.strip()
-        new = text[self.printed :]
-        self.printed = max(self.printed, len(text))
-        return new
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        return self._new(self.tok.decode(self.ids).rstrip("\ufffd"))
-
-    def flush(self) -> str:
-        """The rest, held-back bytes included (as U+FFFD if they never completed)."""
-        return self._new(self.tok.decode(self.ids))
 
 
 def stream_reply(
@@ -216,21 +181,13 @@ def user_messages(interactive: bool) -> Iterator[str]:
 
 
 def fit_history(tok, history: list[dict], budget: int) -> list[int]:
-    """Render the history for the next reply, dropping the oldest turns to fit `budget`.
-
-    A system message (first) is kept; after it the oldest messages go, one exchange at a
-    time, until the prompt fits or only the newest user message is left (its start is then
-    cut by crop_to_context).
+    """Render the history for the next reply, dropping the oldest turns to fit `budget`
+    (tokenizer/chat.py: drop_oldest_turns; the server cuts conversations the same way);
+    a note says how many went. Beyond that, crop_to_context cuts the newest message's start.
     """
-    ids = render_prompt(tok, history)
-    first = 1 if history and history[0]["role"] == "system" else 0
-    dropped = 0
-    while len(ids) > budget and len(history) - first > 1:
-        del history[first]  # the oldest message after the system one
-        while len(history) - first > 1 and history[first]["role"] != "user":
-            del history[first]  # a conversation resumes with a user turn
-        dropped += 1
-        ids = render_prompt(tok, history)
+    ids, kept = drop_oldest_turns(tok, history, budget)
+    dropped = sum(m["role"] == "user" for m in history) - sum(m["role"] == "user" for m in kept)
+    history[:] = kept
     if dropped:
         print(f"(the context is full: dropped the {dropped} oldest turn(s))", file=sys.stderr)
     return ids

@@ -14,6 +14,7 @@ building the object checks the rules, so a wrong value stops a command before an
 run with (train.align checks every stage this way before running any; the tests use it).
 """
 
+import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
@@ -244,6 +245,67 @@ class AblateSettings(CommandSettings):
     )
 
 
+def _port_ok(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 65535
+
+
+@dataclass
+class ServeSettings(CommandSettings):
+    """python -m train.serve (conf/serve.yaml)."""
+
+    checkpoint: str = setting(text())
+    model_name: str | None = setting(text(), null=True)
+    host: str = setting(text())
+    port: int = setting(Rule("an integer from 0 to 65535 (0: any free port)", _port_ok))
+    api_key: str | None = setting(text(), null=True)
+    top_k: int | None = setting(integer(0), null=True)
+    threads: int | None = setting(integer(1), null=True)
+    max_batch: int = setting(integer(1))
+    max_queue: int = setting(integer(0))
+    max_tokens: int = setting(integer(1))
+    max_messages: int = setting(integer(1))
+    max_n: int = setting(integer(1))
+    max_body_kb: int = setting(integer(1))
+    access_log: bool = setting(flag())
+
+    def check_relations(self) -> None:
+        """A host other machines reach needs a key."""
+        if not is_loopback(self.host) and not self.api_key:
+            raise UserError(
+                f"host={self.host} opens the server to other machines: set an api_key "
+                "(HANDGPT_API_KEY=... in the environment) or keep host=127.0.0.1"
+            )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+@dataclass
+class ServeBenchSettings(CommandSettings):
+    """python -m train.serve_bench (conf/serve_bench.yaml)."""
+
+    checkpoint: str = setting(text())
+    url: str | None = setting(text(), null=True)
+    model_name: str | None = setting(text(), null=True)
+    api_key: str | None = setting(text(), null=True)
+    server_args: list[str] = setting(list_of(text()))
+    clients: list[int] = setting(list_of(integer(1)))
+    requests_per_client: int = setting(integer(1))
+    max_tokens: int = setting(integer(1))
+    temperature: float = setting(TEMPERATURE)
+    ignore_eos: bool = setting(flag())
+    top_k: int | None = setting(integer(0), null=True)
+    startup_timeout_s: int = setting(integer(1))
+    compare_policies: bool = setting(flag())
+    policy_clients: int = setting(integer(1))
+
+
 STAGES = ("pretrain", "sft", "rm", "ppo", "dpo", "grpo")  # train.align's names for the stages
 
 
@@ -269,6 +331,8 @@ COMMANDS = {
     "export": ExportSettings,
     "align": AlignSettings,
     "ablate": AblateSettings,
+    "serve": ServeSettings,
+    "serve_bench": ServeBenchSettings,
 }
 
 
