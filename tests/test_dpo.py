@@ -163,7 +163,7 @@ def test_a_stage_with_an_unchanged_config_is_not_run_again(tmp_path, monkeypatch
     monkeypatch.setattr(align, "run_stage", fake_run)
     plan = load("align", ["overrides.all=[]"])
     assert set(align.run_stages(plan, log=lambda m: None).values()) == {"ran"}
-    assert calls == ["pretrain", "sft", "rm", "ppo", "dpo"]
+    assert calls == ["pretrain", "sft", "rm", "ppo", "dpo", "grpo"]
 
     calls.clear()  # nothing changed: everything is skipped
     assert set(align.run_stages(plan, log=lambda m: None).values()) == {"skipped"}
@@ -177,6 +177,7 @@ def test_a_stage_with_an_unchanged_config_is_not_run_again(tmp_path, monkeypatch
         "rm": "ran",
         "ppo": "ran",
         "dpo": "ran",
+        "grpo": "ran",
     }
 
     (tmp_path / "sft" / "done.json").unlink()  # an unfinished stage runs again

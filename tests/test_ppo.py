@@ -18,10 +18,10 @@ from model import GPT, GPTConfig
 from model.generate import reply_logprobs
 from tokenizer.chat import render_conversation
 from train.core.checkpoint import load_checkpoint
-from train.ppo import verdict
 from train.rl.advantages import gae, group_advantages, kl_rewards, whiten
 from train.rl.losses import clipped_policy_loss, clipped_value_loss, kl_penalty
 from train.rl.rollouts import Rollouts, RolloutSettings
+from train.rl.stage import verdict
 from train.settings import load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,6 +146,8 @@ def tiny(tmp_path_factory):
         opt.step()
     save_sft(d / "sft.pt", tok, model)
     (d / "prompts.jsonl").write_text(json.dumps({"prompt": "Say yes", "answer": "yes"}) + "\n")
+    said = [{"role": "user", "content": "Say yes"}, {"role": "assistant", "content": "yes"}]
+    (d / "held_out.jsonl").write_text(json.dumps({"messages": said}) + "\n")
     return {"dir": d, "tok": tok, "model": model.eval()}
 
 
@@ -193,12 +195,13 @@ def test_groups_without_signal_are_dropped_and_replaced(tiny, monkeypatch):
 
     monkeypatch.setattr(source, "score", scores)
     items, replies, s, gold, finished, dropped = source.gather()
-    assert s.tolist() == [1.0, 0.0, 1.0, 0.0]  # the two groups with signal, in order
+    assert s.tolist() == [0.0, 1.0, 1.0, 0.0]  # the two groups with signal, in order
     assert len(items) == len(replies) == 4 and dropped == pytest.approx(2 / 4)
 
 
 def test_a_reply_that_never_ends_its_turn_gets_the_penalty(tiny):
-    source = rollouts_for(tiny, reply_tokens=1, unfinished_penalty=-3.0)  # 1 token: no <|end|>
+    source = rollouts_for(tiny, unfinished_penalty=-3.0)
+    source.budgets = lambda items: [1] * len(items)  # 1 token: no <|end|>
     figures = source.collect().figures
     assert figures["unfinished"] == 1.0 and figures["score"] == -3.0
     assert figures["gold"] == 0.0
@@ -220,7 +223,7 @@ def test_a_tiny_grpo_run_learns_to_say_yes_and_keeps_its_reference(tiny):
     args = [f"init_from={d / 'sft.pt'}", f"out_dir={d / 'grpo'}", "group_size=8",
             "rollout_prompts=1", "minibatch_size=8", "ppo_epochs=2", "iterations=30",
             "tasks.weight=0", f"prompt_files=[{d / 'prompts.jsonl'}]",
-            f"eval_files=[{d / 'prompts.jsonl'}]", "sampled_k=4", "sampled_per_task=1",
+            f"eval_files=[{d / 'held_out.jsonl'}]", "sampled_k=4", "sampled_per_task=1",
             "lr=3e-3", "min_lr=3e-4", "warmup_iters=0", "reply_tokens=4",
             "eval_interval=1000", "log_interval=2", "device=cpu", "precision=float32",
             "max_minutes=null"]  # fmt: skip

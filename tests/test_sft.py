@@ -19,6 +19,7 @@ import torch
 import tokenizer
 from model import GPT, GPTConfig
 from train.core.checkpoint import load_checkpoint, save_checkpoint
+from train.settings import load
 
 ROOT = Path(__file__).resolve().parents[1]
 PHRASINGS = ("Please confirm with OK: ticket {n}", "Ticket {n} is done. Reply OK.", "Ack {n}")
@@ -174,19 +175,16 @@ def test_eval_files_never_merge_with_a_built_in_task_or_each_other(tmp_path):
 
 
 def test_training_and_eval_data_that_overlap_are_warned_about(tmp_path):
-    from omegaconf import OmegaConf
-
     from train.sft import instruction_data
 
     train = write(tmp_path / "train.jsonl", ALPACA)
     held = write(tmp_path / "held.jsonl", ALPACA[:2] + [{"instruction": "Say x.", "output": "x"}])
-    cfg = OmegaConf.create({
-        "tasks": {"weight": 0}, "files": [train], "max_bad_fraction": 0.05, "seed": 0,
-        "eval_files": [train, {"path": held, "name": "held"}],
-    })  # fmt: skip
+    cfg = load("sft", ["tasks.weight=0", f"files=[{train}]",
+                       f"eval_files=[{train},{{path:{held},name:held}}]"])  # fmt: skip
     logged = []
-    conversations, items = instruction_data(cfg, logged.append)
+    conversations, val, items = instruction_data(cfg, logged.append)
     assert len(conversations) == 6 and len(items) == 9
+    assert val == items  # no validation split: the held-out loss is the eval files'
     warnings = [line for line in logged if line.startswith("warning:")]
     assert warnings == [
         f"warning: {train} is both a training file and an eval file",

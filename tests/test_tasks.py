@@ -242,7 +242,7 @@ def test_config_sizes_per_task(tmp_path):
     sizes = dict.fromkeys(TASKS, 4) | {"repeat": 9}
 
     def tasks(n_train) -> TasksConfig:
-        return TasksConfig(weight=1.0, seed=1, n_train=n_train, n_test=2, multi_turn=0.0,
+        return TasksConfig(weight=1.0, seed=1, n_train=n_train, n_test=2, n_val=0, multi_turn=0.0,
                            system_share=0.0, n_test_turns=0)  # fmt: skip
 
     counts = dict.fromkeys(FORM_TASKS, 0)  # a poem has no plays: form tasks only

@@ -116,8 +116,9 @@ class PromptPicker:
             self.pools.setdefault(item.get("task", ""), {}).setdefault(form(item), []).append(i)
 
     def draw(self, n: int, rng: np.random.Generator) -> list[dict]:
-        if not self.balanced:
-            return [self.items[i] for i in rng.choice(len(self.items), n, replace=False)]
+        if not self.balanced:  # without replacement, unless there are fewer items than n
+            picks = rng.choice(len(self.items), n, replace=n > len(self.items))
+            return [self.items[i] for i in picks]
         tasks = sorted(self.pools)
         counts = [n // len(tasks)] * len(tasks)
         for t in rng.permutation(len(tasks))[: n % len(tasks)]:
