@@ -368,14 +368,17 @@ def collate_groups(groups: Sequence[RenderedGroup], pad_id: int) -> dict[str, to
     lengths  (R,)    real tokens per row (the reward is read at lengths - 1)
     mask     (R, T)  1 on the tokens of the response itself (DPO's log-probabilities)
     better, worse (P,)  the rows of each pair; group (P,): which group it belongs to
+    gap      (P,)    score(better) - score(worse) when both are known (the judge's), else 0
     """
-    rows, better, worse, owner, offset = [], [], [], [], 0
+    rows, better, worse, owner, gap, offset = [], [], [], [], [], 0
     for g, group in enumerate(groups):
         rows += group.rows
         for a, b in group.pairs:
             better.append(offset + a)
             worse.append(offset + b)
             owner.append(g)
+            known = group.scores[a] is not None and group.scores[b] is not None
+            gap.append(group.scores[a] - group.scores[b] if known else 0.0)
         offset += len(group.rows)
     ids, lengths = pad_rows([r for r, _ in rows], pad_id)  # (R, T), (R,)
     mask, _ = pad_rows([m for _, m in rows], 0)  # (R, T)
@@ -387,6 +390,7 @@ def collate_groups(groups: Sequence[RenderedGroup], pad_id: int) -> dict[str, to
         "better": as_long(better),
         "worse": as_long(worse),
         "group": as_long(owner),
+        "gap": torch.tensor(gap, dtype=torch.float32),
     }
     if all(g.ref_logps is not None for g in groups):  # DPO's, computed once before training
         batch["ref_logps"] = torch.tensor([lp for g in groups for lp in g.ref_logps])  # (R,)

@@ -76,6 +76,10 @@ class PolicyWithValue(nn.Module):
     def config(self) -> GPTConfig:
         return self.policy.config
 
+    def clip_groups(self) -> list[list[nn.Parameter]]:
+        """The parameters whose gradient norms are clipped separately (train/core/trainer.py)."""
+        return [list(self.policy.parameters()), list(self.value.parameters())]
+
     def forward(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """idx: (B, T) -> the policy's logits (B, T, V) and the values V(s_t) (B, T)."""
         logits, _ = self.policy(idx)

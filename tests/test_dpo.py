@@ -126,7 +126,9 @@ def test_a_tiny_dpo_run_learns_the_preferences(dpo_setup):
                            capture_output=True, text=True, timeout=300)  # fmt: skip
     assert table.returncode == 0, table.stderr[-3000:]
     report = json.loads((d / "report" / "report.json").read_text())
-    assert set(report) == {"sft", "dpo"} and "KL to SFT" in table.stdout
+    assert set(report) == {"sft", "dpo", "paired"} and "KL to SFT" in table.stdout
+    assert set(report["paired"]) == {"dpo"}  # against the first checkpoint, item by item
+    assert "dpo against sft (greedy, paired: McNemar's exact test)" in table.stdout
     assert report["sft"]["sampled"]["kl"] == pytest.approx(0.0, abs=1e-3)  # itself
     assert (d / "report" / "accuracy.png").is_file()
 

@@ -16,8 +16,10 @@ import tokenizer
 from data.batching import collate
 from model import GPT, GPTConfig
 from model.generate import reply_logprobs
+from model.heads import PolicyWithValue
 from tokenizer.chat import render_conversation
 from train.core.checkpoint import load_checkpoint
+from train.core.trainer import clip_gradients
 from train.rl.advantages import gae, group_advantages, kl_rewards, whiten
 from train.rl.losses import clipped_policy_loss, clipped_value_loss, kl_penalty
 from train.rl.rollouts import Rollouts, RolloutSettings
@@ -181,6 +183,34 @@ def test_rollout_logprobs_are_a_training_forwards_and_agree_with_the_sampler(tin
     assert torch.equal(recomputed[m], batch["old_logprobs"][m])  # the very forward
     assert rollout.figures["sampler_gap"] < 1e-5  # the sampler's agree
     assert abs(rollout.figures["kl"]) < 1e-4  # the policy is the reference here
+
+
+def test_the_kl_controller_holds_a_toy_runs_kl_near_its_target(tiny):
+    """A toy policy whose KL to the reference falls as beta rises (KL = 0.5 / beta): from
+    beta 0.02 (KL 25) the controller brings the KL to its target of 4 and keeps it there."""
+    source = rollouts_for(tiny, beta=0.02, kl_target=4.0, kl_horizon=256)
+    history = []
+    for _ in range(200):
+        kl = 0.5 / source.beta
+        history.append(kl)
+        source.adapt_beta(kl, n=64)
+    assert history[0] > 20
+    assert all(abs(kl - 4.0) < 0.4 for kl in history[-50:])
+    assert source.beta == pytest.approx(0.5 / 4.0, rel=0.1)
+
+
+def test_policy_and_value_gradients_are_clipped_separately():
+    """A huge value-loss gradient leaves the policy's gradient as it was."""
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32)
+    model = PolicyWithValue(config)
+    for i, p in enumerate(model.parameters()):
+        p.grad = torch.full_like(p, 1e-4 if i < len(list(model.policy.parameters())) else 1e3)
+    policy_before = [p.grad.clone() for p in model.policy.parameters()]
+    clip_gradients(model, max_norm=1.0)
+    after = [p.grad for p in model.policy.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(policy_before, after, strict=True))
+    value_norm = torch.cat([p.grad.flatten() for p in model.value.parameters()]).norm()
+    assert value_norm.item() == pytest.approx(1.0, rel=1e-4)
 
 
 def test_groups_without_signal_are_dropped_and_replaced(tiny, monkeypatch):

@@ -20,7 +20,7 @@ from model.heads import ScalarModel
 from train.core.checkpoint import load_kind
 from train.eval.reward_eval import spearman
 from train.rl.losses import pairwise_loss
-from train.rl.preference_data import off_task_replies
+from train.rl.preference_data import choose_pairs, off_task_replies
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,6 +49,31 @@ def test_pairwise_loss_gradient_pushes_the_better_reply_up():
     loss, _ = pairwise_loss(rewards, torch.tensor([0]), torch.tensor([1]), torch.tensor([0]))
     loss.backward()
     assert rewards.grad[0] < 0 < rewards.grad[1]  # descent raises r(better), lowers r(worse)
+
+
+def test_pairwise_loss_margin_and_centring_by_hand():
+    """margin m asks a pair the judge sets `gap` apart to be scored m * gap apart; center c
+    adds c * mean (r_w + r_l)^2."""
+    rewards = torch.tensor([2.0, 0.5, 1.0, -1.0])
+    better, worse, group = torch.tensor([0, 2]), torch.tensor([1, 3]), torch.tensor([0, 1])
+    gap = torch.tensor([1.0, 0.25])
+    loss, margin = pairwise_loss(rewards, better, worse, group, gap, margin=2.0, center=0.1)
+    nll = lambda m: -math.log(1 / (1 + math.exp(-m)))  # noqa: E731
+    pairs = (nll(1.5 - 2.0 * 1.0) + nll(2.0 - 2.0 * 0.25)) / 2
+    centre = 0.1 * ((2.0 + 0.5) ** 2 + (1.0 - 1.0) ** 2) / 2
+    assert loss.item() == pytest.approx(pairs + centre, rel=1e-6)
+    assert margin.tolist() == [1.5, 2.0]  # the margins reported are the plain differences
+    plain, _ = pairwise_loss(rewards, better, worse, group, gap)
+    assert plain.item() == pytest.approx((nll(1.5) + nll(2.0)) / 2, rel=1e-6)
+
+
+def test_choose_pairs_keeps_right_over_wrong_and_the_furthest_wrong_pairs():
+    scores = [1.0, 0.75, 0.0, 0.25]
+    every = choose_pairs(scores, None)
+    assert sorted(every) == sorted([(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (3, 2)])
+    assert choose_pairs(scores, 0) == [(0, 1), (0, 2), (0, 3)]
+    assert choose_pairs(scores, 1) == [(0, 1), (0, 2), (0, 3), (1, 2)]  # gap 0.75 first
+    assert choose_pairs([0.5, 0.5], 3) == []  # equal scores give no pair
 
 
 @pytest.fixture(scope="module")
@@ -344,8 +369,10 @@ def test_a_tiny_reward_model_learns_which_answer_is_better(rm_setup):
     batch = collate_groups(rows, tok.pad_id)
     with torch.no_grad():
         rewards = model(batch["ids"], batch["lengths"])
-    assert abs(rewards.mean().item()) < 1e-4 and rewards.std().item() > 0.1
-    assert isinstance(ckpt["reward_offset"], float)
+    assert isinstance(ckpt["reward_offset"], float) and ckpt["reward_scale"] > 0
+    # no validation files: normalised on the held-out files given as eval_files
+    assert abs(rewards.mean().item()) < 1e-4
+    assert rewards.std(unbiased=False).item() == pytest.approx(1.0, rel=1e-3)
 
     # python -m train.evaluate reproduces the held-out figures from the checkpoint alone, at
     # the precision the stage ran at (precision=auto), on a CPU with native bf16 or without

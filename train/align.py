@@ -3,10 +3,12 @@
     pretrain -> sft -> rm -> ppo -> dpo -> grpo      each skipped when it finished before
                                                      (its out_dir has done.json) with the
                                                      same settings
-    base, SFT, PPO, DPO and GRPO (the checkpoint each kept on its validation split) on the
+    base, SFT, best-of-n from SFT (picked by the reward model, and by the judge: the
+    ceiling), PPO, DPO and GRPO (the checkpoint each kept on its validation split) on the
     same held-out items (train/eval/compare.py): accuracy per task and overall, each model
-    against SFT with McNemar's paired test, its KL to SFT, the reward model's mean score
-    and the judge's -> out/align/report.json and out/align/accuracy.png
+    against SFT with McNemar's paired test, one sample's accuracy and pass@k, its KL to
+    SFT, the reward model's mean score and the judge's -> out/align/report.json and
+    out/align/accuracy.png (each bar with its p-value against SFT)
 
 Every stage's settings are checked before any stage runs (a typo in the last stage's
 overrides must not wait for the first stages to finish). A stage runs again when its
@@ -98,7 +100,19 @@ def report(s: AlignSettings) -> dict:
     sft = stage_settings(s, "sft")
     with runtime_session(s.device, s.precision, s.seed) as rt:
         items = builtin_tasks(sft.tasks, sft.data).test
-        results = compare(models, out["sft"], out["rm"], items, rt, s.eval_max_new_tokens, s.seed)
+        rm = out["rm"] if (out["rm"] / "ckpt.pt").is_file() else None
+        results = compare(
+            models,
+            out["sft"],
+            rm,
+            items,
+            rt,
+            s.eval_max_new_tokens,
+            s.seed,
+            s.sampled_k,
+            s.sampled_per_task,
+            s.best_of,
+        )
     print(format_comparison(results))
     print(format_paired(results, "sft"))
     path = write_report(results, s.out_dir, save_eval)

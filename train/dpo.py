@@ -8,6 +8,8 @@ The preference objective without a reward model and without sampling:
           its right-over-wrong pairs by default, min_chosen_score) and/or the user's
           preference files, in the layouts the reward model reads, every pair of them
     log pi_ref(y | x) of every response computed once, before training, and reused
+    best.pt chosen on the validation pairs (the implicit reward orders them), the test
+    items scored at the end beside the SFT model's, with McNemar's paired test
     train with the shared loop on (train/rl/losses.py: dpo_loss)
 
         h    = beta [ (log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x)) ]
@@ -36,7 +38,8 @@ from errors import UserError
 from .core.checkpoint import CHECKPOINT_NAME, load_model, load_policy
 from .core.stage import Stage
 from .core.trainer import epochs_to_updates
-from .eval.compare import sampled
+from .eval.compare import format_paired, sampled
+from .eval.sampled import sampling_entry
 from .eval.task_eval import format_table, score
 from .rl.losses import dpo_step, sequence_logprobs
 from .rl.preference_data import preference_groups, rendered
@@ -111,16 +114,18 @@ def run(settings: DPOSettings) -> dict:
     s = settings
     with Stage("dpo", s) as stage:
         rt = stage.runtime
-        policy, tok, init = load_policy(s.init_from)
+        policy, tok, init = load_policy(s.init_from, dropout=0.0)
         keep = partial(keep_pairs, min_chosen_score=s.min_chosen_score, log=stage.log)
         groups = preference_groups(s, stage, policy, tok, init["path"], keep_builtin=keep)
         reference = copy.deepcopy(policy).requires_grad_(False).to(rt.device).eval()
         if stage.resumed is not None:
-            policy, tok, _ = load_model(stage.resumed["path"])
+            policy, tok, _ = load_model(stage.resumed["path"], dropout=0.0)
         T = policy.config.block_size
-        train = rendered(tok, groups["train"], T, "training comparisons", stage.log)
-        test = rendered(tok, groups["test"], T, "held-out comparisons", stage.log)
-        for part in (train, test):
+        train, val, test = (
+            rendered(tok, groups[split], T, f"{what} comparisons", stage.log)
+            for split, what in (("train", "training"), ("val", "validation"), ("test", "held-out"))
+        )
+        for part in (train, val, test):
             attach_reference_logps(reference, part, tok.pad_id, rt.device, rt.autocast)
         pad = partial(collate_groups, pad_id=tok.pad_id)
         loader = LengthGroupedLoader(
@@ -134,8 +139,8 @@ def run(settings: DPOSettings) -> dict:
         policy.to(rt.device)
         before = score(policy, tok, items, rt, s.eval_max_new_tokens) if not stage.resumed else {}
 
-        def evaluate(m) -> dict:
-            figures = preference_accuracy(m, test, tok.pad_id, rt.device, s.beta)
+        def evaluate(m) -> dict:  # the validation pairs: what picks best.pt
+            figures = preference_accuracy(m, val, tok.pad_id, rt.device, s.beta)
             tasks = score(m, tok, items, rt, s.eval_max_new_tokens) if s.eval_tasks else {}
             return {**figures, **({"val_accuracy": tasks["overall"]["accuracy"]} if tasks else {})}
 
@@ -161,7 +166,20 @@ def run(settings: DPOSettings) -> dict:
                 results[name]["sampled"] = sampled(
                     model, reference, None, tok, items, rt, s.eval_max_new_tokens, s.seed
                 )
+                if s.sampled_k:  # the SFT model's cached beside its checkpoint
+                    results[name]["sampling"] = sampling_entry(
+                        model,
+                        tok,
+                        items,
+                        s.sampled_k,
+                        s.sampled_per_task,
+                        rt,
+                        s.seed,
+                        init["path"] if name == "sft" else None,
+                    )
         stage.log("held-out accuracy (greedy, chat format):\n" + format_table(results))
+        if before:
+            stage.log(format_paired(results, "sft"))
         stage.log(f"dpo: KL to the reference {results['dpo']['sampled']['kl']:.3f} nats per reply")
         prefs = preference_accuracy(policy, test, tok.pad_id, rt.device, s.beta)
         path = str(stage.out_dir / CHECKPOINT_NAME)

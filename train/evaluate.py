@@ -51,7 +51,7 @@ from .core.checkpoint import (
 )
 from .core.files import load_eval, save_eval
 from .core.runtime import replay_precision, resolve_device, runtime_session
-from .eval.compare import compare, format_comparison, write_report
+from .eval.compare import compare, format_comparison, format_paired, write_report
 from .eval.lm_eval import file_bits_per_byte
 from .eval.reward_eval import format_reward_table, reward_metrics
 from .eval.task_eval import check_budget, eval_file_items, format_table, score
@@ -173,10 +173,13 @@ def side_by_side(s: EvaluateSettings, rt) -> dict:
         rt,
         s.eval_max_new_tokens,
         s.seed,
+        s.sampled_k,
+        s.sampled_per_task,
     )
     print(format_comparison(results))
+    print(format_paired(results, names[0]))  # each model against the first
     if s.report_dir:
-        print(f"written to {write_report(results, s.report_dir, save_eval)}")
+        print(f"written to {write_report(results, s.report_dir, save_eval, names[0])}")
     return results
 
 

@@ -89,15 +89,23 @@ class SFTSettings(TrainingSettings, HeldOut):
 
 
 @dataclass
-class RewardSettings(TrainingSettings, PreferenceSources):
-    """python -m train.reward (conf/reward.yaml)."""
+class PreferenceTraining(TrainingSettings, PreferenceSources):
+    """What the reward model and DPO share: a start and passes over the preference data."""
 
     init_from: str = setting(text())
     epochs: float = setting(number(above=0))
 
 
 @dataclass
-class DPOSettings(RewardSettings, SampledSettings):
+class RewardSettings(PreferenceTraining):
+    """python -m train.reward (conf/reward.yaml)."""
+
+    margin: float = setting(number(0))
+    center: float = setting(number(0))
+
+
+@dataclass
+class DPOSettings(PreferenceTraining, SampledSettings):
     """python -m train.dpo (conf/dpo.yaml): the reward model's data, DPO's loss."""
 
     beta: float = setting(number(above=0))
@@ -310,12 +318,13 @@ STAGES = ("pretrain", "sft", "rm", "ppo", "dpo", "grpo")  # train.align's names 
 
 
 @dataclass
-class AlignSettings(CommandSettings):
+class AlignSettings(CommandSettings, SampledSettings):
     """python -m train.align (conf/align.yaml)."""
 
     stages: list[str] = setting(list_of(choice(*STAGES)))
     overrides: dict[str, list[str]] = setting(mapping_of(list_of(text()), ("all", *STAGES)))
     eval_max_new_tokens: int = setting(integer(1))
+    best_of: int = setting(integer(0))
 
 
 COMMANDS = {

@@ -150,6 +150,16 @@ class Update:
     metrics: dict[str, float]
 
 
+def clip_gradients(model: nn.Module, max_norm: float) -> None:
+    """Scale the gradients down so that their norm is at most max_norm. A model made of
+    separately trained networks (PPO's policy and value function) names them in
+    `clip_groups()`, and each is clipped on its own: a large value-loss gradient then never
+    shrinks the policy's step."""
+    groups = getattr(model, "clip_groups", None)
+    for params in groups() if groups else [model.parameters()]:
+        nn.utils.clip_grad_norm_(params, max_norm)
+
+
 class Trainer:
     """Runs one stage's updates and its session. Only rank 0 logs, prints and writes."""
 
@@ -233,7 +243,7 @@ class Trainer:
         """Clip the gradient norm to grad_clip, step, zero the gradients."""
         if self.loop.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.loop.grad_clip)
+            clip_gradients(self.raw_model, self.loop.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

@@ -7,15 +7,22 @@ For each checkpoint (any kind but a reward model: its language model is scored):
     sampled        one reply per held-out prompt at temperature 1: the KL to the SFT model
                    (sum over the reply's tokens of log pi - log pi_sft, mean over replies),
                    the reward model's mean score, and the judge's mean grade (the gold)
+    sampling       k replies per item of a fixed subset: one sample's accuracy and pass@k
+                   (train/eval/sampled.py), when sampled_k > 0
+and, with a reward model and best_of > 0, two rows more: best-of-n from the SFT model picked
+by the reward model and by the judge (train/eval/best_of_n.py). Every model is then compared
+with SFT item by item (McNemar's paired test: paired_report).
 
     python -m train.evaluate checkpoints=[out/pretrain,out/sft,out/ppo,out/dpo]
 """
 
 from pathlib import Path
 
-from ..core.checkpoint import load_kind, load_policy
+from ..core.checkpoint import load_kind, load_policy, resolve_checkpoint_path
+from .best_of_n import best_of_n
 from .plots import accuracy_bars
 from .replies import Sampler, SamplingSettings
+from .sampled import sampling_entry
 from .stats import paired
 from .task_eval import format_table, score
 
@@ -24,8 +31,8 @@ SAMPLE_BATCH = 64  # prompts decoded together
 UNFINISHED = -1.0  # the reward model's figure for a reply that never ends its turn (as PPO's)
 
 
-def sampled(policy, reference, reward_model, tok, items, rt, reply_tokens: int, seed: int) -> dict:
-    """Mean reward-model score, gold and KL to the reference of one sampled reply per item."""
+def sampler(policy, reference, reward_model, tok, rt, reply_tokens: int, seed: int) -> Sampler:
+    """Replies sampled as rollouts sample them, scored by the reward model (or the judge)."""
     reward = "model" if reward_model is not None else "tasks"
     settings = SamplingSettings(
         reply_tokens=reply_tokens,
@@ -36,22 +43,48 @@ def sampled(policy, reference, reward_model, tok, items, rt, reply_tokens: int, 
         seed=seed,
     )
     models = {"policy": policy, "reference": reference, "reward": reward_model}
-    return Sampler(models, tok, settings, rt.device, rt.autocast).measure(items)
+    return Sampler(models, tok, settings, rt.device, rt.autocast)
 
 
-def compare(checkpoints: dict, sft: str, reward: str | None, items, rt, max_new_tokens=48, seed=0):
-    """{name: held-out accuracy results with a "sampled" entry} for each named checkpoint."""
+def sampled(policy, reference, reward_model, tok, items, rt, reply_tokens: int, seed: int) -> dict:
+    """Mean reward-model score, gold and KL to the reference of one sampled reply per item."""
+    return sampler(policy, reference, reward_model, tok, rt, reply_tokens, seed).measure(items)
+
+
+def compare(
+    checkpoints: dict,
+    sft: str,
+    reward: str | None,
+    items,
+    rt,
+    max_new_tokens=48,
+    seed=0,
+    sampled_k: int = 0,
+    per_task: int = 60,
+    best_of: int = 0,
+) -> dict:
+    """{name: held-out accuracy results with a "sampled" entry (and "sampling" with
+    sampled_k)} for each named checkpoint, then the best-of-n rows (module docstring)."""
     reference, tok, _ = load_policy(sft)
     reference.to(rt.device)
     rm = load_kind(reward, "reward")[0].to(rt.device) if reward else None
+    reply_tokens = max_new_tokens or SAMPLED_REPLY_TOKENS
     results = {}
     for name, path in checkpoints.items():
         model, _, _ = load_policy(path)
         model.to(rt.device)
         results[name] = score(model, tok, items, rt, max_new_tokens)
-        reply_tokens = max_new_tokens or SAMPLED_REPLY_TOKENS
         results[name]["sampled"] = sampled(model, reference, rm, tok, items, rt, reply_tokens, seed)
         results[name]["checkpoint"] = str(path)
+        if sampled_k:  # a finished stage's checkpoint does not change: cached beside it
+            cache = str(resolve_checkpoint_path(path))
+            results[name]["sampling"] = sampling_entry(
+                model, tok, items, sampled_k, per_task, rt, seed, cache
+            )
+    if best_of and rm is not None:
+        picker = sampler(reference, reference, rm, tok, rt, reply_tokens, seed)
+        for scorer, figures in best_of_n(picker, items, best_of).items():
+            results[f"best-of-{best_of} ({scorer})"] = figures
     return results
 
 
@@ -121,9 +154,11 @@ def format_comparison(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(results: dict, out_dir: str | Path, save_eval) -> Path:
-    """report.json and a bar chart of accuracy per task (accuracy.png) in out_dir."""
+def write_report(results: dict, out_dir: str | Path, save_eval, baseline: str = "sft") -> Path:
+    """report.json (with the paired tests against the baseline) and a bar chart of accuracy
+    per task, each bar marked with its p-value against the baseline (accuracy.png)."""
     out_dir = Path(out_dir)
-    path = save_eval(results, out_dir, name="report.json")
-    accuracy_bars(results, out_dir / "accuracy.png")
+    paired = paired_report(results, baseline) if baseline in results else {}
+    path = save_eval({**results, "paired": paired}, out_dir, name="report.json")
+    accuracy_bars(results, out_dir / "accuracy.png", paired)
     return path

@@ -49,23 +49,32 @@ def _running_mean(values: list[float], window: int) -> list[float]:
     ]
 
 
-def accuracy_bars(results: dict[str, dict], path: str | Path) -> Path:
-    """Grouped bars: held-out accuracy per task (and overall) for each model."""
+def accuracy_bars(results: dict[str, dict], path: str | Path, paired: dict | None = None) -> Path:
+    """Grouped bars: held-out accuracy per task (and overall) for each model; with `paired`
+    ({model: {task: {"p": ...}}}, compare.paired_report) each bar of a model compared with
+    the baseline carries its p-value, bold where p < 0.05."""
     names = list(results)
     tasks = [t for t in next(iter(results.values()))["tasks"]] + ["overall"]
     width = 0.8 / len(names)
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(tasks)), 4))
+    fig, ax = plt.subplots(figsize=(max(8, 1.5 * len(tasks)), 4.5))
     for i, name in enumerate(names):
         r = results[name]
         values = [r["tasks"].get(t, {}).get("accuracy", 0.0) for t in tasks[:-1]]
         values.append(r["overall"]["accuracy"])
-        ax.bar(
-            [x + i * width for x in range(len(tasks))], [100 * v for v in values], width, label=name
-        )
+        xs = [x + i * width for x in range(len(tasks))]
+        ax.bar(xs, [100 * v for v in values], width, label=name)
+        tests = (paired or {}).get(name, {})
+        for x, v, task in zip(xs, values, tasks, strict=True):
+            if task in tests:
+                p = tests[task]["p"]
+                weight = "bold" if p < 0.05 else "normal"
+                label = f"p={p:.2g}"
+                ax.text(x, 100 * v + 1, label, rotation=90, ha="center", fontsize=6, weight=weight)
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(tasks))])
     ax.set_xticklabels(tasks, rotation=30, ha="right")
     ax.set_ylabel("held-out accuracy, %")
-    ax.legend()
+    ax.set_ylim(0, 125 if paired else 100)
+    ax.legend(fontsize=7, ncol=2)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -106,6 +106,12 @@ def evaluate_tasks(
     model.eval()
     replies = greedy_replies(model, tok, prompts, budgets, batch_size, progress)
     model.train(was_training)
+    return results_for(items, replies)
+
+
+def results_for(items: Sequence[dict], replies: Sequence[str]) -> dict:
+    """Each item's reply judged by its match rule: tally's figures and
+    "items": [{"task", "prompt", "answer", "reply", "correct", "match", ...}, ...]."""
     records = []
     for item, reply in zip(items, replies, strict=True):
         messages = prompt_messages(item)

@@ -13,30 +13,48 @@ from ..core.trainer import StepResult
 
 
 def pairwise_loss(
-    rewards: torch.Tensor, better: torch.Tensor, worse: torch.Tensor, group: torch.Tensor
+    rewards: torch.Tensor,
+    better: torch.Tensor,
+    worse: torch.Tensor,
+    group: torch.Tensor,
+    gap: torch.Tensor | None = None,
+    margin: float = 0.0,
+    center: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The reward model's loss over comparisons, and the margins.
 
         margin_p = r(x, y_w) - r(x, y_l)                  for each pair p (y_w preferred)
-        loss     = mean over prompts of ( mean over the prompt's pairs of -log sigmoid(margin_p) )
+        loss_p   = -log sigmoid(margin_p - m * gap_p)     gap_p: the judge's score difference
+        loss     = mean over prompts of (mean over the prompt's pairs of loss_p)
+                   + c * mean over pairs of (r(x, y_w) + r(x, y_l))^2
 
-    rewards: (R,) one per response row; better, worse, group: (P,) the rows of each pair and
-    the prompt it belongs to. Every prompt weighs the same, however many pairs it has
-    (InstructGPT divides each prompt's loss by its number of pairs). Returns (loss, margins (P,)).
-    """
-    margin = rewards[better] - rewards[worse]  # (P,)
-    per_pair = -F.logsigmoid(margin)  # (P,)
+    m (margin, Llama 2's): a pair the judge ranks far apart must be scored further apart than
+    a close one (a right answer against nonsense, not against a near miss). c (center, TRL's
+    center_rewards_coefficient): the pair-loss only sees differences; the second term keeps
+    the rewards themselves near 0. rewards: (R,) one per response row; better, worse, group,
+    gap: (P,) the rows of each pair, its prompt, its score gap. Every prompt weighs the same,
+    however many pairs it has (InstructGPT). Returns (loss, margins (P,))."""
+    diff = rewards[better] - rewards[worse]  # (P,)
+    wanted = margin * gap if gap is not None and margin else 0.0  # (P,)
+    per_pair = -F.logsigmoid(diff - wanted)  # (P,)
     n = int(group.max()) + 1
     total = torch.zeros(n, device=rewards.device).index_add(0, group, per_pair.float())  # (n,)
     count = torch.zeros(n, device=rewards.device).index_add(0, group, torch.ones_like(total[group]))
-    return (total / count).mean(), margin
+    loss = (total / count).mean()
+    if center:
+        loss = loss + center * ((rewards[better] + rewards[worse]).float() ** 2).mean()
+    return loss, diff
 
 
-def reward_step(model: nn.Module, batch: dict) -> StepResult:
+def reward_step(
+    model: nn.Module, batch: dict, margin: float = 0.0, center: float = 0.0
+) -> StepResult:
     """One batch of preference groups (data/preferences.py: collate_groups) for the reward
     model: every response scored once at its last token, all pairs of a prompt compared."""
     rewards = model(batch["ids"], batch["lengths"])  # (R,)
-    loss, margin = pairwise_loss(rewards, batch["better"], batch["worse"], batch["group"])
+    loss, margin = pairwise_loss(
+        rewards, batch["better"], batch["worse"], batch["group"], batch["gap"], margin, center
+    )
     accuracy = (margin > 0).float().mean()
     return StepResult(loss, batch["lengths"].sum(), {"accuracy": accuracy, "margin": margin.mean()})
 

@@ -3,14 +3,18 @@
 InstructGPT's labellers ranked K samples of the SFT model per prompt. Here a program does
 the ranking, on the built-in tasks whose answers can be checked:
 
-    for each prompt (training items of every task; held-out items for the held-out set):
+    for each prompt (training items of every task; validation and test items for the
+    validation and held-out sets):
         K replies sampled from the SFT model, temperature 1, batched (model/generate.py)
         each reply scored by data/judge.py: grade (1 = right, graded below for wrong ones)
-        every pair of distinct replies with different scores -> (better, worse)
+        pairs of replies with different scores -> (better, worse): in the held-out sets
+        every pair; for training every right-over-wrong pair and at most `wrong_pairs`
+        pairs of two wrong replies (choose_pairs)
 
 Replies that do not end their turn within the budget are left out (the reward model reads
 a reply's end-of-turn token). Prompts whose replies all score the same give no pair.
-Held-out pairs come only from held-out prompts.
+Validation pairs come only from validation prompts (what the reward model is chosen and
+normalised on), held-out pairs only from test prompts (scored once, at the end).
 
 Off-task replies (`preferences.borrowed`, training split only): the SFT model answers the
 question it is asked, so its samples never show the reward model a reply to another
@@ -22,9 +26,10 @@ prompt's answer like the rest. The held-out set keeps the SFT model's own sample
 the reward model's held-out accuracy measures what it did before.
 
 The set is written as JSONL in the pair layout (data/preferences.py) with the judge's
-scores, `train.jsonl` and `test.jsonl` in `preferences.dir`, with a meta.json holding the
-key of everything it depends on (the SFT checkpoint's bytes, the judge's version, the task
-settings, K, the number of prompts, temperature, budget, seed). When the key matches, the
+scores, `train.jsonl`, `val.jsonl` and `test.jsonl` in `preferences.dir`, with a meta.json
+holding the key of everything it depends on (the SFT checkpoint's bytes, the judge's
+version, the task settings, K, the number of prompts, the pairs chosen, temperature,
+budget, seed). When the key matches, the
 files are read back instead of sampled again: the reward model and DPO train on the same
 file, and users can read exactly what they learn from.
 """
@@ -60,8 +65,8 @@ from tokenizer.chat import render_prompt
 
 from ..core.files import atomic_write_text
 
-FORMAT = 2  # 2: names held out from every task, conversations of several questions
-SPLITS = ("train", "test")
+FORMAT = 3  # 3: a validation split; training pairs right-over-wrong first
+SPLITS = ("train", "val", "test")
 
 
 @dataclass
@@ -75,6 +80,7 @@ class PreferencesConfig(Settings):
     prompts: int = setting(integer(1))
     temperature: float = setting(number(above=0))
     borrowed: int = setting(integer(0))
+    wrong_pairs: int = setting(integer(0))
     max_new_tokens: int = setting(integer(1))
     batch_size: int = setting(integer(1))
     seed: int = setting(integer())
@@ -117,6 +123,8 @@ def preference_key(sources: PreferenceSources, sft_path: str) -> str:
         "max_new_tokens": p.max_new_tokens,
         "seed": p.seed,
         "borrowed": p.borrowed,
+        "wrong_pairs": p.wrong_pairs,
+        "n_val": t.n_val,
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
@@ -130,10 +138,18 @@ def training_prompts(tasks: TaskSet, n: int) -> list[dict]:
 
 
 def sample_groups(
-    model, tok, items: list[dict], p: PreferencesConfig, device, borrowed: int = 0, log=print
+    model,
+    tok,
+    items: list[dict],
+    p: PreferencesConfig,
+    device,
+    borrowed: int = 0,
+    log=print,
+    wrong_pairs: int | None = None,
 ) -> list[PreferenceGroup]:
     """K sampled replies per item (and `borrowed` replies of other tasks' items), judged,
-    as groups of ranked pairs."""
+    as groups of ranked pairs (choose_pairs: every pair, or with wrong_pairs the
+    right-over-wrong ones and at most that many between two wrong replies)."""
     prompts = [render_prompt(tok, prompt_messages(item)) for item in items]
     budgets = [min(p.max_new_tokens, 2 * len(tok.encode(i["answer"])) + 8) for i in items]
     generator = torch.Generator(device=device).manual_seed(p.seed)
@@ -164,15 +180,27 @@ def sample_groups(
         for text in replies:
             if text is not None:
                 group.add([{"role": "assistant", "content": text}], grade(item, text))
-        group.pairs = [
-            (a, b)
-            for a, sa in enumerate(group.scores)
-            for b, sb in enumerate(group.scores)
-            if sa > sb
-        ]
+        group.pairs = choose_pairs(group.scores, wrong_pairs)
         if group.pairs:
             groups.append(group)
     return groups
+
+
+def choose_pairs(scores: list[float], wrong_pairs: int | None) -> list[tuple[int, int]]:
+    """(better, worse) index pairs of replies with different scores: all of them (None), or
+    every right-over-wrong pair (a score of 1 over one below) and at most `wrong_pairs`
+    pairs of two wrong replies, those the judge sets furthest apart first. A pair of two
+    mistakes ranked by partial credit teaches the form of an answer, not its correctness:
+    the reward model trained on every pair ordered right-versus-wrong pairs no better than
+    56% of the time."""
+    pairs = [(a, b) for a, sa in enumerate(scores) for b, sb in enumerate(scores) if sa > sb]
+    if wrong_pairs is None:
+        return pairs
+    right = [(a, b) for a, b in pairs if scores[a] == 1.0]
+    wrong = sorted(
+        (p for p in pairs if scores[p[0]] < 1.0), key=lambda p: scores[p[1]] - scores[p[0]]
+    )
+    return right + wrong[:wrong_pairs]
 
 
 def off_task_replies(items: list[dict], finished: list, n: int, k: int, count: int) -> list:
@@ -201,11 +229,15 @@ def builtin_preferences(
     if meta.get("key") == key and all((out / f"{s}.jsonl").is_file() for s in SPLITS):
         log(f"preference data up to date in {out}")
         return {s: read_preference_file(out / f"{s}.jsonl", log=log) for s in SPLITS}
-    items = {"train": training_prompts(tasks, p.prompts), "test": tasks.test}
+    items = {"train": training_prompts(tasks, p.prompts), "val": tasks.val, "test": tasks.test}
     was_training = model.training
     model.eval()
-    borrowed = {"train": p.borrowed, "test": 0}  # held out: the model's own samples only
-    groups = {s: sample_groups(model, tok, items[s], p, device, borrowed[s], log) for s in SPLITS}
+    borrowed = {"train": p.borrowed, "val": 0, "test": 0}  # held out: its own samples only
+    pairs = {"train": p.wrong_pairs, "val": None, "test": None}  # held out: every pair
+    groups = {
+        s: sample_groups(model, tok, items[s], p, device, borrowed[s], log, pairs[s])
+        for s in SPLITS
+    }
     model.train(was_training)
     for split in SPLITS:
         records = [r for g in groups[split] for r in pair_records(g)]
@@ -227,11 +259,12 @@ def builtin_preferences(
 def preference_groups(
     sources: PreferenceSources, stage, sft, tok, sft_path: str, keep_builtin=None
 ) -> dict:
-    """{"train": groups, "test": groups}: the built-in set (made on rank 0 first) and the
-    user's files (training files, and held-out ones as eval_files); keep_builtin(groups),
+    """{"train": groups, "val": groups, "test": groups}: the built-in set (made on rank 0
+    first) and the user's files (training files, and held-out ones as eval_files, which
+    also serve as the validation set when the built-in set has none); keep_builtin(groups),
     when given, selects among the built-in training groups (DPO's min_chosen_score: the
     judge's scores, which users' files do not share)."""
-    sets = {"train": [], "test": []}
+    sets = {"train": [], "val": [], "test": []}
     if sources.preferences.builtin:
         tasks = builtin_tasks(sources.tasks, sources.data)
         device = stage.runtime.device
@@ -251,6 +284,7 @@ def preference_groups(
         )
     if not sets["train"]:
         raise UserError("no preference data: set preferences.builtin=true or give files=[...]")
+    sets["val"] = sets["val"] or sets["test"]
     return sets
 
 
