@@ -6,7 +6,7 @@ wrong, where, and what to do. The entry points (command.py: entry_point) catch i
 the message and exit non-zero; anything else is a bug and keeps its traceback.
 
 A `UserError` anywhere below prints `error: <message>` on stderr and exits with status
-2; Ctrl-C exits with 130 (the shell's code for an interrupt), so `make pretrain && make
+2; `NothingToDo` prints its message and exits 0; Ctrl-C exits with 130 (the shell's code for an interrupt), so `make pretrain && make
 sft` never carries on after an interrupted stage.
 """
 
@@ -17,6 +17,11 @@ from pathlib import Path
 
 class UserError(Exception):
     """Bad input from the user, reported as a single line without a traceback."""
+
+
+class NothingToDo(Exception):
+    """A request already fulfilled (resuming a run that finished): its message is printed
+    and the command exits 0, having changed nothing."""
 
 
 def require_file(path: str | Path, what: str, fix: str) -> Path:
@@ -40,6 +45,9 @@ def report_user_errors(fn):
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except NothingToDo as e:
+            print(e)
+            return None
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             sys.exit(130)

@@ -1,9 +1,9 @@
 """Kill -9 at every moment of a checkpoint save, then resume: nothing is ever lost.
 
-Pretraining runs in a subprocess whose checkpoint writer is instrumented: at its second
-save (the first one, at step 6, is the good checkpoint to protect) the process SIGKILLs
-itself in the middle of writing the file, between writing and fsync, or between fsync
-and the rename. Afterwards:
+Pretraining (and GRPO, killed in the middle of a rollout) runs in a subprocess whose
+checkpoint writer is instrumented: at its second save (the first one, at step 6, is the
+good checkpoint to protect) the process SIGKILLs itself in the middle of writing the
+file, between writing and fsync, or between fsync and the rename. Afterwards:
   - ckpt.pt loads, and is the step-6 checkpoint;
   - the next start (resume=true) removes the half-written temporary file;
   - the resumed run's losses equal those of a run never interrupted;
@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from test_ppo import tiny  # noqa: F401 (the stand-in SFT model, a fixture)
 from test_pretrain import ROOT, env, overrides, train_losses, val_losses
 
 from train.core.checkpoint import load_checkpoint
@@ -26,7 +28,7 @@ import io, os, signal, sys
 import torch
 import train.core.checkpoint as checkpoint, train.core.files as files
 
-moment, kill_at = sys.argv[1], int(sys.argv[2])
+moment, kill_at, module = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 saves = {"n": 0}
 real_save, real_fsync, real_replace = checkpoint.save_checkpoint, os.fsync, os.replace
 
@@ -68,8 +70,8 @@ import train.core.trainer
 
 checkpoint.save_checkpoint = train.core.trainer.save_checkpoint = save_checkpoint
 os.fsync, os.replace = fsync, replace
-sys.argv = ["train/pretrain.py", *sys.argv[3:]]
-runpy.run_module("train.pretrain", run_name="__main__")  # as python -m train.pretrain
+sys.argv = [module, *sys.argv[4:]]
+runpy.run_module(module, run_name="__main__")  # as python -m <module>
 """
 
 
@@ -96,7 +98,7 @@ def test_a_kill_during_a_save_loses_nothing(moment, uninterrupted, corpus, tmp_p
     driver.write_text(DRIVER)
     run = tmp_path / "run"
     args = overrides(corpus, run, **RUN)
-    killed = python(str(driver), moment, "2", *args)
+    killed = python(str(driver), moment, "2", "train.pretrain", *args)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert load_checkpoint(run / "ckpt.pt")["step"] == 6  # the good one, whole
     assert (run / "ckpt.pt.tmp").exists()  # what the kill left behind
@@ -108,3 +110,38 @@ def test_a_kill_during_a_save_loses_nothing(moment, uninterrupted, corpus, tmp_p
     assert val_losses(run) == pytest.approx(val_losses(uninterrupted), abs=1e-6, rel=0)
     steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if "train_loss" in r]
     assert steps == list(range(1, 13))
+
+
+CLOCKS = ("tokens_per_sec", "mfu", "elapsed", "seconds")  # timings: they differ run to run
+
+
+def test_grpo_killed_inside_a_rollout_resumes_exactly(tiny, tmp_path):  # noqa: F811
+    """Four updates a rollout, a checkpoint every third: the second save (step 6, the
+    rollout's second update) is killed half-written, and the run resumes from step 3, in
+    the middle of the first rollout. The rest of that rollout comes from the checkpoint:
+    every logged figure and the final weights equal those of a run never stopped."""
+    d = tiny["dir"]
+    args = [f"init_from={d / 'sft.pt'}", "group_size=8", "rollout_prompts=1",
+            "minibatch_size=4", "ppo_epochs=2", "iterations=4", "tasks.weight=0",
+            f"prompt_files=[{d / 'prompts.jsonl'}]", f"eval_files=[{d / 'held_out.jsonl'}]",
+            "sampled_k=0", "lr=3e-3", "warmup_iters=0", "reply_tokens=4", "eval_interval=3",
+            "log_interval=1", "device=cpu", "precision=float32", "max_minutes=null"]  # fmt: skip
+    whole = python("-m", "train.grpo", f"out_dir={tmp_path / 'whole'}", *args)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    run = tmp_path / "run"
+    killed = python(str(driver), "write", "2", "train.grpo", f"out_dir={run}", *args)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert load_checkpoint(run / "ckpt.pt")["step"] == 3  # one update of rollout 1 left
+    resumed = python("-m", "train.grpo", f"out_dir={run}", *args, "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+    def logged(path):
+        return [{k: v for k, v in r.items() if k not in CLOCKS}
+                for r in read_metrics(path / "metrics.jsonl")
+                if "train_loss" in r or "rollout_score" in r]  # fmt: skip
+
+    assert logged(run) == logged(tmp_path / "whole")  # every step and rollout once, equal
+    a, b = (load_checkpoint(p / "ckpt.pt")["model"] for p in (tmp_path / "whole", run))
+    assert all(torch.equal(a[k], b[k]) for k in a)

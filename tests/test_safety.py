@@ -57,6 +57,14 @@ def test_a_new_run_in_a_folder_holding_a_run_is_refused(trained, corpus, tmp_pat
     assert snapshot(run) == before  # not a byte changed
 
 
+def test_resuming_a_finished_run_says_so_and_changes_nothing(trained, corpus, tmp_path, capsys):
+    run = copy_run(trained, tmp_path / "run")
+    before = snapshot(run)
+    report_user_errors(pretrain_in_process)(overrides(corpus, run, **SHORT) + ["resume=true"])
+    assert "holds a finished run: nothing to resume, nothing changed" in capsys.readouterr().out
+    assert snapshot(run) == before  # no second {"step": 6} line, no new checkpoint
+
+
 def test_overwrite_true_replaces_the_run(trained, corpus, tmp_path):
     run = copy_run(trained, tmp_path / "run")
     (run / "eval.json").write_text("{}")

@@ -23,7 +23,7 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 
-from errors import UserError
+from errors import NothingToDo, UserError
 
 from . import guards
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
@@ -49,6 +49,15 @@ def finished_with(settings) -> bool:
         k: v for k, v in now.items() if k not in IGNORED
     }
     return (out / guards.DONE_FILE).is_file() and same
+
+
+def refuse_finished(out_dir: Path) -> None:
+    """Resuming a run that reached its end has nothing to do: say so, change nothing."""
+    if (out_dir / guards.DONE_FILE).is_file():
+        raise NothingToDo(
+            f"{out_dir} holds a finished run: nothing to resume, nothing changed (to train "
+            f"further, start a new run from it: init_from={out_dir} out_dir=...)"
+        )
 
 
 def resumable_checkpoint(out_dir: Path) -> dict:
@@ -86,6 +95,7 @@ class Stage:
             if self.runtime.is_main:
                 remove_stale_temporaries(self.out_dir)  # a killed save's half-written file
             if s.resume:
+                refuse_finished(self.out_dir)
                 self.resumed = resumable_checkpoint(self.out_dir)
             else:
                 guards.claim(self.out_dir, s.overwrite, self.runtime)

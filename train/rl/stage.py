@@ -184,10 +184,27 @@ def pretraining_bpb(data, model, stage: Stage, eval_tokens: int) -> float:
 
 class PPOData:
     """What an RL checkpoint saves of the data: the rollouts collected so far (and beta),
-    and the pretraining windows' position (PPO-ptx); it hands out the ptx windows."""
+    the minibatches of the current rollout not yet trained on, and the pretraining windows'
+    position (PPO-ptx). Saving the rest of the rollout makes a resume exact wherever the
+    run stopped, in the middle of a rollout too."""
 
     def __init__(self, rollouts: Rollouts, ptx: TokenLoader | None) -> None:
         self.rollouts, self.ptx = rollouts, ptx
+        self.pending: list[dict] = []  # the current rollout's minibatches still to train on
+
+    def next_rollout(self, trainer: Trainer, s: "PPOSettings") -> None:
+        """Collect a rollout (sample, score, advantages), log its figures, and queue its
+        ppo_epochs passes of minibatches (each with its pretraining windows, PPO-ptx)."""
+        rollout = self.rollouts.collect()
+        figures = {f"rollout_{k}": rollout.figures[k] for k in FIGURES}
+        trainer.write({"step": trainer.step, "rollout": self.rollouts.iteration, **figures})
+        minibatches = rollout.minibatches(s.ppo_epochs, s.minibatch_size)
+        self.pending = [self.with_ptx(mb) for mb in minibatches]
+
+    def take(self, n: int) -> list[dict]:
+        """The next n minibatches of the current rollout (one optimizer update)."""
+        chunk, self.pending = self.pending[:n], self.pending[n:]
+        return chunk
 
     def with_ptx(self, minibatch: dict) -> dict:
         if self.ptx is None:
@@ -196,10 +213,11 @@ class PPOData:
 
     def state_dict(self) -> dict:
         ptx = self.ptx.state_dict() if self.ptx is not None else None
-        return {**self.rollouts.state_dict(), "ptx": ptx}
+        return {**self.rollouts.state_dict(), "ptx": ptx, "pending": self.pending}
 
     def load_state_dict(self, state: dict) -> None:
         self.rollouts.load_state_dict(state)
+        self.pending = list(state.get("pending") or [])
         if self.ptx is not None and state.get("ptx"):
             self.ptx.load_state_dict(state["ptx"])
 
@@ -216,18 +234,11 @@ def train_policy(trainer: Trainer, data: PPOData, s: "PPOSettings") -> None:
         ptx_coef=s.ptx_coef,
         kl_coef=kl_coef,
     )
-    rollouts, n = data.rollouts, s.grad_accum
     with trainer.session(data):
         while trainer.going():
-            rollout = rollouts.collect()  # sample, score, advantages
-            figures = {f"rollout_{k}": rollout.figures[k] for k in FIGURES}
-            trainer.write({"step": trainer.step, "rollout": rollouts.iteration, **figures})
-            minibatches = rollout.minibatches(s.ppo_epochs, s.minibatch_size)
-            minibatches = [data.with_ptx(mb) for mb in minibatches]
-            for first in range(0, len(minibatches), n):
-                trainer.record(trainer.update(minibatches[first : first + n], step))
-                if not trainer.going():
-                    break
+            if not data.pending:  # a resumed run first finishes the rollout it stopped in
+                data.next_rollout(trainer, s)
+            trainer.record(trainer.update(data.take(s.grad_accum), step))
 
 
 def updates_per_rollout(s: "PPOSettings") -> int:
