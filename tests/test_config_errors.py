@@ -31,6 +31,11 @@ ENTRY_POINTS = {
     "bench": "train.bench",
     "align": "train.align",
     "prepare": "data.prepare",
+    "grpo": "train.grpo",
+    "export": "train.export",
+    "ablate": "train.ablate",
+    "serve": "train.serve",
+    "serve_bench": "train.serve_bench",
 }
 FILES_SHAPE = r"it must be a list of files, each a path or \{path, weight: a number >= 0\}"
 REWARD_AS_LM = r"holds a reward model \(reward\): its trunk was trained to score replies, not to"
@@ -148,6 +153,26 @@ CASES = [
                   "eval_files=[{tmp}/train.jsonl]"], r"checkpoint .*missing.pt does not exist"),
     ("evaluate", ["checkpoints=[{ckpt},{ckpt}]", "reference={tmp}/missing.pt", "tasks.weight=0",
                   "eval_files=[{tmp}/train.jsonl]"], r"checkpoint .*missing.pt does not exist"),
+    # the settings of this wave's stages and commands
+    ("reward", ["margin=-1"], r"margin=-1 is not valid: it must be a number >= 0"),
+    ("reward", ["center=abc"], r"center='abc' is not valid: it must be a number >= 0"),
+    ("reward", ["preferences.wrong_pairs=-1"], r"preferences.wrong_pairs=-1 is not valid"),
+    ("grpo", ["group_size=1"], r"advantage=group compares replies to the same prompt"),
+    ("grpo", ["scale_rewards=maybe"], r"scale_rewards='maybe' is not valid: it must be true or"),
+    ("grpo", ["kl_target=0"], r"kl_target=0 is not valid: it must be a number > 0, or null"),
+    ("grpo", ["sampled_k=-1"], r"sampled_k=-1 is not valid: it must be an integer >= 0"),
+    ("align", ["best_of=-1"], r"best_of=-1 is not valid: it must be an integer >= 0"),
+    ("align", ["stages=[sft,bestofn]"], r"stages=\['sft', 'bestofn'\] is not valid"),
+    ("export", ["dtype=int8"], r"dtype='int8' is not valid: it must be one of float32, bfloat16"),
+    ("export", ["checkpoint={tmp}/missing.pt", "out={tmp}/hf"],
+     r"checkpoint .*missing.pt does not exist"),
+    ("ablate", ["seeds=[1,1]"], r"seeds=\[1, 1\] is not valid: it must be a list of different"),
+    ("ablate", ["max_minutes=0"], r"max_minutes=0 is not valid: it must be a number > 0"),
+    ("serve", ["port=70000"], r"port=70000 is not valid: it must be an integer from 0 to 65535"),
+    ("serve", ["max_batch=0"], r"max_batch=0 is not valid: it must be an integer >= 1"),
+    ("serve", ["checkpoint={rm}"], r"rm.pt holds a reward model: it scores replies and writes"),
+    ("serve_bench", ["clients=[0]"], r"clients=\[0\] is not valid"),
+    ("serve_bench", ["temperature=-1"], r"temperature=-1 is not valid"),
 ]  # fmt: skip
 
 
@@ -187,9 +212,10 @@ def test_a_wrong_setting_is_one_line_and_a_non_zero_exit(
     args = list(overrides)
     for name, value in tiny.items():  # {ckpt}, {rm}, {tmp}
         args = [a.replace("{" + name + "}", value) for a in args]
-    if entry in ("pretrain", "sft", "reward", "ppo", "dpo", "bench", "align"):
+    if entry in ("pretrain", "sft", "reward", "ppo", "grpo", "dpo", "bench", "align", "ablate"):
         args.append(f"out_dir={tmp_path / 'out'}")
-    if entry in ("sft", "reward", "ppo", "dpo") and not any("init_from" in a for a in args):
+    stage = entry in ("sft", "reward", "ppo", "grpo", "dpo")
+    if stage and not any("init_from" in a for a in args):
         args.append("init_from=/nonexistent")  # a wrong setting must stop before loading it
     args += ["device=cpu", "precision=float32"]
     code, err = run_main(entry, args, monkeypatch, capsys)
