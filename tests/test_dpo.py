@@ -237,3 +237,80 @@ def test_users_scores_on_their_own_scale_are_not_filtered(dpo_setup, tmp_path, c
     assert cfg.min_chosen_score == 1.0  # the default
     dpo.run(cfg)
     assert "training comparisons: 9 prompts, 18 replies, 9 pairs" in capsys.readouterr().out
+
+
+# --- online DPO ---------------------------------------------------------------------------
+
+
+def test_online_pairs_are_sampled_from_the_current_policy_and_resume_exactly(
+    dpo_setup, monkeypatch
+):
+    """Each round samples with the policy as it is then (here: its weights after an update),
+    from prompts spread over the tasks, keeping right-over-wrong pairs only; the state
+    (the round and its pairs) continues a round with the same batches."""
+    from types import SimpleNamespace
+
+    import train.rl.online_pairs as online
+    from data.preferences import PreferenceGroup
+    from train.rl.preference_data import PreferencesConfig
+
+    policy, tok, _ = load_model(dpo_setup / "sft.pt")
+    seen = []
+
+    def sample_groups(model, tok, items, p, device, borrowed, log, wrong_pairs):
+        assert model is policy and wrong_pairs == 0 and borrowed == 0
+        seen.append(
+            (float(next(model.parameters()).detach().sum()), p.seed, [i["task"] for i in items])
+        )
+        groups = []
+        for item in items:
+            g = PreferenceGroup(item["messages"], task=item["task"])
+            g.add([{"role": "assistant", "content": " yes"}], 1.0)
+            g.add([{"role": "assistant", "content": " no"}], 0.0)
+            g.pairs = [(0, 1)]
+            groups.append(g)
+        return groups
+
+    monkeypatch.setattr(online, "sample_groups", sample_groups)
+    items = [
+        {"task": t, "messages": [{"role": "user", "content": f"Say yes {k}"}], "answer": "yes"}
+        for t in ("a", "b")
+        for k in range(10)
+    ]
+    tasks = SimpleNamespace(train=items, test=items)
+    p = PreferencesConfig(
+        builtin=True,
+        dir="x",
+        samples=2,
+        prompts=1,
+        temperature=1.0,
+        borrowed=0,
+        wrong_pairs=1,
+        max_new_tokens=4,
+        batch_size=8,
+        seed=5,
+    )
+    rt = SimpleNamespace(
+        device=torch.device("cpu"), rank=0, world_size=1, autocast=contextlib.nullcontext
+    )
+    s = SimpleNamespace(seed=0, round_prompts=4, batch_size=2)
+
+    def ref_logps(groups):
+        attach_reference_logps(policy, groups, tok.pad_id, rt.device, rt.autocast)
+
+    source = online.OnlinePairs(policy, ref_logps, tok, tasks, p, s, rt, log=lambda m: None)
+    first = source.next_batch()  # round 0: 4 prompts, 2 a batch
+    torch.save(source.state_dict(), dpo_setup / "state.pt")  # in the middle of round 0
+    second = source.next_batch()
+    with torch.no_grad():
+        next(policy.parameters()).add_(1.0)  # the policy moves
+    source.next_batch()  # round 1, sampled from the moved policy
+    assert len(seen) == 2 and seen[1][0] != seen[0][0] and seen[1][1] != seen[0][1]
+    assert sorted(seen[0][2]) == ["a", "a", "b", "b"]  # spread over the tasks
+    assert first["better"].numel() == 2 and "ref_logps" in first
+
+    again = online.OnlinePairs(policy, ref_logps, tok, tasks, p, s, rt, log=lambda m: None)
+    again.load_state_dict(torch.load(dpo_setup / "state.pt", weights_only=True))
+    resumed = again.next_batch()  # the rest of round 0, from the checkpoint: no sampling
+    assert len(seen) == 2
+    assert all(torch.equal(resumed[k], second[k]) for k in second)

@@ -42,6 +42,7 @@ from .eval.compare import format_paired, sampled
 from .eval.sampled import sampling_entry
 from .eval.task_eval import format_table, score
 from .rl.losses import dpo_step, sequence_logprobs
+from .rl.online_pairs import OnlinePairs
 from .rl.preference_data import preference_groups, rendered
 from .settings import DPOSettings
 
@@ -110,6 +111,28 @@ def preference_accuracy(model, groups, pad_id: int, device, beta: float) -> dict
     return {"val_pref_accuracy": sum(hits) / len(hits), "val_margin": sum(margins) / len(margins)}
 
 
+def pairs_source(s: DPOSettings, stage: Stage, policy, reference, tok, train):
+    """The training pairs: the preference set's, in length-grouped batches; or, online,
+    pairs sampled from the policy round after round (train/rl/online_pairs.py)."""
+    rt = stage.runtime
+    if not s.online:
+        pad = partial(collate_groups, pad_id=tok.pad_id)
+        return LengthGroupedLoader(
+            train, lambda g: g.length, pad, s.batch_size, s.seed, rt.rank, rt.world_size
+        )
+    if not s.preferences.builtin or s.tasks.weight <= 0:
+        raise UserError(
+            "online=true samples the built-in tasks' prompts and judges the replies: it "
+            "needs preferences.builtin=true and tasks.weight > 0 (or set online=false)"
+        )
+
+    def reference_logps(groups) -> None:
+        attach_reference_logps(reference, groups, tok.pad_id, rt.device, rt.autocast)
+
+    tasks = builtin_tasks(s.tasks, s.data)
+    return OnlinePairs(policy, reference_logps, tok, tasks, s.preferences, s, rt, stage.log)
+
+
 def run(settings: DPOSettings) -> dict:
     s = settings
     with Stage("dpo", s) as stage:
@@ -127,10 +150,7 @@ def run(settings: DPOSettings) -> dict:
         )
         for part in (train, val, test):
             attach_reference_logps(reference, part, tok.pad_id, rt.device, rt.autocast)
-        pad = partial(collate_groups, pad_id=tok.pad_id)
-        loader = LengthGroupedLoader(
-            train, lambda g: g.length, pad, s.batch_size, s.seed, rt.rank, rt.world_size
-        )
+        loader = pairs_source(s, stage, policy, reference, tok, train)
         max_iters = s.max_iters
         if max_iters is None:
             per_update = s.batch_size * s.grad_accum * rt.world_size

@@ -112,6 +112,8 @@ class DPOSettings(PreferenceTraining, SampledSettings):
     label_smoothing: float = setting(number(0, below=0.5))
     nll_coef: float = setting(number(0))
     min_chosen_score: float | None = setting(number(0, 1), null=True)
+    online: bool = setting(flag())
+    round_prompts: int = setting(integer(1))
     eval_tasks: bool = setting(flag())
     eval_max_new_tokens: int = setting(integer(1))  # also the sampled replies' budget
 
