@@ -258,7 +258,7 @@ def test_online_pairs_are_sampled_from_the_current_policy_and_resume_exactly(
     seen = []
 
     def sample_groups(model, tok, items, p, device, borrowed, log, wrong_pairs):
-        assert model is policy and wrong_pairs == 0 and borrowed == 0
+        assert model is policy and wrong_pairs == 0 and borrowed == 0 and p.samples == 3
         seen.append(
             (float(next(model.parameters()).detach().sum()), p.seed, [i["task"] for i in items])
         )
@@ -282,6 +282,7 @@ def test_online_pairs_are_sampled_from_the_current_policy_and_resume_exactly(
         builtin=True,
         dir="x",
         samples=2,
+        train_samples=3,
         prompts=1,
         temperature=1.0,
         borrowed=0,

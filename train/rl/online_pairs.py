@@ -6,7 +6,7 @@ anything. Online (iterated) DPO asks the current policy instead:
 
     round r:  round_prompts training prompts, spread over the tasks and their forms
               (rollouts.py: PromptPicker), drawn from (seed, r)
-              K replies to each from the current policy, temperature 1, judged
+              K (train_samples) replies to each from the current policy, temperature 1, judged
               (preference_data.py: sample_groups, data/judge.py)
               only right-over-wrong pairs (choose_pairs with wrong_pairs=0): a prompt
               the policy always or never gets right gives none
@@ -50,7 +50,8 @@ class OnlinePairs:
         """Sample, judge and render the next round's pairs; a new pass over them."""
         rng = np.random.default_rng([self.s.seed, self.round, 7])
         items = self.picker.draw(self.s.round_prompts, rng)
-        p = dataclasses.replace(self.p, seed=self.p.seed + 1_000_003 * (self.round + 1))
+        seed = self.p.seed + 1_000_003 * (self.round + 1)
+        p = dataclasses.replace(self.p, seed=seed, samples=self.p.train_samples)
         was_training = self.policy.training
         self.policy.eval()
         with self.rt.autocast():

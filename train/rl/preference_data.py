@@ -5,7 +5,8 @@ the ranking, on the built-in tasks whose answers can be checked:
 
     for each prompt (training items of every task; validation and test items for the
     validation and held-out sets):
-        K replies sampled from the SFT model, temperature 1, batched (model/generate.py)
+        K replies sampled from the SFT model, temperature 1, batched (model/generate.py):
+        K = `samples` (4) for the held-out sets, `train_samples` for training
         each reply scored by data/judge.py: grade (1 = right, graded below for wrong ones)
         pairs of replies with different scores -> (better, worse): in the held-out sets
         every pair; for training every right-over-wrong pair and at most `wrong_pairs`
@@ -37,7 +38,7 @@ file, and users can read exactly what they learn from.
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,7 @@ class PreferencesConfig(Settings):
     builtin: bool = setting(flag())
     dir: str = setting(checks.text())
     samples: int = setting(integer(2))
+    train_samples: int = setting(integer(2))
     prompts: int = setting(integer(1))
     temperature: float = setting(number(above=0))
     borrowed: int = setting(integer(0))
@@ -118,6 +120,7 @@ def preference_key(sources: PreferenceSources, sft_path: str) -> str:
         },
         "data": sources.data.name,
         "samples": p.samples,
+        "train_samples": p.train_samples,
         "prompts": p.prompts,
         "temperature": p.temperature,
         "max_new_tokens": p.max_new_tokens,
@@ -233,9 +236,12 @@ def builtin_preferences(
     was_training = model.training
     model.eval()
     borrowed = {"train": p.borrowed, "val": 0, "test": 0}  # held out: its own samples only
+    k = {"train": p.train_samples, "val": p.samples, "test": p.samples}
     pairs = {"train": p.wrong_pairs, "val": None, "test": None}  # held out: every pair
     groups = {
-        s: sample_groups(model, tok, items[s], p, device, borrowed[s], log, pairs[s])
+        s: sample_groups(
+            model, tok, items[s], replace(p, samples=k[s]), device, borrowed[s], log, pairs[s]
+        )
         for s in SPLITS
     }
     model.train(was_training)
