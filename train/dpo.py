@@ -35,7 +35,7 @@ from data.preferences import collate_groups
 from data.tasks import builtin_tasks
 from errors import UserError
 
-from .core.checkpoint import CHECKPOINT_NAME, load_model, load_policy
+from .core.checkpoint import BEST_NAME, CHECKPOINT_NAME, load_model, load_policy
 from .core.stage import Stage
 from .core.trainer import epochs_to_updates
 from .eval.compare import format_paired, sampled
@@ -155,14 +155,17 @@ def run(settings: DPOSettings) -> dict:
         if max_iters is None:
             per_update = s.batch_size * s.grad_accum * rt.world_size
             max_iters = epochs_to_updates(s.epochs, len(train), per_update)
-        items = builtin_tasks(s.tasks, s.data).test if s.tasks.weight > 0 else []
+        tasks = builtin_tasks(s.tasks, s.data) if s.tasks.weight > 0 else None
+        items = tasks.test if tasks else []  # scored before and at the end only
         policy.to(rt.device)
         before = score(policy, tok, items, rt, s.eval_max_new_tokens) if not stage.resumed else {}
 
-        def evaluate(m) -> dict:  # the validation pairs: what picks best.pt
+        def evaluate(m) -> dict:  # the validation pairs and items: what picks best.pt
             figures = preference_accuracy(m, val, tok.pad_id, rt.device, s.beta)
-            tasks = score(m, tok, items, rt, s.eval_max_new_tokens) if s.eval_tasks else {}
-            return {**figures, **({"val_accuracy": tasks["overall"]["accuracy"]} if tasks else {})}
+            if s.eval_tasks and tasks and tasks.val:
+                accuracy = score(m, tok, tasks.val, rt, s.eval_max_new_tokens)["overall"]
+                figures["val_accuracy"] = accuracy["accuracy"]
+            return figures
 
         step = partial(
             dpo_step, beta=s.beta, label_smoothing=s.label_smoothing, nll_coef=s.nll_coef
@@ -177,34 +180,51 @@ def run(settings: DPOSettings) -> dict:
             flops_per_token=policy.flops_per_token(T),
             init_from=init["path"],
         )
-        after = score(policy, tok, items, rt, s.eval_max_new_tokens)
-        if not after:
-            return {}
-        results = {"sft": before, "dpo": after} if before else {"dpo": after}
-        for name, model in (("sft", reference), ("dpo", policy)):
-            if name in results:
-                results[name]["sampled"] = sampled(
-                    model, reference, None, tok, items, rt, s.eval_max_new_tokens, s.seed
-                )
-                if s.sampled_k:  # the SFT model's cached beside its checkpoint
-                    results[name]["sampling"] = sampling_entry(
-                        model,
-                        tok,
-                        items,
-                        s.sampled_k,
-                        s.sampled_per_task,
-                        rt,
-                        s.seed,
-                        init["path"] if name == "sft" else None,
-                    )
-        stage.log("held-out accuracy (greedy, chat format):\n" + format_table(results))
-        if before:
-            stage.log(format_paired(results, "sft"))
-        stage.log(f"dpo: KL to the reference {results['dpo']['sampled']['kl']:.3f} nats per reply")
-        prefs = preference_accuracy(policy, test, tok.pad_id, rt.device, s.beta)
-        path = str(stage.out_dir / CHECKPOINT_NAME)
-        stage.save_eval({"checkpoint": path, **results, "preferences": prefs})
-        return after
+        kept = kept_model(stage)
+        models = {"sft": reference, "dpo": kept or policy}
+        if kept is not None:
+            models["dpo_last"] = policy
+        return finish(s, stage, models, before, items, tok, test, init["path"])
+
+
+def kept_model(stage: Stage):
+    """The policy best.pt holds (the best validation figure), or None without one."""
+    path = stage.out_dir / BEST_NAME
+    if not stage.is_main or not path.is_file():
+        return None
+    return load_policy(path, dropout=0.0)[0].to(stage.runtime.device)
+
+
+def finish(s: DPOSettings, stage: Stage, models: dict, before, items, tok, test, sft_path):
+    """The test items scored for the kept model (and the last), beside SFT's scored before
+    training, with the paired tests and the sampled figures; eval.json."""
+    rt = stage.runtime
+    results = {"sft": before} if before else {}
+    for name in ("dpo", "dpo_last"):
+        if name in models:
+            results[name] = score(models[name], tok, items, rt, s.eval_max_new_tokens)
+    if not results.get("dpo"):
+        return {}
+    reference = models["sft"]
+    for name in results:
+        model = models[name]
+        results[name]["sampled"] = sampled(
+            model, reference, None, tok, items, rt, s.eval_max_new_tokens, s.seed
+        )
+        if s.sampled_k:  # the SFT model's cached beside its checkpoint
+            checkpoint = sft_path if name == "sft" else None
+            results[name]["sampling"] = sampling_entry(
+                model, tok, items, s.sampled_k, s.sampled_per_task, rt, s.seed, checkpoint
+            )
+    title = "held-out accuracy (greedy, chat format; dpo: the checkpoint kept on validation)"
+    stage.log(title + ":\n" + format_table(results))
+    if before:
+        stage.log(format_paired(results, "sft"))
+    stage.log(f"dpo: KL to the reference {results['dpo']['sampled']['kl']:.3f} nats per reply")
+    prefs = preference_accuracy(models["dpo"], test, tok.pad_id, rt.device, s.beta)
+    kept = BEST_NAME if "dpo_last" in models else CHECKPOINT_NAME
+    stage.save_eval({"checkpoint": str(stage.out_dir / kept), **results, "preferences": prefs})
+    return results["dpo"]
 
 
 @entry_point("dpo", DPOSettings)
