@@ -7,6 +7,9 @@ The preference objective without a reward model and without sampling:
           the tasks' judge, train/rl/preference_data.py; generated here when missing; only
           its right-over-wrong pairs by default, min_chosen_score) and/or the user's
           preference files, in the layouts the reward model reads, every pair of them
+          online (the default with the built-in set): pairs sampled from the policy itself,
+          round after round, right over wrong (train/rl/online_pairs.py); the preference
+          set's validation and test pairs are still what is reported
     log pi_ref(y | x) of every response computed once, before training, and reused
     best.pt chosen on the validation pairs (the implicit reward orders them), the test
     items scored at the end beside the SFT model's, with McNemar's paired test
@@ -115,15 +118,14 @@ def pairs_source(s: DPOSettings, stage: Stage, policy, reference, tok, train):
     """The training pairs: the preference set's, in length-grouped batches; or, online,
     pairs sampled from the policy round after round (train/rl/online_pairs.py)."""
     rt = stage.runtime
-    if not s.online:
+    online = s.online and s.preferences.builtin and s.tasks.weight > 0
+    if s.online and not online:
+        why = "preferences.builtin=false" if not s.preferences.builtin else "tasks.weight=0"
+        stage.log(f"online=true asks the built-in tasks; with {why} DPO trains on the files")
+    if not online:
         pad = partial(collate_groups, pad_id=tok.pad_id)
         return LengthGroupedLoader(
             train, lambda g: g.length, pad, s.batch_size, s.seed, rt.rank, rt.world_size
-        )
-    if not s.preferences.builtin or s.tasks.weight <= 0:
-        raise UserError(
-            "online=true samples the built-in tasks' prompts and judges the replies: it "
-            "needs preferences.builtin=true and tasks.weight > 0 (or set online=false)"
         )
 
     def reference_logps(groups) -> None:

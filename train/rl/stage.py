@@ -262,10 +262,15 @@ def run(name: str, s: "PPOSettings") -> dict:
         seconds = {"evaluation": 0.0}
         start = time.perf_counter()
         before = {}
+        evaluate = validation(s, tok, items, rt, seconds)
         if stage.resumed is None:
             before = held_out_report(s, policy, frozen, tok, items, stage, sft_path)
             if before:
                 stage.log(f"SFT, held-out accuracy: {before['overall']['accuracy']:.1%}")
+                sft_val = validation(s, tok, items, rt, {"evaluation": 0.0})  # timed in "before"
+                before.update(sft_val(policy))  # the yardstick of the validation figures
+                if "val_accuracy" in before:
+                    stage.log(f"SFT, validation accuracy: {before['val_accuracy']:.1%}")
         ptx, bpb, corpus = None, {}, None
         if s.ptx_coef > 0 or s.report_bpb:
             corpus = pretraining_data(s, stage, tok)
@@ -290,7 +295,7 @@ def run(name: str, s: "PPOSettings") -> dict:
             model,
             tok,
             data,
-            evaluate=validation(s, tok, items, rt, seconds),
+            evaluate=evaluate,
             model_kind=kind,
             show=shown,
             max_iters=updates,
