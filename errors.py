@@ -6,8 +6,9 @@ wrong, where, and what to do. The entry points (command.py: entry_point) catch i
 the message and exit non-zero; anything else is a bug and keeps its traceback.
 
 A `UserError` anywhere below prints `error: <message>` on stderr and exits with status
-2; `NothingToDo` prints its message and exits 0; Ctrl-C exits with 130 (the shell's code for an interrupt), so `make pretrain && make
-sft` never carries on after an interrupted stage.
+2; `NothingToDo` prints its message and exits 0; Ctrl-C exits with 130 (the shell's code
+for an interrupt), so `make pretrain && make sft` never carries on after an interrupted
+stage.
 """
 
 import functools
