@@ -224,6 +224,7 @@ def test_a_wrong_setting_is_one_line_and_a_non_zero_exit(
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert "Traceback" not in err and "HYDRA_FULL_ERROR" not in err
     assert re.search(message, lines[0]), lines[0]
+    assert not (tmp_path / "out").exists()  # a run that failed leaves no empty out_dir
 
 
 def test_side_by_side_checks_every_checkpoint_before_scoring_any(

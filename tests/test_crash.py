@@ -1,6 +1,6 @@
 """Kill -9 at every moment of a checkpoint save, then resume: nothing is ever lost.
 
-Pretraining (and GRPO, killed in the middle of a rollout) runs in a subprocess whose
+Pretraining (and PPO and GRPO, killed in the middle of a rollout) runs in a subprocess whose
 checkpoint writer is instrumented: at its second save (the first one, at step 6, is the
 good checkpoint to protect) the process SIGKILLs itself in the middle of writing the
 file, between writing and fsync, or between fsync and the rename. Afterwards:
@@ -20,7 +20,8 @@ import torch
 from test_ppo import tiny  # noqa: F401 (the stand-in SFT model, a fixture)
 from test_pretrain import ROOT, env, overrides, train_losses, val_losses
 
-from train.core.checkpoint import load_checkpoint
+from model.heads import ScalarModel
+from train.core.checkpoint import load_checkpoint, save_checkpoint
 from train.core.metrics import read_metrics
 
 DRIVER = """
@@ -115,26 +116,49 @@ def test_a_kill_during_a_save_loses_nothing(moment, uninterrupted, corpus, tmp_p
 CLOCKS = ("tokens_per_sec", "mfu", "elapsed", "seconds")  # timings: they differ run to run
 
 
-def test_grpo_killed_inside_a_rollout_resumes_exactly(tiny, tmp_path):  # noqa: F811
-    """Four updates a rollout, a checkpoint every third: the second save (step 6, the
-    rollout's second update) is killed half-written, and the run resumes from step 3, in
-    the middle of the first rollout. The rest of that rollout comes from the checkpoint:
-    every logged figure and the final weights equal those of a run never stopped."""
+def save_reward_model(sft: dict, path: Path) -> None:
+    """A reward model for PPO to climb: the stand-in SFT model's trunk with a fresh scalar
+    head, saved as the reward stage saves one."""
+    torch.manual_seed(1)
+    model = ScalarModel(sft["model"].config)
+    model.gpt.load_state_dict(sft["model"].state_dict())
+    state = {"stage": "reward", "model_kind": "reward", "model_config": model.config.to_dict()}
+    save_checkpoint(path, {**state, "tokenizer": sft["tok"].state(), "model": model.state_dict()})
+
+
+# GRPO (the judge, eight replies a prompt, group advantages) and PPO (the reward model, one
+# reply a prompt, a value function and GAE): they share the rollout's checkpointing
+RL_RUNS = {
+    "train.grpo": ["group_size=8", "rollout_prompts=1"],
+    "train.ppo": ["group_size=1", "rollout_prompts=8"],
+}
+
+
+@pytest.mark.parametrize("module", RL_RUNS)
+def test_rl_killed_inside_a_rollout_resumes_exactly(tiny, tmp_path, module):  # noqa: F811
+    """Eight replies and four updates a rollout, a checkpoint every third: the second save
+    (step 6, the rollout's second update) is killed half-written, and the run resumes from
+    step 3, in the middle of the first rollout. The rest of that rollout comes from the
+    checkpoint: every logged figure and the final weights (PPO's value function's too)
+    equal those of a run never stopped."""
     d = tiny["dir"]
-    args = [f"init_from={d / 'sft.pt'}", "group_size=8", "rollout_prompts=1",
+    save_reward_model(tiny, tmp_path / "rm.pt")
+    (tmp_path / "prompts.jsonl").write_text((d / "prompts.jsonl").read_text() * 8)
+    args = [f"init_from={d / 'sft.pt'}", f"reward_model={tmp_path / 'rm.pt'}",
+            f"prompt_files=[{tmp_path / 'prompts.jsonl'}]", *RL_RUNS[module],
             "minibatch_size=4", "ppo_epochs=2", "iterations=4", "tasks.weight=0",
-            f"prompt_files=[{d / 'prompts.jsonl'}]", f"eval_files=[{d / 'held_out.jsonl'}]",
+            f"eval_files=[{d / 'held_out.jsonl'}]",
             "sampled_k=0", "lr=3e-3", "warmup_iters=0", "reply_tokens=4", "eval_interval=3",
             "log_interval=1", "device=cpu", "precision=float32", "max_minutes=null"]  # fmt: skip
-    whole = python("-m", "train.grpo", f"out_dir={tmp_path / 'whole'}", *args)
+    whole = python("-m", module, f"out_dir={tmp_path / 'whole'}", *args)
     assert whole.returncode == 0, whole.stderr[-2000:]
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     run = tmp_path / "run"
-    killed = python(str(driver), "write", "2", "train.grpo", f"out_dir={run}", *args)
+    killed = python(str(driver), "write", "2", module, f"out_dir={run}", *args)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert load_checkpoint(run / "ckpt.pt")["step"] == 3  # one update of rollout 1 left
-    resumed = python("-m", "train.grpo", f"out_dir={run}", *args, "resume=true")
+    resumed = python("-m", module, f"out_dir={run}", *args, "resume=true")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
 
     def logged(path):

@@ -10,12 +10,14 @@ import pickle
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from test_pretrain import ROOT, overrides, pretrain_in_process, read_metrics
 
 import train.core.files as files
+import train.core.guards as guards
 import train.pretrain as pretrain
 from errors import UserError, report_user_errors
 from train.core.checkpoint import load_checkpoint, save_checkpoint
@@ -63,6 +65,26 @@ def test_resuming_a_finished_run_says_so_and_changes_nothing(trained, corpus, tm
     report_user_errors(pretrain_in_process)(overrides(corpus, run, **SHORT) + ["resume=true"])
     assert "holds a finished run: nothing to resume, nothing changed" in capsys.readouterr().out
     assert snapshot(run) == before  # no second {"step": 6} line, no new checkpoint
+
+
+def test_a_second_run_while_one_is_writing_the_folder_is_refused(trained, corpus, tmp_path):
+    """Two runs started together into one out_dir: the one that comes second is refused in
+    one line, whatever it asks for (overwrite=true too), and touches nothing; the lock is
+    the kernel's (flock), so once its holder ends, or dies, the folder is free again."""
+    run = copy_run(trained, tmp_path / "run")
+    before = snapshot(run)
+    main = SimpleNamespace(is_main=True)
+    args = overrides(corpus, run, **SHORT) + ["overwrite=true"]
+    with guards.hold(run, main):  # the first run, writing
+        with pytest.raises(UserError, match="another run is writing .* right now; wait"):
+            pretrain_in_process(args)
+        assert snapshot(run) == before
+    holder = "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
+    holder += "fcntl.flock(fd, fcntl.LOCK_EX); os.kill(os.getpid(), 9)"
+    killed = subprocess.run([sys.executable, "-c", holder, str(run / guards.LOCK_FILE)])
+    assert killed.returncode == -9  # it died holding the lock
+    pretrain_in_process(args)  # the folder is free: overwrite=true replaces the run
+    assert snapshot(run) != before
 
 
 def test_overwrite_true_replaces_the_run(trained, corpus, tmp_path):
