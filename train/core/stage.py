@@ -33,12 +33,13 @@ from .peak import peak_flops
 from .runtime import Runtime, precision_name, setup_runtime, teardown_runtime
 from .trainer import Batches, LoopSettings, StepFn, Trainer
 
-IGNORED = ("resume", "overwrite")  # settings that say how a run starts, not what it computes
+IGNORED = ("resume", "overwrite", "out_dir")  # how and where a run starts, not what it computes
 
 
 def finished_with(settings) -> bool:
     """True when settings.out_dir holds a finished run (done.json) of these very settings
-    (its config.yaml; `resume` and `overwrite` aside): train.align and train.ablate skip it."""
+    (its config.yaml; `resume`, `overwrite` and `out_dir` aside, so a moved run is the
+    same run): train.align and train.ablate skip it."""
     out = Path(settings.out_dir)
     try:
         before = yaml.safe_load((out / "config.yaml").read_text()) or {}
@@ -51,12 +52,14 @@ def finished_with(settings) -> bool:
     return (out / guards.DONE_FILE).is_file() and same
 
 
-def refuse_finished(out_dir: Path) -> None:
-    """Resuming a run that reached its end has nothing to do: say so, change nothing."""
-    if (out_dir / guards.DONE_FILE).is_file():
+def refuse_finished(settings) -> None:
+    """Resuming a run that reached its end with these very settings has nothing to do: say so,
+    change nothing. With other settings (a larger max_iters, say) the run goes on."""
+    if finished_with(settings):
         raise NothingToDo(
-            f"{out_dir} holds a finished run: nothing to resume, nothing changed (to train "
-            f"further, start a new run from it: init_from={out_dir} out_dir=...)"
+            f"{settings.out_dir} holds a finished run of these settings: nothing to resume, "
+            "nothing changed (to train further, resume with a larger max_iters or max_minutes, "
+            f"or start a new run from it: init_from={settings.out_dir} out_dir=...)"
         )
 
 
@@ -95,7 +98,7 @@ class Stage:
             if self.runtime.is_main:
                 remove_stale_temporaries(self.out_dir)  # a killed save's half-written file
             if s.resume:
-                refuse_finished(self.out_dir)
+                refuse_finished(s)
                 self.resumed = resumable_checkpoint(self.out_dir)
             else:
                 guards.claim(self.out_dir, s.overwrite, self.runtime)
