@@ -63,7 +63,8 @@ def test_resuming_a_finished_run_says_so_and_changes_nothing(trained, corpus, tm
     run = copy_run(trained, tmp_path / "run")
     before = snapshot(run)
     report_user_errors(pretrain_in_process)(overrides(corpus, run, **SHORT) + ["resume=true"])
-    assert "holds a finished run of these settings: nothing to resume, nothing changed" in capsys.readouterr().out
+    said = "holds a finished run of these settings: nothing to resume, nothing changed"
+    assert said in capsys.readouterr().out
     assert snapshot(run) == before  # no second {"step": 6} line, no new checkpoint
 
 
