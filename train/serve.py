@@ -25,6 +25,7 @@ setting of the server.
 """
 
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -135,6 +136,11 @@ def run(cfg: ServeSettings) -> None:
         server.run(sockets=[sock])
     finally:
         engine.close()
+    if signal.SIGINT in getattr(server, "_captured_signals", ()):
+        # uvicorn shut down gracefully on Ctrl-C and raised the signal again inside
+        # asyncio.run, whose handler turns it into KeyboardInterrupt only while the server's
+        # task still runs: a race. Ctrl-C ends here, exit 130, whoever wins it.
+        raise KeyboardInterrupt
 
 
 @entry_point("serve", ServeSettings)
