@@ -64,6 +64,8 @@ def test_two_processes_equal_one_with_gradient_accumulation(tmp_path, preset):
         "device": "cpu",
         "precision": "float32",
     }
+    if preset == "llama-tiny":
+        args["model.n_kv_head"] = 1  # grouped-query attention: 2 query heads share 1 kv head
 
     def argv(out_dir: Path, grad_accum: int) -> list[str]:
         run = {**args, "out_dir": f"'{out_dir}'", "grad_accum": grad_accum}

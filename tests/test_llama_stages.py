@@ -50,7 +50,12 @@ def run_stage(module, name: str, *args: str):
 def runs(corpus, tmp_path_factory) -> dict:
     """The whole pipeline once; each test reads what it needs."""
     d = tmp_path_factory.mktemp("llama")
-    family = ["model=llama-tiny", "model.qk_norm=true", "model.tie_embeddings=false"]
+    family = [
+        "model=llama-tiny",
+        "model.n_kv_head=1",
+        "model.qk_norm=true",
+        "model.tie_embeddings=false",
+    ]
     args = overrides(corpus, d / "pretrain", peak_tflops=1)
     run_stage(pretrain, "pretrain", *family, *args)
 
@@ -190,6 +195,7 @@ def test_bench_runs_the_preset_and_transformers_beside_it(tmp_path):
     pytest.importorskip("transformers")
     micro = [
         "model=llama-tiny",
+        "model.n_kv_head=1",
         "model.n_layer=1",
         "model.n_embd=32",
         "model.n_head=2",
