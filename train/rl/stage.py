@@ -261,24 +261,11 @@ def run(name: str, s: "PPOSettings") -> dict:
             stage.log(f"warning: {warning}")
         seconds = {"evaluation": 0.0}
         start = time.perf_counter()
-        before = {}
         evaluate = validation(s, tok, items, rt, seconds)
-        if stage.resumed is None:
-            before = held_out_report(s, policy, frozen, tok, items, stage, sft_path)
-            if before:
-                stage.log(f"SFT, held-out accuracy: {before['overall']['accuracy']:.1%}")
-                sft_val = validation(s, tok, items, rt, {"evaluation": 0.0})  # timed in "before"
-                before.update(sft_val(policy))  # the yardstick of the validation figures
-                if "val_accuracy" in before:
-                    stage.log(f"SFT, validation accuracy: {before['val_accuracy']:.1%}")
-        ptx, bpb, corpus = None, {}, None
-        if s.ptx_coef > 0 or s.report_bpb:
-            corpus = pretraining_data(s, stage, tok)
-            bpb["before"] = pretraining_bpb(corpus, policy, stage, s.ptx_eval_tokens)
-        if s.ptx_coef > 0:
-            ptx = TokenLoader(
-                corpus.train_path, s.ptx_seq_len, s.ptx_batch_size, s.seed, rt.rank, rt.world_size
-            )
+        before = {}
+        if stage.resumed is None:  # a resumed run measured SFT when it started
+            before = sft_figures(s, policy, frozen, tok, items, stage, sft_path)
+        ptx, bpb, corpus = pretraining_side(s, stage, tok, policy)
         seconds["before"] = time.perf_counter() - start
         data = PPOData(rollouts_for(s, model, frozen, tok, items, stage), ptx)
         updates = s.max_iters if s.max_iters is not None else s.iterations * updates_per_rollout(s)
@@ -308,6 +295,34 @@ def run(name: str, s: "PPOSettings") -> dict:
         stage.log("training time: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
         bpb_after = partial(pretraining_bpb, corpus, policy, stage, s.ptx_eval_tokens)
         return finish(name, s, stage, model, frozen, tok, items, before, bpb, seconds, bpb_after)
+
+
+def sft_figures(s: "PPOSettings", policy, frozen, tok, items: Items, stage, sft_path) -> dict:
+    """The SFT model's held-out report, and its validation accuracy: the yardstick of the
+    figures the run logs."""
+    before = held_out_report(s, policy, frozen, tok, items, stage, sft_path)
+    if before:
+        stage.log(f"SFT, held-out accuracy: {before['overall']['accuracy']:.1%}")
+        sft_val = validation(s, tok, items, stage.runtime, {"evaluation": 0.0})  # in "before"
+        before.update(sft_val(policy))
+        if "val_accuracy" in before:
+            stage.log(f"SFT, validation accuracy: {before['val_accuracy']:.1%}")
+    return before
+
+
+def pretraining_side(s: "PPOSettings", stage, tok, policy) -> tuple:
+    """PPO-ptx's batches of the pretraining corpus (ptx_coef > 0) and its bits per byte
+    before training (or report_bpb): (loader or None, {"before": bpb} or {}, corpus or None)."""
+    ptx, bpb, corpus = None, {}, None
+    if s.ptx_coef > 0 or s.report_bpb:
+        corpus = pretraining_data(s, stage, tok)
+        bpb["before"] = pretraining_bpb(corpus, policy, stage, s.ptx_eval_tokens)
+    if s.ptx_coef > 0:
+        rt = stage.runtime
+        ptx = TokenLoader(
+            corpus.train_path, s.ptx_seq_len, s.ptx_batch_size, s.seed, rt.rank, rt.world_size
+        )
+    return ptx, bpb, corpus
 
 
 def validation(s: "PPOSettings", tok, items: Items, rt, seconds: dict):
