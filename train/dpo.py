@@ -47,6 +47,7 @@ from .eval.task_eval import format_table, score
 from .rl.losses import dpo_step, sequence_logprobs
 from .rl.online_pairs import OnlinePairs
 from .rl.preference_data import preference_groups, rendered
+from .rl.stage import kept_policy
 from .settings import DPOSettings
 
 
@@ -182,19 +183,11 @@ def run(settings: DPOSettings) -> dict:
             flops_per_token=policy.flops_per_token(T),
             init_from=init["path"],
         )
-        kept = kept_model(stage)
+        kept = kept_policy(stage, policy)
         models = {"sft": reference, "dpo": kept or policy}
         if kept is not None:
             models["dpo_last"] = policy
         return finish(s, stage, models, before, items, tok, test, init["path"])
-
-
-def kept_model(stage: Stage):
-    """The policy best.pt holds (the best validation figure), or None without one."""
-    path = stage.out_dir / BEST_NAME
-    if not stage.is_main or not path.is_file():
-        return None
-    return load_policy(path, dropout=0.0)[0].to(stage.runtime.device)
 
 
 def finish(s: DPOSettings, stage: Stage, models: dict, before, items, tok, test, sft_path):
